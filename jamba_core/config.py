@@ -1,0 +1,96 @@
+"""Jamba configuration: `transformers`' `JambaConfig`, plus what follows from it.
+
+The config object is the single source of every dimension. This module adds the layer layout
+(which layers are attention, Mamba, MoE) and the parameter / memory formulas used by
+`estimate_memory` and `jamba-local info`.
+
+Layout rules (transformers `JambaConfig.layers_block_type` / `layers_num_experts`, and the Jamba
+paper, Lieber et al. 2024, section 2): layer ``i`` is attention when
+``i % attn_layer_period == attn_layer_offset`` (Mamba otherwise) and MoE when ``num_experts > 1`` and
+``i % expert_layer_period == expert_layer_offset`` (a dense MLP otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import JambaConfig
+
+__all__ = ["JambaConfig", "load_config", "is_attention_layer", "is_moe_layer", "layer_layout", "d_inner"]
+
+
+def load_config(path: str | Path) -> JambaConfig:
+    """Read ``config.json`` from a checkpoint folder (or the file itself).
+
+    Accepts keys that older checkpoints carry (``num_logits_to_keep``, ``sliding_window``, a list
+    ``eos_token_id``). Raises ``FileNotFoundError`` naming the missing file and ``ValueError`` when
+    the file is not valid JSON or not a Jamba config (``model_type`` other than ``"jamba"``).
+    """
+    path = Path(path)
+    file = path / "config.json" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"no config.json in checkpoint folder {path} (looked for {file})")
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{file} is not valid JSON: {err}") from err
+    model_type = raw.get("model_type")
+    if model_type != "jamba":
+        raise ValueError(
+            f"{file} has model_type={model_type!r}; jamba-local runs only Jamba checkpoints (model_type 'jamba')"
+        )
+    raw.pop("auto_map", None)  # never remote code
+    return JambaConfig.from_dict(raw)
+
+
+def is_attention_layer(config: JambaConfig, i: int) -> bool:
+    return i % config.attn_layer_period == config.attn_layer_offset
+
+
+def is_moe_layer(config: JambaConfig, i: int) -> bool:
+    return config.num_experts > 1 and i % config.expert_layer_period == config.expert_layer_offset
+
+
+def d_inner(config: JambaConfig) -> int:
+    """Mamba inner width: ``mamba_expand * hidden_size``."""
+    return config.mamba_expand * config.hidden_size
+
+
+def layer_layout(config: JambaConfig) -> list[str]:
+    """One string per layer, e.g. ``["mamba+mlp", "mamba+moe", ..., "attention+mlp", ...]``."""
+    return [
+        ("attention" if is_attention_layer(config, i) else "mamba") + ("+moe" if is_moe_layer(config, i) else "+mlp")
+        for i in range(config.num_hidden_layers)
+    ]
+
+
+@dataclass(frozen=True)
+class ParameterCount:
+    total: int
+    active_per_token: int
+
+
+def parameter_count(config: JambaConfig) -> ParameterCount:
+    """Parameters of the model, and those active per token (top-k experts instead of all)."""
+    H, I, V = config.hidden_size, config.intermediate_size, config.vocab_size
+    hd = H // config.num_attention_heads
+    di, N, K, r = d_inner(config), config.mamba_d_state, config.mamba_d_conv, config.mamba_dt_rank
+    attn = H * config.num_attention_heads * hd * 2 + 2 * H * config.num_key_value_heads * hd
+    mamba = (
+        H * 2 * di + di * K + di * (r + 2 * N) + r * di + di + di * N + di + di * H + r + 2 * N
+        + (di if config.mamba_conv_bias else 0) + ((2 * di + H) if config.mamba_proj_bias else 0)
+    )
+    mlp = 3 * H * I
+    total = V * H + (0 if config.tie_word_embeddings else V * H) + H
+    active = total
+    for i in range(config.num_hidden_layers):
+        mixer = attn if is_attention_layer(config, i) else mamba
+        if is_moe_layer(config, i):
+            ff_total, ff_active = config.num_experts * mlp + H * config.num_experts, config.num_experts_per_tok * mlp + H * config.num_experts
+        else:
+            ff_total = ff_active = mlp
+        total += mixer + ff_total + 2 * H
+        active += mixer + ff_active + 2 * H
+    return ParameterCount(total, active)

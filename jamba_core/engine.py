@@ -1,0 +1,304 @@
+"""The generation engine: prefill, decode, sampling, stop handling, streaming, usage.
+
+``prefill`` runs the prompt through the model in chunks of ``prefill_chunk_tokens`` (Mamba layers carry
+conv + SSM state from chunk to chunk, attention layers append K/V), computing logits for the last
+position only, so activation memory is bounded by the chunk. ``decode_one_token`` then feeds one
+token at a time through the same cache.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from .cache import HybridCache
+from .config import JambaConfig, load_config
+from .loading import load_model, resolve_checkpoint
+from .memory import _dtype, estimate_memory
+from .tokenizer import control_token_ids, load_tokenizer, stop_token_ids
+
+DEFAULT_PREFILL_CHUNK = 2048
+
+
+@dataclass
+class Usage:
+    """Token counts of one request. ``cached_tokens``: prompt tokens read from a reused prefix state."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class Timings:
+    """Seconds and tokens/s of one request. Time to first token covers prefill and the first sample."""
+
+    time_to_first_token_s: float = 0.0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    prefill_tokens_per_s: float = 0.0
+    decode_tokens_per_s: float = 0.0
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" | "length"
+    usage: Usage
+    timings: Timings
+
+
+@dataclass
+class StreamChunk:
+    """A text delta (valid UTF-8). The last chunk carries ``finish_reason``, ``usage`` and ``timings``."""
+
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    timings: Timings | None = None
+
+
+class Engine:
+    """A loaded Jamba checkpoint and the loop that generates from it.
+
+    Attributes: ``config`` (JambaConfig), ``tokenizer`` (a transformers tokenizer), ``model``
+    (`JambaForCausalLM`), ``dtype``, ``device``, ``path``. Requests are serialised by a lock, so one
+    engine can be shared by threads (each request has its own cache).
+    """
+
+    def __init__(self, model, config: JambaConfig, tokenizer, path: Path | None = None, prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK):
+        self.model, self.config, self.tokenizer, self.path = model, config, tokenizer, path
+        self.dtype = model.lm_head.weight.dtype
+        self.device = model.lm_head.weight.device
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.stop_ids = stop_token_ids(tokenizer, config)
+        self._control_ids = control_token_ids(tokenizer)
+        self.lock = threading.RLock()
+
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id, dtype="float32", device="cpu", quantization: str | None = None,
+                        prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK, progress: bool = True) -> "Engine":
+        """Load a checkpoint folder (or a Hub id, offline when cached).
+
+        ``dtype``: "float32" or "bfloat16" (or a torch dtype) for the weights; SSM state, scan and
+        RMSNorm always run in fp32. Raises ``FileNotFoundError`` / ``ValueError`` naming the file or
+        key at fault (see `jamba_core.loading`).
+        """
+        if quantization is not None:
+            raise NotImplementedError(f"quantization={quantization!r} is not available yet (issue: quantization)")
+        folder = resolve_checkpoint(path_or_hub_id)
+        config = load_config(folder)
+        tokenizer = load_tokenizer(folder)
+        model = load_model(folder, config, dtype=_dtype(dtype), device=device, progress=progress)
+        return cls(model, config, tokenizer, folder, prefill_chunk_tokens)
+
+    # -- prompts -------------------------------------------------------------------------------
+    @property
+    def context_window(self) -> int:
+        return int(self.config.max_position_embeddings)
+
+    @property
+    def model_name(self) -> str:
+        return self.path.name if self.path is not None else "jamba"
+
+    def render(self, messages: Sequence[dict], tools=None, documents=None, response_format=None, citations: bool = False, **kwargs) -> str:
+        """Chat messages (+ tools, documents) -> prompt text with the checkpoint's chat template."""
+        from .chat import render_chat
+
+        return render_chat(self.tokenizer, messages, tools=tools, documents=documents,
+                           response_format=response_format, citations=citations, **kwargs)
+
+    def encode(self, prompt, tools=None, documents=None, response_format=None, citations: bool = False) -> list[int]:
+        """Text (BOS added as the tokenizer does), token ids, or chat messages -> token ids."""
+        if isinstance(prompt, str):
+            if tools or documents:
+                return self.encode([{"role": "user", "content": prompt}], tools, documents, response_format, citations)
+            return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        prompt = list(prompt)
+        if prompt and isinstance(prompt[0], dict):
+            text = self.render(prompt, tools=tools, documents=documents, response_format=response_format, citations=citations)
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if prompt and not all(isinstance(t, int) for t in prompt):
+            raise TypeError("prompt must be text, a list of token ids, or a list of chat message dicts")
+        return prompt
+
+    def count_tokens(self, prompt, tools=None, documents=None, response_format=None, citations: bool = False) -> int:
+        """Exact prompt token count through the same rendering as generation."""
+        return len(self.encode(prompt, tools, documents, response_format, citations))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Token ids -> text, dropping control tokens (BOS, EOS, eom, roles) but keeping the tool-call
+        and citation markers, which parsers need."""
+        kept = [i for i in ids if i not in self._control_ids]
+        return self.tokenizer.decode(kept, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    # -- the two phases ------------------------------------------------------------------------
+    def new_cache(self, batch_size: int = 1, capacity: int = 0) -> HybridCache:
+        return HybridCache(self.config, batch_size, self.dtype, self.device, capacity)
+
+    @torch.inference_mode()
+    def prefill(self, ids: torch.Tensor, cache: HybridCache, attention_mask: torch.Tensor | None = None, on_chunk=None) -> torch.Tensor:
+        """Run ``ids`` ``(b, L)`` through the model in chunks; return last-position logits ``(b, vocab)`` fp32."""
+        L = ids.shape[1]
+        chunk = self.prefill_chunk_tokens
+        logits = None
+        for s in range(0, L, chunk):
+            e = min(s + chunk, L)
+            mask = None if attention_mask is None else attention_mask[:, s:e]
+            logits = self.model(ids[:, s:e], cache=cache, attention_mask=mask, logits_to_keep=1 if e == L else 0)
+            if on_chunk is not None:
+                on_chunk(e - s)
+        return logits[:, -1].float()
+
+    @torch.inference_mode()
+    def decode_one_token(self, token: torch.Tensor, cache: HybridCache, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """One decode step: ``token`` ``(b, 1)`` -> logits ``(b, vocab)`` fp32."""
+        return self.model(token, cache=cache, attention_mask=attention_mask)[:, -1].float()
+
+    # -- generation ----------------------------------------------------------------------------
+    def check_fits(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        """Raise ``ValueError`` when prompt + new tokens exceed the context window, saying how many
+        tokens and how much cache memory the request would need."""
+        need = prompt_tokens + max_new_tokens
+        if need > self.context_window:
+            est = estimate_memory(self.config, need, 1, self.dtype, self.prefill_chunk_tokens)
+            raise ValueError(
+                f"prompt of {prompt_tokens} tokens + max_new_tokens={max_new_tokens} = {need} tokens exceeds the "
+                f"model's context window of {self.context_window} tokens (config max_position_embeddings); it would "
+                f"need {(est.kv_cache + est.mamba_state) / 2**30:.2f} GiB of cache. Shorten the prompt or lower max_new_tokens."
+            )
+
+    def generate(self, prompt, **kwargs) -> GenerationResult:
+        """Generate a completion. Arguments as `stream`. Returns the whole text, ids, finish reason,
+        usage and timings."""
+        text, ids, last = [], [], None
+        for chunk in self.stream(prompt, **kwargs):
+            text.append(chunk.text)
+            ids.extend(chunk.token_ids)
+            last = chunk
+        return GenerationResult("".join(text), ids, last.finish_reason, last.usage, last.timings)
+
+    def stream(self, prompt, *, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+               seed: int | None = None, stop: Sequence[str] | str | None = None, tools=None, documents=None,
+               response_format=None, citations: bool = False, constraint: Any = None) -> Iterator[StreamChunk]:
+        """Generate, yielding text deltas as they become valid UTF-8.
+
+        ``prompt``: text, token ids, or chat messages (rendered with the checkpoint's chat template,
+        with ``tools`` / ``documents``). ``temperature`` 0 is greedy; ``top_k`` 0 and ``top_p`` 1 disable
+        those filters; ``seed`` makes sampling reproducible. Generation ends at any id of the config's
+        ``eos_token_id`` (and ``<|eom|>``), at a ``stop`` string (never echoed, found even when it spans
+        tokens), when ``constraint`` (see `jamba_core.chat.grammar`) terminates (``finish_reason``
+        "stop"), or after ``max_new_tokens`` ("length"). Raises ``ValueError`` for an empty prompt,
+        ``max_new_tokens < 1`` or a prompt that does not fit the context window.
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        ids = self.encode(prompt, tools, documents, response_format, citations)
+        if not ids:
+            raise ValueError("the prompt is empty: give at least one token of text")
+        self.check_fits(len(ids), max_new_tokens)
+        stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
+        with self.lock:
+            yield from self._generate(ids, max_new_tokens, temperature, top_p, top_k, seed, stops, constraint)
+
+    def _generate(self, ids, max_new_tokens, temperature, top_p, top_k, seed, stops, constraint):
+        t0 = time.perf_counter()
+        cache = self.new_cache(1, capacity=len(ids) + max_new_tokens)
+        logits = self.prefill(torch.tensor([ids], device=self.device), cache)[0]
+        t_prefill = time.perf_counter()
+        generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+        out_ids: list[int] = []
+        sent = ""  # text already yielded
+        finish = "length"
+        hit_stop_string = False
+        ttft = None
+        for step in range(max_new_tokens):
+            if constraint is not None:
+                constraint.mask_logits(logits)
+            token = sample(logits, temperature, top_p, top_k, generator)
+            if ttft is None:
+                ttft = time.perf_counter() - t0
+            if token in self.stop_ids:
+                finish = "stop"
+                break
+            out_ids.append(token)
+            if constraint is not None:
+                constraint.accept(token)
+            text = self.decode(out_ids)
+            cut = _find_stop(text, stops)
+            if cut is not None:
+                finish, hit_stop_string = "stop", True
+                yield StreamChunk(text[len(sent):cut] if cut > len(sent) else "", [token])
+                break
+            # hold back an incomplete UTF-8 character and a possible stop-string prefix
+            safe = len(text.rstrip("\ufffd"))
+            if stops:
+                safe = min(safe, _stop_prefix_start(text, stops))
+            yield StreamChunk(text[len(sent):safe] if safe > len(sent) else "", [token])
+            sent = text[: max(safe, len(sent))]
+            if constraint is not None and constraint.is_terminated():
+                finish = "stop"
+                break
+            if step + 1 < max_new_tokens:
+                logits = self.decode_one_token(torch.tensor([[token]], device=self.device), cache)[0]
+        if not hit_stop_string:
+            text = self.decode(out_ids)
+            if len(text) > len(sent):
+                yield StreamChunk(text[len(sent):])
+        t_end = time.perf_counter()
+        prefill_s = t_prefill - t0
+        decode_s = t_end - t_prefill
+        n = len(out_ids)
+        timings = Timings(
+            time_to_first_token_s=ttft or prefill_s,
+            prefill_s=prefill_s,
+            decode_s=decode_s,
+            prefill_tokens_per_s=len(ids) / prefill_s if prefill_s > 0 else 0.0,
+            decode_tokens_per_s=(n - 1) / (t_end - t0 - (ttft or prefill_s)) if n > 1 else 0.0,
+        )
+        self.last_cache_nbytes = cache.nbytes
+        yield StreamChunk("", [], finish, Usage(len(ids), n), timings)
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, generator: torch.Generator | None) -> int:
+    """Pick a token from 1-D logits: argmax at temperature 0, else softmax(logits / T) after top-k and
+    top-p (nucleus, Holtzman et al. 2020) filtering."""
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, -1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    probs = torch.softmax(logits, -1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _find_stop(text: str, stops: list[str]) -> int | None:
+    """Index of the earliest stop string in ``text`` (None if absent)."""
+    hits = [i for s in stops if (i := text.find(s)) >= 0]
+    return min(hits) if hits else None
+
+
+def _stop_prefix_start(text: str, stops: list[str]) -> int:
+    """Where a suffix of ``text`` that could begin a stop string starts (len(text) if none)."""
+    for k in range(min(len(text), max(len(s) for s in stops) - 1), 0, -1):
+        tail = text[-k:]
+        if any(s.startswith(tail) for s in stops):
+            return len(text) - k
+    return len(text)

@@ -1,0 +1,86 @@
+"""Memory planning: predict weights, KV cache, Mamba state and activations before allocating.
+
+KV cache per token = 2 (K and V) x attention layers x kv_heads x head_dim x bytes per element; the
+attention layers are the only part that grows with the context (Jamba paper, section 2 and Table 1:
+for Jamba 1.5 Mini, 4 attention layers x 8 KV heads x 128 x 2 x 2 bytes = 16 KiB per token, 4 GiB at
+256K tokens). Mamba state per sequence and layer: conv ``d_inner x (d_conv-1)`` in the model dtype and
+SSM ``d_inner x d_state`` in fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .cache import KV_BLOCK
+from .config import JambaConfig, d_inner, is_attention_layer, parameter_count
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes of each part; ``total`` is their sum."""
+
+    weights: int
+    kv_cache: int
+    mamba_state: int
+    activations: int
+    parameters: int
+    active_parameters: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.mamba_state + self.activations
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "total": self.total}
+
+
+def _dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+            "float16": torch.float16, "fp16": torch.float16}[str(dtype)]
+
+
+def kv_capacity(tokens: int) -> int:
+    """Token slots the cache allocates for ``tokens`` positions (grown in blocks of ``KV_BLOCK``)."""
+    return -(-tokens // KV_BLOCK) * KV_BLOCK
+
+
+def estimate_memory(
+    config: JambaConfig,
+    context_tokens: int,
+    batch_size: int = 1,
+    dtype="bfloat16",
+    prefill_chunk_tokens: int = 2048,
+    weight_bytes_per_param: float | None = None,
+) -> MemoryEstimate:
+    """Predict memory for running ``config`` at ``context_tokens`` with ``batch_size`` sequences.
+
+    ``kv_cache`` is exact to the byte against ``HybridCache.nbytes`` after the engine reserved
+    ``context_tokens`` positions. ``activations`` bounds the prefill temporaries of one chunk
+    (hidden states, the widest projection, the expert inputs and the last-position logits).
+    ``weight_bytes_per_param`` overrides the dtype's size for the weights (e.g. 1 for int8).
+    """
+    dt = _dtype(dtype)
+    esize = torch.tensor([], dtype=dt).element_size()
+    params = parameter_count(config)
+    hd = config.hidden_size // config.num_attention_heads
+    n_attn = sum(is_attention_layer(config, i) for i in range(config.num_hidden_layers))
+    n_mamba = config.num_hidden_layers - n_attn
+    kv = 2 * n_attn * batch_size * config.num_key_value_heads * hd * esize * kv_capacity(context_tokens) if context_tokens else 0
+    di = d_inner(config)
+    mamba = n_mamba * batch_size * di * ((config.mamba_d_conv - 1) * esize + config.mamba_d_state * 4)
+    T = min(prefill_chunk_tokens, max(context_tokens, 1)) * batch_size
+    # widest per-chunk temporaries: in_proj output (2*d_in), scan block (d_in x 256 x d_state fp32),
+    # attention scores of one chunk against one key block (fp32), MLP intermediate, logits of one position
+    act = (
+        T * (6 * config.hidden_size + 4 * di + 3 * config.intermediate_size) * 4
+        + batch_size * di * min(T, 256) * config.mamba_d_state * 4 * 2
+        + config.num_attention_heads * T * min(max(context_tokens, 1), 512) * 4  # SDPA's CPU kernel works in key blocks
+        + batch_size * config.vocab_size * 4
+    )
+    wb = weight_bytes_per_param if weight_bytes_per_param is not None else esize
+    weights = int(params.total * wb)
+    return MemoryEstimate(weights, kv, mamba, act, params.total, params.active_per_token)

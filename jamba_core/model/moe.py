@@ -1,0 +1,57 @@
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))`` (transformers' ``JambaMLP``)."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SparseMoE(nn.Module):
+    """Mixture of experts (Jamba paper, section 2; transformers' ``JambaSparseMoeBlock``).
+
+    Router: ``softmax(router(x))`` over all experts in fp32, then top-k; the k weights are not
+    renormalised. Each expert runs only on the tokens routed to it (tokens are grouped per expert),
+    never all experts on all tokens. ``forward(x (b, L, hidden)) -> (b, L, hidden)``.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.router = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = nn.ModuleList(MLP(config.hidden_size, config.intermediate_size) for _ in range(config.num_experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (T, hidden)
+        probs = F.softmax(self.router(x), dim=-1, dtype=torch.float32)  # (T, E)
+        weights, chosen = torch.topk(probs, self.top_k, dim=-1)  # (T, k)
+        weights = weights.to(x.dtype)
+        out = torch.zeros_like(x)
+        if x.shape[0] == 1:  # decode: k experts, no grouping needed
+            for w, e in zip(weights[0].tolist(), chosen[0].tolist()):
+                out += w * self.experts[e](x)
+            return out.view(shape)
+        flat = chosen.flatten()  # (T*k,)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
+        token_of = order // self.top_k
+        slot_of = order % self.top_k
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            tokens = token_of[start : start + n]
+            y = self.experts[e](x[tokens]) * weights[tokens, slot_of[start : start + n], None]
+            out.index_add_(0, tokens, y)
+            start += n
+        return out.view(shape)

@@ -1,0 +1,30 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+SHARED = Path(os.environ.get("JAMBA_LOCAL_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"shared data folder {SHARED} is absent")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    from jamba_core.testing import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", preset="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_checkpoint):
+    from jamba_core import Engine
+
+    return Engine.from_pretrained(tiny_checkpoint, progress=False)
