@@ -20,6 +20,7 @@ class KVCache:
     """K/V of one attention layer; ``update`` appends and returns the whole prefix."""
 
     def __init__(self, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device, capacity: int = 0):
+        capacity = -(-capacity // KV_BLOCK) * KV_BLOCK
         self.k = torch.empty(batch, kv_heads, capacity, head_dim, dtype=dtype, device=device)
         self.v = torch.empty_like(self.k)
         self.length = 0

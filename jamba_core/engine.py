@@ -147,7 +147,7 @@ class Engine:
     def new_cache(self, batch_size: int = 1, capacity: int = 0) -> HybridCache:
         return HybridCache(self.config, batch_size, self.dtype, self.device, capacity)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def prefill(self, ids: torch.Tensor, cache: HybridCache, attention_mask: torch.Tensor | None = None, on_chunk=None) -> torch.Tensor:
         """Run ``ids`` ``(b, L)`` through the model in chunks; return last-position logits ``(b, vocab)`` fp32."""
         L = ids.shape[1]
@@ -161,7 +161,7 @@ class Engine:
                 on_chunk(e - s)
         return logits[:, -1].float()
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def decode_one_token(self, token: torch.Tensor, cache: HybridCache, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """One decode step: ``token`` ``(b, 1)`` -> logits ``(b, vocab)`` fp32."""
         return self.model(token, cache=cache, attention_mask=attention_mask)[:, -1].float()
@@ -302,3 +302,21 @@ def _stop_prefix_start(text: str, stops: list[str]) -> int:
         if any(s.startswith(tail) for s in stops):
             return len(text) - k
     return len(text)
+
+
+_ENGINES: dict[tuple, Engine] = {}
+_ENGINES_LOCK = threading.Lock()
+
+
+def get_engine(model: str | Path | Engine, dtype="float32", device="cpu", quantization: str | None = None, **kwargs) -> Engine:
+    """The process-wide engine for a checkpoint and settings, loaded on first use and shared by every
+    adapter instance that asks for the same ones (an `Engine` passed in is returned as is)."""
+    if isinstance(model, Engine):
+        return model
+    key = (str(Path(model).expanduser().resolve()) if Path(model).expanduser().exists() else str(model), str(dtype), str(device), quantization,
+           tuple(sorted(kwargs.items())))
+    with _ENGINES_LOCK:
+        engine = _ENGINES.get(key)
+        if engine is None:
+            engine = _ENGINES[key] = Engine.from_pretrained(model, dtype=dtype, device=device, quantization=quantization, **kwargs)
+        return engine

@@ -25,10 +25,12 @@ class DecoderLayer(nn.Module):
         self.pre_ff_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, x, layer_cache, mask, key_mask):
-        h = self.input_layernorm(x)
+        """``x`` is the fp32 residual stream ``(b, L, hidden)``; the sublayers compute in the weight dtype."""
+        dtype = self.pre_ff_layernorm.weight.dtype
+        h = self.input_layernorm(x).to(dtype)
         h = self.self_attn(h, layer_cache, key_mask) if self.is_attention else self.mamba(h, layer_cache, mask)
-        x = x + h
-        return x + self.feed_forward(self.pre_ff_layernorm(x))
+        x = x + h.float()
+        return x + self.feed_forward(self.pre_ff_layernorm(x).to(dtype)).float()
 
 
 class JambaModel(nn.Module):
@@ -67,11 +69,13 @@ class JambaForCausalLM(nn.Module):
             key_mask = cache.append_mask(mask, L)
         else:
             key_mask = mask
-        x = self.model.embed_tokens(input_ids)
+        # the residual stream stays fp32 whatever the weight dtype (as llama.cpp keeps activations in
+        # f32): with bf16 weights only the matmuls round, not the running sum of 2 x layers updates
+        x = self.model.embed_tokens(input_ids).float()
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cache.layers[i] if cache is not None else None, mask, key_mask)
         if cache is not None:
             cache.seen_tokens += L
         if logits_to_keep is not None:
             x = x[:, x.shape[1] - logits_to_keep :]
-        return self.lm_head(self.model.final_layernorm(x))
+        return self.lm_head(self.model.final_layernorm(x).to(self.lm_head.weight.dtype))

@@ -1,0 +1,207 @@
+"""The engine: generation, streaming, stops, sampling, memory prediction and bad input."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from jamba_core import Engine, estimate_memory
+from jamba_core.cache import HybridCache
+from jamba_core.config import load_config
+from jamba_core.testing import make_checkpoint
+
+PROMPT = "Call me Ishmael. Some years ago, never mind how long precisely,"
+
+
+def test_stream_joins_to_generate_text(tiny_engine):
+    result = tiny_engine.generate(PROMPT, max_new_tokens=24)
+    chunks = list(tiny_engine.stream(PROMPT, max_new_tokens=24))
+    assert "".join(c.text for c in chunks) == result.text
+    assert sum(len(c.token_ids) for c in chunks) == len(result.token_ids) == result.usage.completion_tokens == 24
+    assert chunks[-1].finish_reason == result.finish_reason == "length"
+    assert result.usage.prompt_tokens == len(tiny_engine.encode(PROMPT))
+    assert result.timings.time_to_first_token_s > 0 and result.timings.decode_tokens_per_s > 0
+
+
+def test_streamed_deltas_never_split_a_character(tiny_engine):
+    # force multi-byte output: a constraint that only allows the byte tokens of a CJK/emoji string
+    text = "鯨と海🐋"
+    ids = tiny_engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    class Replay:
+        def __init__(self):
+            self.i = 0
+
+        def mask_logits(self, logits):
+            keep = ids[self.i] if self.i < len(ids) else 2
+            logits.fill_(float("-inf"))
+            logits[keep] = 0.0
+
+        def accept(self, token):
+            self.i += 1
+
+        def is_terminated(self):
+            return False
+
+    chunks = [c.text for c in tiny_engine.stream(PROMPT, max_new_tokens=30, constraint=Replay())]
+    assert "".join(chunks) == text
+    assert all("\ufffd" not in c for c in chunks)
+
+
+def test_stop_string_spanning_tokens_is_not_echoed(tiny_engine):
+    full = tiny_engine.generate(PROMPT, max_new_tokens=24).text
+    stop = full[6:11]
+    assert len(tiny_engine.tokenizer(stop, add_special_tokens=False)["input_ids"]) >= 1
+    result = tiny_engine.generate(PROMPT, max_new_tokens=24, stop=[stop, "never-appears"])
+    assert result.text == full[: full.index(stop)]
+    assert result.finish_reason == "stop"
+    streamed = "".join(c.text for c in tiny_engine.stream(PROMPT, max_new_tokens=24, stop=stop))
+    assert streamed == result.text
+
+
+def test_generation_stops_on_every_eos_id(tiny_engine):
+    assert tiny_engine.tokenizer.convert_tokens_to_ids("<|eom|>") in tiny_engine.stop_ids
+    for eos in sorted(tiny_engine.stop_ids):
+
+        class ForceAfterTwo:
+            n = 0
+
+            def mask_logits(self, logits, eos=eos):
+                if self.n == 2:
+                    logits.fill_(float("-inf"))
+                    logits[eos] = 0
+
+            def accept(self, token):
+                self.n += 1
+
+            def is_terminated(self):
+                return False
+
+        result = tiny_engine.generate(PROMPT, max_new_tokens=10, constraint=ForceAfterTwo())
+        assert result.finish_reason == "stop" and result.usage.completion_tokens == 2
+
+
+def test_sampling_is_reproducible_with_a_seed(tiny_engine):
+    a = tiny_engine.generate(PROMPT, max_new_tokens=12, temperature=1.0, top_p=0.9, top_k=50, seed=7)
+    b = tiny_engine.generate(PROMPT, max_new_tokens=12, temperature=1.0, top_p=0.9, top_k=50, seed=7)
+    greedy = tiny_engine.generate(PROMPT, max_new_tokens=12)
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != greedy.token_ids
+
+
+def test_chat_messages_render_with_the_template(tiny_engine):
+    messages = [{"role": "system", "content": "Sys."}, {"role": "user", "content": "Hi"}]
+    ids = tiny_engine.encode(messages)
+    text = tiny_engine.tokenizer.decode(ids, skip_special_tokens=False)
+    assert text == "<|startoftext|><|bom|><|system|> Sys.<|eom|><|bom|><|user|> Hi<|eom|><|bom|><|assistant|>"
+    assert tiny_engine.count_tokens(messages) == len(ids)
+    assert tiny_engine.generate(messages, max_new_tokens=4).usage.prompt_tokens == len(ids)
+
+
+def test_engine_prefill_in_chunks_matches_whole_prompt(tiny_checkpoint):
+    whole = Engine.from_pretrained(tiny_checkpoint, progress=False)
+    ids = torch.tensor([whole.encode(PROMPT * 6)])
+    ref_logits = whole.prefill(ids, whole.new_cache())
+    for chunk in (1, 7, 64):
+        whole.prefill_chunk_tokens = chunk
+        got = whole.prefill(ids, whole.new_cache())
+        assert ((got - ref_logits).abs().max() / ref_logits.abs().max()).item() <= 1e-4
+
+
+def test_bf16_greedy_tokens_match_fp32_for_32_steps(tiny_checkpoint):
+    fp32 = Engine.from_pretrained(tiny_checkpoint, progress=False)
+    bf16 = Engine.from_pretrained(tiny_checkpoint, dtype="bfloat16", progress=False)
+    assert bf16.model.lm_head.weight.dtype == torch.bfloat16
+    assert bf16.model.model.layers[0].mamba.A_log.dtype == torch.float32
+    for prompt in (PROMPT, "The whale"):
+        assert bf16.generate(prompt, max_new_tokens=32).token_ids == fp32.generate(prompt, max_new_tokens=32).token_ids
+
+
+def test_cache_bytes_match_the_prediction(tiny_engine):
+    for tokens in (1, 1000, 5000):
+        cache = tiny_engine.new_cache(capacity=tokens)
+        est = estimate_memory(tiny_engine.config, tokens, 1, tiny_engine.dtype)
+        assert cache.nbytes == est.kv_cache + est.mamba_state
+
+
+def test_published_kv_cache_figures():
+    from transformers import JambaConfig
+
+    mini = JambaConfig()  # Jamba 1.5 Mini shape: 32 layers, 4 attention, 8 KV heads of 128
+    assert estimate_memory(mini, 262144, 1, "bfloat16").kv_cache == 4 * 2**30
+    params = estimate_memory(mini, 1, 1, "bfloat16")
+    assert 51e9 < params.parameters < 53e9 and 11.5e9 < params.active_parameters < 12.5e9
+
+
+# -- bad input ---------------------------------------------------------------------------------
+
+def test_rejects_empty_prompt_and_bad_max_new_tokens(tiny_engine):
+    with pytest.raises(ValueError, match="empty"):
+        tiny_engine.generate("", max_new_tokens=4)
+    with pytest.raises(ValueError, match="empty"):
+        tiny_engine.generate([], max_new_tokens=4)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        tiny_engine.generate(PROMPT, max_new_tokens=0)
+
+
+def test_prompt_longer_than_the_context_says_tokens_and_memory(tmp_path):
+    path = make_checkpoint(tmp_path / "short", preset="tiny", max_position_embeddings=32)
+    engine = Engine.from_pretrained(path, progress=False)
+    with pytest.raises(ValueError, match=r"exceeds the model's context window of 32 tokens.*GiB"):
+        engine.generate(PROMPT * 3, max_new_tokens=4)
+
+
+@pytest.fixture
+def broken(tiny_checkpoint, tmp_path):
+    folder = tmp_path / "broken"
+    shutil.copytree(tiny_checkpoint, folder)
+    return folder
+
+
+def test_missing_config_names_the_file(broken):
+    (broken / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        Engine.from_pretrained(broken, progress=False)
+
+
+def test_truncated_safetensors_names_the_file(broken):
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match="model.safetensors"):
+        Engine.from_pretrained(broken, progress=False)
+
+
+def test_corrupt_safetensors_header_names_the_file(broken):
+    (broken / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    with pytest.raises(ValueError, match="model.safetensors"):
+        Engine.from_pretrained(broken, progress=False)
+
+
+def test_non_jamba_config_is_refused(broken):
+    raw = json.loads((broken / "config.json").read_text())
+    raw["model_type"] = "llama"
+    (broken / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="model_type='llama'"):
+        Engine.from_pretrained(broken, progress=False)
+
+
+def test_wrong_tensor_shape_names_the_key(broken):
+    raw = json.loads((broken / "config.json").read_text())
+    raw["intermediate_size"] += 8
+    (broken / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=r"feed_forward.*has shape"):
+        Engine.from_pretrained(broken, progress=False)
+
+
+def test_pickle_checkpoint_is_refused(broken):
+    (broken / "model.safetensors").unlink()
+    (broken / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(ValueError, match="pickle"):
+        Engine.from_pretrained(broken, progress=False)
+
+
+def test_missing_shard_names_it(broken):
+    (broken / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(FileNotFoundError, match="model-00002-of-00002.safetensors"):
+        Engine.from_pretrained(broken, progress=False)
