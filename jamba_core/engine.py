@@ -204,7 +204,7 @@ class Engine:
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        ids = self.encode(prompt, tools, documents, response_format, citations)
+        ids = [] if isinstance(prompt, str) and not prompt else self.encode(prompt, tools, documents, response_format, citations)
         if not ids:
             raise ValueError("the prompt is empty: give at least one token of text")
         self.check_fits(len(ids), max_new_tokens)
