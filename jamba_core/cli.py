@@ -70,11 +70,11 @@ def cmd_chat(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .config import layer_layout, load_config, parameter_count
+    from .config import known_config, layer_layout, load_config, parameter_count
     from .loading import resolve_checkpoint
     from .memory import estimate_memory
 
-    config = load_config(resolve_checkpoint(args.model))
+    config = known_config(args.model) or load_config(resolve_checkpoint(args.model))
     params = parameter_count(config)
     per_1k = estimate_memory(config, 1024, 1, args.dtype).kv_cache
     est = estimate_memory(config, args.context, args.batch, args.dtype)
@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     p.add_argument("--system", default=None)
     p.set_defaults(func=cmd_chat)
     p = sub.add_parser("info", help="parameters, layer layout, cache bytes and a memory estimate")
-    p.add_argument("--model", required=True, help="checkpoint folder, Hub id, or config.json")
+    p.add_argument("--model", required=True, help="checkpoint folder, config.json, or a released Hub id (e.g. ai21labs/AI21-Jamba-1.5-Mini)")
     p.add_argument("--context", type=int, default=262144)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])

@@ -94,3 +94,27 @@ def parameter_count(config: JambaConfig) -> ParameterCount:
         total += mixer + ff_total + 2 * H
         active += mixer + ff_active + 2 * H
     return ParameterCount(total, active)
+
+
+_MINI = dict(vocab_size=65536, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+             num_key_value_heads=8, num_experts=16, num_experts_per_tok=2, attn_layer_period=8, attn_layer_offset=4,
+             expert_layer_period=2, expert_layer_offset=1, max_position_embeddings=262144)
+_LARGE = {**_MINI, "hidden_size": 8192, "intermediate_size": 24576, "num_hidden_layers": 72, "num_attention_heads": 64}
+# Released shapes (the config.json of each public checkpoint), so memory can be planned before downloading.
+KNOWN_CONFIGS: dict[str, dict] = {
+    "ai21labs/AI21-Jamba-1.5-Mini": _MINI,
+    "ai21labs/AI21-Jamba-Mini-1.6": _MINI,
+    "ai21labs/AI21-Jamba-Mini-1.7": _MINI,
+    "ai21labs/AI21-Jamba-1.5-Large": _LARGE,
+    "ai21labs/AI21-Jamba-Large-1.6": _LARGE,
+    "ai21labs/AI21-Jamba-Large-1.7": _LARGE,
+}
+
+
+def known_config(name: str) -> JambaConfig | None:
+    """The config of a released Jamba checkpoint by Hub id (case-insensitive, org optional), or None."""
+    wanted = name.lower().removeprefix("ai21labs/")
+    for hub_id, fields in KNOWN_CONFIGS.items():
+        if hub_id.lower().removeprefix("ai21labs/") == wanted:
+            return JambaConfig(**fields)
+    return None

@@ -85,6 +85,7 @@ class Engine:
         self.stop_ids = stop_token_ids(tokenizer, config)
         self._control_ids = control_token_ids(tokenizer)
         self.lock = threading.RLock()
+        self.last_request: dict | None = None  # usage, timings and cache bytes of the latest request
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id, dtype="float32", device="cpu", quantization: str | None = None,
@@ -267,8 +268,9 @@ class Engine:
             prefill_tokens_per_s=len(ids) / prefill_s if prefill_s > 0 else 0.0,
             decode_tokens_per_s=(n - 1) / (t_end - t0 - (ttft or prefill_s)) if n > 1 else 0.0,
         )
-        self.last_cache_nbytes = cache.nbytes
-        yield StreamChunk("", [], finish, Usage(len(ids), n), timings)
+        usage = Usage(len(ids), n)
+        self.last_request = {"usage": usage, "timings": timings, "cache_nbytes": cache.nbytes}
+        yield StreamChunk("", [], finish, usage, timings)
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, generator: torch.Generator | None) -> int:
