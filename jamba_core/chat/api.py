@@ -1,0 +1,101 @@
+"""Chat requests for the adapters: messages + tools + documents in, content + tool calls + usage out.
+
+Everything both adapters need lives here once: rendering with the checkpoint's template, the
+constraint for ``tool_choice`` / ``response_format``, generation, and tool-call / citation parsing
+(whole and streamed). The adapters only translate their message types to and from these dicts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from ..engine import Engine, Timings, Usage
+from .grammar import response_format_constraint, tool_choice_constraint
+from .tool_calls import Citations, ContentDelta, InvalidToolCall, StreamingToolCallParser, ToolCallChunk, detect_call_format
+
+
+@dataclass
+class ChatResult:
+    """One assistant turn. ``tool_calls``: ``[{"id", "name", "args": dict}]``; ``invalid_tool_calls``:
+    ``[{"id", "name", "args": raw str, "error"}]``; ``citations``: document indices; ``text``: the raw
+    model output the rest was parsed from."""
+
+    content: str
+    tool_calls: list[dict] = field(default_factory=list)
+    invalid_tool_calls: list[dict] = field(default_factory=list)
+    citations: list[int] = field(default_factory=list)
+    finish_reason: str = "stop"
+    usage: Usage | None = None
+    timings: Timings | None = None
+    text: str = ""
+
+
+@dataclass
+class ChatDone:
+    """Last event of `chat_stream`: the same result `chat` returns."""
+
+    result: ChatResult
+
+
+def call_format(engine: Engine) -> str:
+    """The checkpoint's tool-call syntax ("jamba" or "hermes"), from its template and vocabulary."""
+    fmt = getattr(engine, "_call_format", None)
+    if fmt is None:
+        fmt = engine._call_format = detect_call_format(getattr(engine.tokenizer, "chat_template", None), engine.tokenizer.get_vocab())
+    return fmt
+
+
+def _constraint(engine: Engine, tools, tool_choice, response_format):
+    if tools and tool_choice not in (None, "auto"):
+        return tool_choice_constraint(engine.tokenizer, tools, tool_choice, call_format=call_format(engine),
+                                      vocab_size=engine.config.vocab_size, stop_token_ids=engine.stop_ids)
+    if response_format is not None:
+        return response_format_constraint(engine.tokenizer, response_format, vocab_size=engine.config.vocab_size,
+                                          stop_token_ids=engine.stop_ids)
+    return None
+
+
+def _validate_tool_choice(tools, tool_choice):
+    if tool_choice in (None, "auto", "none", "any", "required"):
+        return
+    names = [(t.get("function") or t).get("name") for t in tools or []]
+    if tool_choice not in names:
+        raise ValueError(f"tool_choice={tool_choice!r} names no bound tool; tools: {names}")
+
+
+def chat_stream(engine: Engine, messages: list[dict], *, tools=None, tool_choice="auto", documents=None, response_format=None,
+                citations: bool = False, **generation) -> Iterator:
+    """Stream one assistant turn: `ContentDelta`, `ToolCallChunk`, `InvalidToolCall` and `Citations` events, then
+    `ChatDone`. ``generation``: `Engine.stream` arguments (max_new_tokens, temperature, top_p, top_k,
+    seed, stop). Raises ``ValueError`` for a ``tool_choice`` that names no tool."""
+    _validate_tool_choice(tools, tool_choice)
+    constraint = _constraint(engine, tools, tool_choice, response_format)
+    fmt = call_format(engine)
+    parser = StreamingToolCallParser(fmt)
+    pieces, last = [], None
+    for chunk in engine.stream(messages, tools=tools, documents=documents, response_format=response_format,
+                               citations=citations, constraint=constraint, **generation):
+        last = chunk
+        if chunk.text:
+            pieces.append(chunk.text)
+            yield from parser.feed(chunk.text)
+    yield from parser.finish()
+    text = "".join(pieces)
+    parsed = parser.result()  # the whole parse, with the ids the stream announced
+    finish = last.finish_reason
+    if parsed.tool_calls and finish == "stop":
+        finish = "tool_calls"
+    yield ChatDone(ChatResult(parsed.content, parsed.tool_calls, parsed.invalid_tool_calls, parsed.citations,
+                              finish, last.usage, last.timings, text))
+
+
+def chat(engine: Engine, messages: list[dict], **kwargs) -> ChatResult:
+    """One assistant turn, whole. Arguments as `chat_stream`."""
+    for event in chat_stream(engine, messages, **kwargs):
+        if isinstance(event, ChatDone):
+            return event.result
+    raise RuntimeError("chat_stream ended without a result")
+
+
+__all__ = ["chat", "chat_stream", "ChatResult", "ChatDone", "ContentDelta", "ToolCallChunk", "InvalidToolCall", "Citations", "call_format"]

@@ -1,0 +1,528 @@
+"""Grammar-constrained decoding: ``tool_choice`` and ``response_format`` as a token mask, with xgrammar.
+
+The engine's constraint protocol (batch 1, one call each per decode step)::
+
+    constraint.mask_logits(logits)   # logits: (vocab,) in place; disallowed -> -inf
+    constraint.accept(token_id)      # the sampled token
+    constraint.is_terminated()       # True once the constrained output is complete (its end token taken)
+
+Why a small automaton around xgrammar rather than one grammar: the call markers (``<tool_calls>``,
+``</tool_calls>``, and ``<tool_call>`` in ChatML tokenizers) are single special tokens, but xgrammar matches
+every token by its text, so a literal ``"<tool_calls>"`` in a grammar would also admit the marker spelled in
+ordinary pieces (``<``, ``tool``, ...), and special tokens would be admitted inside JSON strings. So the
+xgrammar vocabulary here has the special and markup tokens blanked (never matchable as text); the
+automaton forces the marker tokens itself between grammar steps, and a grammar step ends on the token that
+the next step starts with (xgrammar's per-matcher stop tokens). The JSON inside is what the checkpoint's chat
+template writes: ``[\\n    {"name": "f", "arguments": {...}},\\n    ...\\n]`` for Jamba, compact JSON with
+``", "`` and ``": "`` separators.
+
+xgrammar (not llguidance): on a 65536-token vocabulary on this CPU both compute a mask in about 0.01-0.03
+ms (median; applying it to the logits costs about 0.15-0.25 ms more); llguidance compiles a schema faster
+(1-6 ms against 30-60), but compiled grammars are cached per tokenizer here, and xgrammar is the
+project's dependency (benchmarks/grammar_overhead.py measures both). Two xgrammar 0.2.9 defects are worked
+around: a length-bounded string (``minLength``/``maxLength``) admits raw control characters (its character
+class is replaced in the generated EBNF, see `_json_ebnf`; such strings take no escapes, so no quote,
+backslash or newline), and strings admit encoded surrogates (a UTF-8 guard masks the bytes that may not
+follow a lead byte).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import threading
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Protocol
+
+import torch
+
+from .tool_calls import CALL_MARKERS
+
+END = -1  # automaton state: done
+_SEPARATORS = (", ", ": ")
+_JAMBA_INDENT = "    "  # the template's indentation of each call in the array
+
+
+class Constraint(Protocol):
+    """What the engine calls at each decode step."""
+
+    def mask_logits(self, logits: torch.Tensor) -> None: ...
+
+    def accept(self, token_id: int) -> None: ...
+
+    def is_terminated(self) -> bool: ...
+
+
+def _xgr():
+    try:
+        import xgrammar
+    except ImportError as exc:  # pragma: no cover - xgrammar is in the "grammar" extra
+        raise ImportError("constrained decoding needs xgrammar: pip install 'jamba-local[grammar]'") from exc
+    return xgrammar
+
+
+# -- tokenizer info, cached per tokenizer ------------------------------------------------------------
+
+
+@dataclass
+class _Context:
+    """xgrammar's view of one tokenizer at one mask size."""
+
+    info: Any  # xgrammar.TokenizerInfo with the blanked vocabulary
+    compiler: Any  # xgrammar.GrammarCompiler (caches compiled grammars)
+    vocab_size: int  # mask size (the model's vocabulary)
+    token_count: int  # ids the tokenizer really has; ids past it are never allowed
+    default_stop_ids: tuple[int, ...]
+    never_text: frozenset[int]  # blanked tokens (and ones holding invalid UTF-8): masked in grammar steps
+    last_byte: list[int]  # per token: its last byte, -1 when empty
+    utf8_bans: dict[int, frozenset[int]]  # lead byte -> tokens whose first byte may not follow it
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    _ban_tensors: dict = field(default_factory=dict)
+
+    def utf8_ban_tensor(self, lead: int, device: torch.device) -> torch.Tensor:
+        key = (lead, device)
+        if key not in self._ban_tensors:
+            self._ban_tensors[key] = torch.tensor(sorted(self.utf8_bans[lead]), dtype=torch.long, device=device)
+        return self._ban_tensors[key]
+
+
+# The second byte of a UTF-8 sequence after these lead bytes has a narrower range than 0x80-0xBF (no
+# overlong forms, no surrogates, nothing past U+10FFFF). xgrammar 0.2.9 lets encoded surrogates (ED A0..BF)
+# through in JSON strings, and overlong forms through in regex patterns, so a guard checks the pair.
+_UTF8_SECOND_BYTE_BANS = {0xE0: (0x80, 0x9F), 0xED: (0xA0, 0xBF), 0xF0: (0x80, 0x8F), 0xF4: (0x90, 0xBF)}
+_INVALID_UTF8 = re.compile(rb"\xe0[\x80-\x9f]|\xed[\xa0-\xbf]|\xf0[\x80-\x8f]|\xf4[\x90-\xbf]|[\xc0\xc1\xf5-\xff]")
+
+
+def _utf8_tables(decoded_vocab: list[bytes]) -> tuple[set[int], list[int], dict[int, frozenset[int]]]:
+    """(tokens holding an invalid byte pair, each token's last byte, lead byte -> tokens banned after it)."""
+    invalid, last, bans = set(), [], {lead: set() for lead in _UTF8_SECOND_BYTE_BANS}
+    for token_id, raw in enumerate(decoded_vocab):
+        last.append(raw[-1] if raw else -1)
+        if not raw:
+            continue
+        if _INVALID_UTF8.search(raw):
+            invalid.add(token_id)
+        for lead, (low, high) in _UTF8_SECOND_BYTE_BANS.items():
+            if low <= raw[0] <= high:
+                bans[lead].add(token_id)
+    return invalid, last, {lead: frozenset(ids) for lead, ids in bans.items()}
+
+
+_contexts: dict[tuple[int, int], tuple[weakref.ref, _Context]] = {}
+_contexts_lock = threading.Lock()
+
+
+# Control and marker tokens by name, for vocabularies that hold them as ordinary pieces.
+_MARKUP_TOKEN = re.compile(r"<\|[^<>|]*\|>|</?(tool_calls?|citations|documents|tool_definitions|active_output_modes)>")
+
+
+def _blanked_ids(tokenizer) -> set[int]:
+    """Special tokens, markup-like added tokens (``<...>``) and Jamba's control/marker tokens: never text
+    inside a grammar."""
+    ids = set(getattr(tokenizer, "all_special_ids", ()))
+    for token_id, added in getattr(tokenizer, "added_tokens_decoder", {}).items():
+        content = getattr(added, "content", str(added))
+        if getattr(added, "special", False) or (content.startswith("<") and content.endswith(">")):
+            ids.add(int(token_id))
+    ids.update(i for token, i in tokenizer.get_vocab().items() if _MARKUP_TOKEN.fullmatch(token))
+    return ids
+
+
+def _default_stop_ids(tokenizer) -> tuple[int, ...]:
+    ids = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+    eom = tokenizer.get_vocab().get("<|eom|>")
+    if eom is not None and eom not in ids:
+        ids.append(int(eom))
+    return tuple(ids)
+
+
+def _context(tokenizer, vocab_size: int | None) -> _Context:
+    xgr = _xgr()
+    token_count = len(tokenizer)
+    size = int(vocab_size or token_count)
+    key = (id(tokenizer), size)
+    with _contexts_lock:
+        hit = _contexts.get(key)
+        if hit is not None and hit[0]() is tokenizer:
+            return hit[1]
+    stop_ids = _default_stop_ids(tokenizer)
+    # from_huggingface detects the vocabulary's encoding (byte-level, byte-fallback, raw); the vocabulary
+    # itself is then rebuilt with the special tokens blanked, which xgrammar treats as never-text.
+    detected = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=size, stop_token_ids=list(stop_ids) or None)
+    encoded = [""] * size
+    for token, token_id in tokenizer.get_vocab().items():
+        if token_id < size:
+            encoded[token_id] = token
+    blanked = frozenset(i for i in _blanked_ids(tokenizer) if i < size)
+    for token_id in blanked:
+        encoded[token_id] = ""
+    info = xgr.TokenizerInfo.from_vocab_and_metadata(encoded, detected.dump_metadata())
+    compiler = xgr.GrammarCompiler(info, max_threads=max(1, min(8, os.cpu_count() or 1)))
+    invalid, last_byte, utf8_bans = _utf8_tables(info.decoded_vocab)
+    ctx = _Context(info, compiler, size, min(token_count, size), stop_ids, blanked | invalid, last_byte, utf8_bans)
+    with _contexts_lock:
+        _contexts[key] = (weakref.ref(tokenizer), ctx)
+    return ctx
+
+
+def _single_token(tokenizer, text: str) -> int | None:
+    """The id of ``text`` when the tokenizer encodes it as exactly one token."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return int(ids[0]) if len(ids) == 1 else None
+
+
+# -- the automaton -----------------------------------------------------------------------------------
+
+
+@dataclass
+class _TokenStep:
+    """Exactly one of the keys of ``next`` (token id -> next step index, or END)."""
+
+    next: dict[int, int]
+
+
+@dataclass
+class _GrammarStep:
+    """Text matching ``grammar``, then one of the keys of ``next`` once the grammar is complete."""
+
+    grammar: Any  # xgrammar.CompiledGrammar
+    next: dict[int, int]
+
+
+class GrammarConstraint:
+    """A token-mask constraint: a sequence of forced-token and xgrammar steps (see the module docstring).
+
+    Built by `tool_choice_constraint` and `response_format_constraint`; one instance per generation.
+    """
+
+    def __init__(self, ctx: _Context, steps: list[_TokenStep | _GrammarStep], stop_ids: Iterable[int]):
+        self._ctx = ctx
+        self._steps = steps
+        self._stop_ids = sorted(set(int(i) for i in stop_ids))
+        self._bitmask = _xgr().allocate_token_bitmask(1, ctx.vocab_size)
+        self._ids_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._matcher = None
+        self._enter(0)
+
+    def _enter(self, index: int) -> None:
+        self._at = index
+        self._lead = -1  # the last byte of the text so far when it opens a UTF-8 sequence (see the guard)
+        self._matcher = None
+        if index != END and isinstance(self._steps[index], _GrammarStep):
+            step = self._steps[index]
+            self._matcher = _xgr().GrammarMatcher(step.grammar, override_stop_tokens=sorted(step.next))
+
+    def _ids(self, index: int, device: torch.device) -> torch.Tensor:
+        """Token step: the allowed ids; grammar step: the blanked ids that are not its exits."""
+        key = (index, device)
+        if key not in self._ids_cache:
+            if index == END:  # once done only a stop token is allowed, should the engine ask again
+                ids = self._stop_ids
+            elif isinstance(self._steps[index], _TokenStep):
+                ids = sorted(self._steps[index].next)
+            else:
+                ids = sorted(self._ctx.never_text - set(self._steps[index].next))
+            self._ids_cache[key] = torch.tensor(ids, dtype=torch.long, device=device)
+        return self._ids_cache[key]
+
+    def mask_logits(self, logits: torch.Tensor) -> None:
+        """Set the logits of every token not allowed next to -inf, in place. ``logits``: (vocab,)."""
+        if self._matcher is None:  # a forced-token step (or done)
+            ids = self._ids(self._at, logits.device)
+            ids = ids[ids < logits.shape[-1]]
+            kept = logits.index_select(-1, ids)
+            logits.fill_(float("-inf"))
+            logits.index_copy_(-1, ids, kept)
+            return
+        xgr = _xgr()
+        self._matcher.fill_next_token_bitmask(self._bitmask)
+        n = min(logits.shape[-1], self._ctx.vocab_size)
+        bitmask = self._bitmask if logits.device.type == "cpu" else self._bitmask.to(logits.device, non_blocking=True)
+        xgr.apply_token_bitmask_inplace(logits.view(1, -1), bitmask, vocab_size=n)
+        # xgrammar takes a blanked (empty) token that is a stop token of its vocabulary for empty text,
+        # allowed anywhere, once a matcher's own stop tokens replace those: mask them here.
+        ids = self._ids(self._at, logits.device)
+        logits.index_fill_(-1, ids[ids < logits.shape[-1]], float("-inf"))
+        if self._lead in self._ctx.utf8_bans:
+            ids = self._ctx.utf8_ban_tensor(self._lead, logits.device)
+            logits.index_fill_(-1, ids[ids < logits.shape[-1]], float("-inf"))
+        if logits.shape[-1] > self._ctx.token_count:
+            logits[..., self._ctx.token_count:] = float("-inf")
+
+    def accept(self, token_id: int) -> None:
+        """Advance past ``token_id``. Raises ValueError when the token was not allowed."""
+        token_id = int(token_id)
+        if self._at == END:
+            raise ValueError(f"token {token_id} after the constrained output ended")
+        step = self._steps[self._at]
+        if self._matcher is None:
+            if token_id not in step.next:
+                raise ValueError(f"token {token_id} not allowed here (expected one of {sorted(step.next)})")
+            self._enter(step.next[token_id])
+            return
+        ctx = self._ctx
+        if ((token_id in ctx.never_text and token_id not in step.next)
+                or token_id in ctx.utf8_bans.get(self._lead, ())
+                or not self._matcher.accept_token(token_id)):
+            raise ValueError(f"token {token_id} does not match the grammar here")
+        if self._matcher.is_terminated():
+            self._enter(step.next[token_id])
+        elif token_id < len(ctx.last_byte):
+            self._lead = ctx.last_byte[token_id]
+
+    def is_terminated(self) -> bool:
+        """True once the constrained output (and its end token) is complete."""
+        return self._at == END
+
+
+class BannedTokensConstraint:
+    """``tool_choice="none"``: the given token ids (the call markers) are never allowed; text is free."""
+
+    def __init__(self, banned_ids: Iterable[int], stop_ids: Iterable[int], token_count: int):
+        self._banned = sorted(set(int(i) for i in banned_ids))
+        self._stop = set(int(i) for i in stop_ids)
+        self._token_count = token_count
+        self._done = False
+        self._banned_cache: dict[torch.device, torch.Tensor] = {}
+
+    def mask_logits(self, logits: torch.Tensor) -> None:
+        """Set the banned ids (and ids past the tokenizer's vocabulary) to -inf, in place."""
+        if logits.device not in self._banned_cache:
+            self._banned_cache[logits.device] = torch.tensor(self._banned, dtype=torch.long, device=logits.device)
+        ids = self._banned_cache[logits.device]
+        logits.index_fill_(-1, ids[ids < logits.shape[-1]], float("-inf"))
+        if logits.shape[-1] > self._token_count:
+            logits[..., self._token_count:] = float("-inf")
+
+    def accept(self, token_id: int) -> None:
+        """Note the token; a stop token ends the output. Raises ValueError for a banned token."""
+        if int(token_id) in self._banned:
+            raise ValueError(f"token {token_id} is banned (tool_choice='none')")
+        if int(token_id) in self._stop:
+            self._done = True
+
+    def is_terminated(self) -> bool:
+        """True after a stop token."""
+        return self._done
+
+
+# -- schemas -----------------------------------------------------------------------------------------
+
+# xgrammar 0.2.9 writes the characters of a length-bounded string (minLength/maxLength) as this class,
+# which lets raw control characters through (invalid JSON). It is replaced by the class its unbounded
+# strings use, less escapes (which xgrammar leaves out of bounded strings too): a single character class
+# keeps xgrammar's fast path for bounded repetition, where an alternation with escapes made each step's
+# mask cost grow with the string's length (seconds per token at 65536 tokens).
+_BOUNDED_STRING_CHARS = '(([^\\"\\\\\\r\\n]))'
+_JSON_STRING_CHARS = '(([^\\0-\\x1f\\"\\\\]))'
+
+
+@functools.lru_cache(maxsize=256)
+def _json_ebnf(schema_json: str) -> str:
+    """EBNF (xgrammar's) of compact JSON matching the schema, with the template's separators."""
+    ebnf = str(_xgr().Grammar.from_json_schema(json.loads(schema_json), any_whitespace=False, separators=_SEPARATORS))
+    return ebnf.replace(_BOUNDED_STRING_CHARS, _JSON_STRING_CHARS)
+
+
+def _schema_key(schema: Any) -> str:
+    return json.dumps(schema, ensure_ascii=False)  # key order kept: it is the order properties are generated in
+
+
+def normalize_tools(tools: Iterable[dict]) -> list[dict]:
+    """``[{"name", "parameters"}]`` from OpenAI function tools or bare ``{"name", "parameters"}`` dicts.
+
+    A tool without ``parameters`` takes none (its arguments are ``{}``).
+    """
+    out = []
+    for tool in tools or ():
+        fn = tool.get("function", tool) if isinstance(tool, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise ValueError(f"a tool needs a string 'name' (OpenAI function shape): {tool!r}")
+        params = fn.get("parameters") or {"type": "object", "properties": {}}
+        out.append({"name": fn["name"], "parameters": params})
+    return out
+
+
+def _chosen_tools(tools: list[dict], tool_choice) -> tuple[list[dict], bool]:
+    """(tools the output may call, whether exactly one call)."""
+    if isinstance(tool_choice, dict):  # {"type": "function", "function": {"name": ...}} or {"name": ...}
+        tool_choice = (tool_choice.get("function") or tool_choice).get("name")
+    if tool_choice in ("any", "required"):
+        if not tools:
+            raise ValueError(f"tool_choice={tool_choice!r} needs at least one tool")
+        return tools, False
+    chosen = [t for t in tools if t["name"] == tool_choice]
+    if not chosen:
+        raise ValueError(f"tool_choice={tool_choice!r} names no tool; tools: {[t['name'] for t in tools]}")
+    return chosen[:1], True
+
+
+# -- factories ---------------------------------------------------------------------------------------
+
+
+def _call_tags(tools: list[dict], prefix: str, suffix: str) -> list:
+    from xgrammar.structural_tag import GrammarFormat, TagFormat
+
+    return [TagFormat(begin=prefix + '{"name": ' + json.dumps(t["name"], ensure_ascii=False) + ', "arguments": ',
+                      content=GrammarFormat(grammar=_json_ebnf(_schema_key(t["parameters"]))),
+                      end="}" + suffix)
+            for t in tools]
+
+
+def _compile(ctx: _Context, fmt) -> Any:
+    from xgrammar.structural_tag import StructuralTag
+
+    with ctx.lock:
+        return ctx.compiler.compile_structural_tag(StructuralTag(format=fmt))
+
+
+def tool_choice_constraint(tokenizer, tools: Iterable[dict] | None, tool_choice: Any, call_format: str = "jamba",
+                           vocab_size: int | None = None,
+                           stop_token_ids: Iterable[int] | None = None
+                           ) -> GrammarConstraint | BannedTokensConstraint | None:
+    """The constraint for a ``tool_choice``, or None when the output is free.
+
+    Args:
+        tokenizer: the checkpoint's (fast) tokenizer.
+        tools: OpenAI function tools (``{"type": "function", "function": {"name", "parameters"}}``) or bare
+            ``{"name", "parameters"}`` dicts; ``parameters`` is the arguments' JSON schema.
+        tool_choice: ``"auto"``/None (free: returns None); ``"none"`` (the call marker token is never
+            allowed); ``"any"``/``"required"`` (the output is one or more calls to the tools); a tool name or
+            ``{"type": "function", "function": {"name": ...}}`` (exactly one call to that tool).
+        call_format: ``"jamba"`` (``<tool_calls>[...]</tool_calls>``) or ``"hermes"``
+            (``<tool_call>{...}</tool_call>``).
+        vocab_size: the model's vocabulary (mask) size when it differs from ``len(tokenizer)``; ids past the
+            tokenizer's are never allowed.
+        stop_token_ids: the ids that end generation (EOS, ``<|eom|>``); after the calls only these are
+            allowed. Default: the tokenizer's EOS and ``<|eom|>``.
+
+    Raises:
+        ValueError: an unknown ``tool_choice``/``call_format``, a tool name not among the tools, no tools
+            for ``"any"``, or a schema xgrammar cannot compile.
+    """
+    if tool_choice in (None, "auto"):
+        return None
+    if call_format not in CALL_MARKERS:
+        raise ValueError(f"call_format must be one of {sorted(CALL_MARKERS)}, got {call_format!r}")
+    ctx = _context(tokenizer, vocab_size)
+    stops = sorted(set(int(i) for i in (stop_token_ids if stop_token_ids is not None else ctx.default_stop_ids)))
+    if not stops:
+        raise ValueError("no stop token ids: pass stop_token_ids")
+    open_text, close_text = CALL_MARKERS[call_format]
+    open_id, close_id = _single_token(tokenizer, open_text), _single_token(tokenizer, close_text)
+    if tool_choice == "none":
+        return BannedTokensConstraint([i for i in (open_id, close_id) if i is not None], stops, ctx.token_count)
+    chosen, single = _chosen_tools(normalize_tools(tools or []), tool_choice)
+    try:
+        steps = (_jamba_steps if call_format == "jamba" else _hermes_steps)(
+            ctx, tokenizer, chosen, single, open_text, close_text, open_id, close_id, stops)
+    except (RuntimeError, ValueError) as exc:  # xgrammar reports unsupported schemas as RuntimeError
+        raise ValueError(f"cannot build the tool-call grammar: {exc}") from exc
+    return GrammarConstraint(ctx, steps, stops)
+
+
+def _jamba_steps(ctx, tokenizer, tools, single, open_text, close_text, open_id, close_id, stops):
+    from xgrammar.structural_tag import ConstStringFormat, SequenceFormat, TagsWithSeparatorFormat
+
+    calls = TagsWithSeparatorFormat(tags=_call_tags(tools, _JAMBA_INDENT, ""), separator=",\n",
+                                    at_least_one=True, stop_after_first=single)
+    body = [ConstStringFormat(value="[\n"), calls, ConstStringFormat(value="\n]")]
+    done = {i: END for i in stops}
+    if open_id is None or close_id is None:  # markers are plain text in this vocabulary
+        fmt = SequenceFormat(elements=[ConstStringFormat(value=open_text), *body, ConstStringFormat(value=close_text)])
+        return [_GrammarStep(_compile(ctx, fmt), done)]
+    # The template writes "<|assistant|> " + content + "<tool_calls>": allow that one space first.
+    space_id = _single_token(tokenizer, " ")
+    first = {open_id: 2} if space_id is None else {open_id: 2, space_id: 1}
+    return [_TokenStep(first), _TokenStep({open_id: 2}),
+            _GrammarStep(_compile(ctx, SequenceFormat(elements=body)), {close_id: 3}), _TokenStep(done)]
+
+
+def _hermes_steps(ctx, tokenizer, tools, single, open_text, close_text, open_id, close_id, stops):
+    from xgrammar.structural_tag import ConstStringFormat, OrFormat, SequenceFormat, TagsWithSeparatorFormat
+
+    done = {i: END for i in stops}
+    if open_id is None or close_id is None:
+        tags = _call_tags(tools, open_text + "\n", "\n" + close_text)
+        fmt = TagsWithSeparatorFormat(tags=tags, separator="\n", at_least_one=True, stop_after_first=single)
+        return [_GrammarStep(_compile(ctx, fmt), done)]
+    tags = _call_tags(tools, "", "")
+    call = tags[0] if len(tags) == 1 else OrFormat(elements=tags)
+    body = _compile(ctx, SequenceFormat(elements=[ConstStringFormat(value="\n"), call, ConstStringFormat(value="\n")]))
+    after = dict(done)
+    newline_id = _single_token(tokenizer, "\n")
+    if not single:  # another call may follow, as "</tool_call>\n<tool_call>"
+        after[open_id] = 1
+        if newline_id is not None:
+            after[newline_id] = 3
+    return [_TokenStep({open_id: 1}), _GrammarStep(body, {close_id: 2}), _TokenStep(after), _TokenStep({open_id: 1})]
+
+
+def _response_schema(response_format: Any) -> dict | None:
+    if response_format is None:
+        return None
+    if isinstance(response_format, type) and hasattr(response_format, "model_json_schema"):
+        return response_format.model_json_schema()  # a pydantic model class
+    if not isinstance(response_format, dict):
+        raise ValueError(f"response_format must be a dict, got {type(response_format).__name__}")
+    kind = response_format.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        schema = response_format.get("schema")
+        return schema if isinstance(schema, dict) else {"type": "object", "additionalProperties": True}
+    if kind == "json_schema":
+        spec = response_format.get("json_schema") or {}
+        schema = spec.get("schema", spec.get("schema_")) if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise ValueError("response_format json_schema needs {'json_schema': {'schema': {...}}}")
+        return schema
+    return response_format  # a bare JSON schema
+
+
+def response_format_constraint(tokenizer, response_format: Any, vocab_size: int | None = None,
+                               stop_token_ids: Iterable[int] | None = None) -> GrammarConstraint | None:
+    """The constraint for a ``response_format``, or None when the output is free.
+
+    Args:
+        tokenizer: the checkpoint's (fast) tokenizer.
+        response_format: ``{"type": "json_schema", "json_schema": {"schema": {...}}}``, a bare JSON schema
+            dict, a pydantic model class, ``{"type": "json_object"}`` (any JSON object), or
+            None / ``{"type": "text"}`` (free).
+        vocab_size, stop_token_ids: as in `tool_choice_constraint`.
+
+    The output is compact JSON (``", "``/``": "`` separators), optionally after one space (the template's
+    space after ``<|assistant|>``), then one stop token.
+
+    Raises:
+        ValueError: a malformed ``response_format`` or a schema xgrammar cannot compile.
+    """
+    from xgrammar.structural_tag import ConstStringFormat, GrammarFormat, OptionalFormat, SequenceFormat
+
+    schema = _response_schema(response_format)
+    if schema is None:
+        return None
+    ctx = _context(tokenizer, vocab_size)
+    stops = sorted(set(int(i) for i in (stop_token_ids if stop_token_ids is not None else ctx.default_stop_ids)))
+    if not stops:
+        raise ValueError("no stop token ids: pass stop_token_ids")
+    try:
+        fmt = SequenceFormat(elements=[OptionalFormat(content=ConstStringFormat(value=" ")),
+                                       GrammarFormat(grammar=_json_ebnf(_schema_key(schema)))])
+        grammar = _compile(ctx, fmt)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"cannot build the JSON grammar: {exc}") from exc
+    return GrammarConstraint(ctx, [_GrammarStep(grammar, {i: END for i in stops})], stops)
+
+
+__all__ = [
+    "BannedTokensConstraint",
+    "Constraint",
+    "GrammarConstraint",
+    "normalize_tools",
+    "response_format_constraint",
+    "tool_choice_constraint",
+]

@@ -1,0 +1,321 @@
+"""Grammar-constrained decoding: masks walked with random logits until termination, outputs checked."""
+
+import json
+
+import jsonschema
+import pytest
+import torch
+
+from jamba_core.chat.grammar import (
+    BannedTokensConstraint,
+    GrammarConstraint,
+    normalize_tools,
+    response_format_constraint,
+    tool_choice_constraint,
+)
+from jamba_core.chat.tool_calls import parse_output
+from jamba_core.tokenizer import train_tokenizer
+
+SEEDS = range(100)
+PAD_IDS = 64  # the model's vocabulary is padded past the tokenizer's: those ids are never allowed
+
+TOOLS = [
+    {"type": "function", "function": {
+        "name": "get_weather", "description": "Weather for a city",
+        "parameters": {"type": "object", "properties": {
+            "city": {"type": "string", "maxLength": 10},
+            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+            "required": ["city"]}}},
+    {"type": "function", "function": {
+        "name": "search", "description": "Search documents",
+        "parameters": {"type": "object", "properties": {
+            "query": {"type": "string", "minLength": 1, "maxLength": 12},
+            "filters": {"type": "object", "properties": {
+                "tags": {"type": "array", "items": {"enum": ["whale", "ship", "sea"]}, "maxItems": 3},
+                "exact": {"type": "boolean"}}, "required": ["tags"]}},
+            "required": ["query", "filters"]}}},
+    {"type": "function", "function": {"name": "now", "description": "The time", "parameters": {}}},
+]
+SCHEMAS = {t["name"]: t["parameters"] for t in normalize_tools(TOOLS)}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(vocab_size=4096)
+
+
+@pytest.fixture(scope="module")
+def vocab(tok):
+    return len(tok) + PAD_IDS
+
+
+@pytest.fixture(scope="module")
+def stops(tok):
+    return sorted({tok.eos_token_id, tok.get_vocab()["<|eom|>"]})
+
+
+def walk(constraint, vocab, seed, max_steps=600, bias=None):
+    """Sample uniformly among the allowed tokens (argmax of masked random logits) until termination.
+
+    Returns the sampled ids, the last one being a stop token when the constraint terminated.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    ids = []
+    for _ in range(max_steps):
+        logits = torch.randn(vocab, generator=gen)
+        if bias is not None:
+            logits += bias
+        constraint.mask_logits(logits)
+        assert torch.isinf(logits[vocab - PAD_IDS:]).all(), "padded ids must stay disallowed"
+        token = int(torch.argmax(logits))
+        assert logits[token] > float("-inf"), "the mask allowed nothing"
+        constraint.accept(token)
+        ids.append(token)
+        if constraint.is_terminated():
+            return ids
+    raise AssertionError(f"seed {seed}: not terminated after {max_steps} steps")
+
+
+def decode(tok, ids, stops):
+    assert ids[-1] in stops
+    return tok.decode(ids[:-1], skip_special_tokens=False)
+
+
+def check_calls(parsed, allowed_names):
+    assert parsed.tool_calls and not parsed.invalid_tool_calls, parsed
+    for call in parsed.tool_calls:
+        assert call["name"] in allowed_names
+        jsonschema.validate(call["args"], SCHEMAS[call["name"]])
+
+
+@pytest.mark.parametrize("call_format", ["jamba", "hermes"])
+@pytest.mark.parametrize("choice", ["any", "required"])
+def test_forced_any_yields_valid_calls_100_of_100(tok, vocab, stops, call_format, choice):
+    for seed in SEEDS if choice == "any" else range(10):  # "required" is the same constraint
+        constraint = tool_choice_constraint(tok, TOOLS, choice, call_format=call_format, vocab_size=vocab,
+                                            stop_token_ids=stops)
+        ids = walk(constraint, vocab, seed)
+        parsed = parse_output(decode(tok, ids, stops), call_format)
+        check_calls(parsed, set(SCHEMAS))
+        assert parsed.content == ""
+
+
+@pytest.mark.parametrize("call_format", ["jamba", "hermes"])
+@pytest.mark.parametrize("name", ["search", "now"])
+def test_named_tool_among_several_yields_exactly_that_call_100_of_100(tok, vocab, stops, call_format, name):
+    choice = name if name == "search" else {"type": "function", "function": {"name": name}}
+    for seed in SEEDS:
+        constraint = tool_choice_constraint(tok, TOOLS, choice, call_format=call_format, vocab_size=vocab,
+                                            stop_token_ids=stops)
+        parsed = parse_output(decode(tok, walk(constraint, vocab, seed), stops), call_format)
+        check_calls(parsed, {name})
+        assert len(parsed.tool_calls) == 1
+
+
+@pytest.fixture(scope="module")
+def chatml_tok():
+    """A tokenizer with ChatML's call markers as single tokens (as Jamba Reasoning 3B's)."""
+    tok = train_tokenizer(vocab_size=4096)
+    tok.add_special_tokens({"additional_special_tokens": ["<tool_call>", "</tool_call>"]})
+    return tok
+
+
+@pytest.mark.parametrize("choice", ["any", "search"])
+def test_hermes_with_single_token_markers_forces_those_tokens(chatml_tok, stops, choice):
+    tok, vocab = chatml_tok, len(chatml_tok) + PAD_IDS
+    open_id, close_id = tok.convert_tokens_to_ids(["<tool_call>", "</tool_call>"])
+    for seed in range(50):
+        constraint = tool_choice_constraint(tok, TOOLS, choice, call_format="hermes", vocab_size=vocab,
+                                            stop_token_ids=stops)
+        ids = walk(constraint, vocab, seed)
+        assert ids[0] == open_id and ids[-2] == close_id and ids.count(open_id) == ids.count(close_id)
+        parsed = parse_output(decode(tok, ids, stops), "hermes")
+        check_calls(parsed, set(SCHEMAS) if choice == "any" else {choice})
+        assert choice == "any" or len(parsed.tool_calls) == 1
+    none = tool_choice_constraint(tok, TOOLS, "none", call_format="hermes", vocab_size=vocab, stop_token_ids=stops)
+    logits = torch.zeros(vocab)
+    none.mask_logits(logits)
+    assert torch.isinf(logits[[open_id, close_id]]).all()
+
+
+def test_forced_call_uses_the_marker_special_tokens_and_the_template_layout(tok, vocab, stops):
+    open_id, close_id = tok.get_vocab()["<tool_calls>"], tok.get_vocab()["</tool_calls>"]
+    for seed in range(10):
+        constraint = tool_choice_constraint(tok, TOOLS, "now", vocab_size=vocab, stop_token_ids=stops)
+        ids = walk(constraint, vocab, seed)
+        assert ids.count(open_id) == 1 and ids.count(close_id) == 1 and ids[-2] == close_id
+        assert decode(tok, ids, stops).lstrip(" ") == \
+            '<tool_calls>[\n    {"name": "now", "arguments": {}}\n]</tool_calls>'
+
+
+def test_special_tokens_are_never_allowed_inside_the_json(tok, vocab, stops):
+    special = sorted(set(tok.all_special_ids) | set(tok.added_tokens_decoder))
+    constraint = tool_choice_constraint(tok, TOOLS, "search", vocab_size=vocab, stop_token_ids=stops)
+    prefix = tok.encode('[\n    {"name": "search", "arguments": {"query": "ab', add_special_tokens=False)
+    constraint.accept(tok.get_vocab()["<tool_calls>"])
+    for token in prefix:
+        constraint.accept(token)
+    logits = torch.zeros(vocab)
+    constraint.mask_logits(logits)
+    assert torch.isinf(logits[special]).all()
+    assert torch.isfinite(logits).sum() > 100  # free text inside the string
+
+
+def test_after_the_calls_only_a_stop_token_is_allowed(tok, vocab, stops):
+    vocab_ids = tok.get_vocab()
+    constraint = tool_choice_constraint(tok, TOOLS, "any", vocab_size=vocab, stop_token_ids=stops)
+    logits = torch.zeros(vocab)
+    constraint.mask_logits(logits)
+    assert set(torch.isfinite(logits).nonzero().flatten().tolist()) == {vocab_ids["<tool_calls>"], tok.encode(" ")[-1]}
+    constraint.accept(vocab_ids["<tool_calls>"])
+    body = '[\n    {"name": "get_weather", "arguments": {"city": "Paris"}}\n]'
+    for token in tok.encode(body, add_special_tokens=False):
+        constraint.accept(token)
+    logits = torch.zeros(vocab)
+    constraint.mask_logits(logits)
+    assert torch.isfinite(logits).nonzero().flatten().tolist() == [vocab_ids["</tool_calls>"]]
+    constraint.accept(vocab_ids["</tool_calls>"])
+    logits = torch.zeros(vocab)
+    constraint.mask_logits(logits)
+    assert torch.isfinite(logits).nonzero().flatten().tolist() == stops
+    assert not constraint.is_terminated()
+    constraint.accept(stops[-1])
+    assert constraint.is_terminated()
+
+
+def test_a_disallowed_token_is_refused(tok, vocab, stops):
+    constraint = tool_choice_constraint(tok, TOOLS, "any", vocab_size=vocab, stop_token_ids=stops)
+    with pytest.raises(ValueError):
+        constraint.accept(tok.encode("hello", add_special_tokens=False)[0])
+
+
+def test_tool_choice_none_never_yields_a_call(tok, vocab, stops):
+    open_id = tok.get_vocab()["<tool_calls>"]
+    for seed in SEEDS:
+        constraint = tool_choice_constraint(tok, TOOLS, "none", vocab_size=vocab, stop_token_ids=stops)
+        assert isinstance(constraint, BannedTokensConstraint)
+        gen, ids = torch.Generator().manual_seed(seed), []
+        for _ in range(40):
+            logits = torch.randn(vocab, generator=gen)
+            logits[open_id] = 100.0  # the model wants to call a tool
+            constraint.mask_logits(logits)
+            token = int(torch.argmax(logits))
+            constraint.accept(token)
+            if constraint.is_terminated():
+                break
+            ids.append(token)
+        assert open_id not in ids
+        parsed = parse_output(tok.decode(ids, skip_special_tokens=False))
+        assert not parsed.tool_calls and not parsed.invalid_tool_calls
+
+
+def test_auto_and_no_response_format_are_free(tok):
+    assert tool_choice_constraint(tok, TOOLS, "auto") is None
+    assert tool_choice_constraint(tok, TOOLS, None) is None
+    assert response_format_constraint(tok, None) is None
+    assert response_format_constraint(tok, {"type": "text"}) is None
+
+
+def test_unknown_tool_or_format_raises(tok):
+    with pytest.raises(ValueError):
+        tool_choice_constraint(tok, TOOLS, "fly")
+    with pytest.raises(ValueError):
+        tool_choice_constraint(tok, [], "any")
+    with pytest.raises(ValueError):
+        tool_choice_constraint(tok, TOOLS, "any", call_format="xml")
+
+
+RESPONSE_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "title": {"type": "string", "maxLength": 10},
+        "year": {"type": "integer", "minimum": 1800, "maximum": 2100},
+        "rating": {"type": "number"},
+        "genres": {"type": "array", "items": {"enum": ["adventure", "epic", "tragedy"]}, "minItems": 1, "maxItems": 3},
+        "author": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                                    "alive": {"type": "boolean"}}, "required": ["name"]},
+        "isbn": {"anyOf": [{"type": "string", "minLength": 10, "maxLength": 13}, {"type": "null"}]},
+    },
+    "required": ["title", "year", "genres", "author", "isbn"],
+}
+
+
+@pytest.mark.parametrize("wrap", ["openai", "bare"])
+def test_json_schema_response_validates_100_of_100(tok, vocab, stops, wrap):
+    response_format = RESPONSE_SCHEMA if wrap == "bare" else \
+        {"type": "json_schema", "json_schema": {"name": "book", "schema": RESPONSE_SCHEMA, "strict": True}}
+    for seed in SEEDS if wrap == "openai" else range(10):  # the bare schema only changes the unwrapping
+        constraint = response_format_constraint(tok, response_format, vocab_size=vocab, stop_token_ids=stops)
+        value = json.loads(decode(tok, walk(constraint, vocab, seed), stops))  # strict JSON: no raw control chars
+        jsonschema.validate(value, RESPONSE_SCHEMA)
+
+
+def test_json_object_mode_yields_a_json_object(tok, vocab, stops):
+    # Free strings rarely close under uniform sampling: favour the tokens that close strings and objects.
+    bias = torch.zeros(vocab)
+    for token, token_id in tok.get_vocab().items():
+        if any(c in token for c in '"}]'):
+            bias[token_id] = 4.0
+    for seed in range(20):
+        constraint = response_format_constraint(tok, {"type": "json_object"}, vocab_size=vocab, stop_token_ids=stops)
+        value = json.loads(decode(tok, walk(constraint, vocab, seed, max_steps=2000, bias=bias), stops))
+        assert isinstance(value, dict)
+
+
+def test_mask_handles_reduced_precision_and_unpadded_logits(tok, stops):
+    constraint = response_format_constraint(tok, {"type": "json_object"}, stop_token_ids=stops)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        logits = torch.zeros(len(tok), dtype=dtype)
+        constraint.mask_logits(logits)
+        allowed = torch.isfinite(logits).nonzero().flatten().tolist()
+        assert allowed and all(tok.decode([i]).strip() in ("{", "") for i in allowed)
+
+
+def accepts(tok, constraint, text):
+    """Whether the constraint takes ``text`` (tokenized as the tokenizer does), then a stop token."""
+    try:
+        for token in tok.encode(text, add_special_tokens=False):
+            constraint.accept(token)
+        constraint.accept(tok.eos_token_id)
+    except ValueError:
+        return False
+    return constraint.is_terminated()
+
+
+@pytest.mark.parametrize("text, ok", [
+    ('{"s": "abcd"}', True), ('{"s": "abcde"}', False),  # maxLength 4
+    ('{"s": "a\x12"}', False), ('{"s": "a\nb"}', False),  # raw control characters are not JSON
+    ('{"s": "a\\nb"}', False),  # xgrammar takes no escapes in a length-bounded string
+    ('{"s": "東京🐋"}', True),
+])
+def test_length_bounded_strings_are_valid_json(tok, stops, text, ok):
+    schema = {"type": "object", "properties": {"s": {"type": "string", "maxLength": 4}}, "required": ["s"]}
+    assert accepts(tok, response_format_constraint(tok, schema, stop_token_ids=stops), text) is ok
+
+
+def test_invalid_utf8_is_never_allowed_in_strings(tok, stops):
+    vocab = tok.get_vocab()
+    for seq, ok in [([0xED, 0xA0, 0x80], False), ([0xE0, 0x9B, 0x9A], False), ([0xE4, 0xB8, 0xAD], True)]:
+        for schema in ({"type": "string"}, {"type": "string", "maxLength": 5}):
+            constraint = response_format_constraint(tok, schema, stop_token_ids=stops)
+            try:
+                for token in tok.encode('"', add_special_tokens=False) + [vocab[_byte_token(b)] for b in seq]:
+                    constraint.accept(token)
+                taken = True
+            except ValueError:
+                taken = False
+            assert taken is ok, (bytes(seq), schema)
+
+
+def _byte_token(byte: int) -> str:
+    """The byte-level BPE spelling of one byte (GPT-2's byte-to-unicode table)."""
+    printable = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    if byte in printable:
+        return chr(byte)
+    return chr(256 + [b for b in range(256) if b not in printable].index(byte))
+
+
+def test_grammar_constraint_is_returned_for_forced_choices(tok):
+    assert isinstance(tool_choice_constraint(tok, TOOLS, "any"), GrammarConstraint)
+    assert isinstance(response_format_constraint(tok, {"type": "json_object"}), GrammarConstraint)
