@@ -8,9 +8,10 @@ constraint for ``tool_choice`` / ``response_format``, generation, and tool-call 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-from ..engine import Engine, Timings, Usage
+if TYPE_CHECKING:  # the engine imports the tokenizer, which imports this package's template
+    from ..engine import Engine, Timings, Usage
 from .grammar import response_format_constraint, tool_choice_constraint
 from .tool_calls import Citations, ContentDelta, InvalidToolCall, StreamingToolCallParser, ToolCallChunk, detect_call_format
 
