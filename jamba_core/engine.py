@@ -16,13 +16,14 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .cache import HybridCache
+from .cache import HybridCache, PrefixCache
 from .config import JambaConfig, load_config
 from .loading import load_model, resolve_checkpoint
 from .memory import _dtype, estimate_memory
 from .tokenizer import control_token_ids, load_tokenizer, stop_token_ids
 
 DEFAULT_PREFILL_CHUNK = 2048
+DEFAULT_PREFIX_CACHE_BYTES = 1 << 30
 
 
 @dataclass
@@ -77,7 +78,8 @@ class Engine:
     engine can be shared by threads (each request has its own cache).
     """
 
-    def __init__(self, model, config: JambaConfig, tokenizer, path: Path | None = None, prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK):
+    def __init__(self, model, config: JambaConfig, tokenizer, path: Path | None = None, prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK,
+                 prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES):
         self.model, self.config, self.tokenizer, self.path = model, config, tokenizer, path
         self.dtype = model.lm_head.weight.dtype
         self.device = model.lm_head.weight.device
@@ -86,10 +88,15 @@ class Engine:
         self._control_ids = control_token_ids(tokenizer)
         self.lock = threading.RLock()
         self.last_request: dict | None = None  # usage, timings and cache bytes of the latest request
+        # prefix-state reuse: snapshots at message boundaries (after each <|eom|>) and at the end of
+        # every prompt; 0 bytes turns it off
+        self.prefix_cache = PrefixCache(prefix_cache_bytes)
+        self._boundary_id = tokenizer.get_vocab().get("<|eom|>")
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id, dtype="float32", device="cpu", quantization: str | None = None,
-                        prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK, progress: bool = True) -> "Engine":
+                        prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK, progress: bool = True,
+                        prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES) -> "Engine":
         """Load a checkpoint folder (or a Hub id, offline when cached).
 
         ``dtype``: "float32" or "bfloat16" (or a torch dtype) for the weights; SSM state, scan and
@@ -102,7 +109,7 @@ class Engine:
         config = load_config(folder)
         tokenizer = load_tokenizer(folder)
         model = load_model(folder, config, dtype=_dtype(dtype), device=device, progress=progress)
-        return cls(model, config, tokenizer, folder, prefill_chunk_tokens)
+        return cls(model, config, tokenizer, folder, prefill_chunk_tokens, prefix_cache_bytes)
 
     # -- prompts -------------------------------------------------------------------------------
     @property
@@ -213,10 +220,69 @@ class Engine:
         with self.lock:
             yield from self._generate(ids, max_new_tokens, temperature, top_p, top_k, seed, stops, constraint)
 
+    # -- prefix-state reuse -----------------------------------------------------------------------
+    def start(self, ids: list[int], capacity: int = 0) -> tuple[HybridCache, int, torch.Tensor]:
+        """A cache holding ``ids`` and the last position's logits ``(vocab,)``, resumed from the longest
+        snapshot whose ids start ``ids`` (only the rest is prefilled). Snapshots are taken at message
+        boundaries and at the end. Returns ``(cache, reused_tokens, logits)``."""
+        hit = self.prefix_cache.lookup(ids) if self.prefix_cache.budget_bytes > 0 else None
+        if hit is None:
+            cache, start, logits = self.new_cache(1, capacity=max(capacity, len(ids))), 0, None
+        else:
+            start, snapshot, logits = hit
+            cache = snapshot.restore(self.config, max(capacity, len(ids)))
+            logits = None if logits is None else logits.clone()  # sampling masks logits in place
+        if start < len(ids):
+            logits = self._prefill_with_snapshots(ids, cache, start)
+        return cache, start, logits
+
+    def _prefill_with_snapshots(self, ids: list[int], cache: HybridCache, start: int) -> torch.Tensor:
+        if self.prefix_cache.budget_bytes <= 0:
+            return self.prefill(torch.tensor([ids[start:]], device=self.device), cache)[0]
+        cuts = sorted({p + 1 for p in range(start, len(ids)) if ids[p] == self._boundary_id} | {len(ids)})
+        logits = None
+        for a, b in zip([start, *cuts], cuts):
+            if b <= a:
+                continue
+            logits = self.prefill(torch.tensor([ids[a:b]], device=self.device), cache)[0]
+            self.prefix_cache.add(ids[:b], cache.snapshot(), logits.clone() if b == len(ids) else None)
+        return logits
+
+    def pin(self, prefix, tools=None, documents=None) -> tuple:
+        """Prefill ``prefix`` once and keep its state until `release`: text, chat messages (the
+        conversation before the question), or documents (with optional messages and tools). Later
+        requests whose prompt starts with the same tokens prefill only the rest. Returns a handle.
+
+        For documents, the pinned prefix ends just before the last user turn the template would add,
+        so any question asked with the same documents (and messages, tools) reuses it. A text prefix is
+        reused when the longer prompt tokenizes to the same leading ids: end it at a token boundary
+        (a newline), since BPE may merge a trailing space with the next word.
+        """
+        if isinstance(prefix, str) and not documents and not tools:
+            ids = self.encode(prefix)
+        else:
+            messages = [{"role": "user", "content": prefix}] if isinstance(prefix, str) else list(prefix or [])
+            ids = self.encode([*messages, {"role": "user", "content": ""}], tools, documents)
+            vocab = self.tokenizer.get_vocab()
+            bom, user = vocab.get("<|bom|>"), vocab.get("<|user|>")
+            cut = max((p for p in range(len(ids) - 1) if ids[p] == bom and ids[p + 1] == user), default=None)
+            if cut is None:
+                raise ValueError("cannot find the start of the question in the rendered chat; pin plain text instead")
+            ids = ids[:cut]
+        if not ids:
+            raise ValueError("nothing to pin: the prefix is empty")
+        with self.lock:
+            cache, _, logits = self.start(ids)
+            return self.prefix_cache.add(ids, cache.snapshot(), logits.clone(), pinned=True)
+
+    def release(self, handle: tuple) -> None:
+        """Unpin a prefix from `pin`; it stays cached until evicted (least recently used)."""
+        with self.lock:
+            self.prefix_cache.unpin(handle)
+
     def _generate(self, ids, max_new_tokens, temperature, top_p, top_k, seed, stops, constraint):
         t0 = time.perf_counter()
-        cache = self.new_cache(1, capacity=len(ids) + max_new_tokens)
-        logits = self.prefill(torch.tensor([ids], device=self.device), cache)[0]
+        cache, reused, logits = self.start(ids, capacity=len(ids) + max_new_tokens)
         t_prefill = time.perf_counter()
         generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
         out_ids: list[int] = []
@@ -265,10 +331,10 @@ class Engine:
             time_to_first_token_s=ttft or prefill_s,
             prefill_s=prefill_s,
             decode_s=decode_s,
-            prefill_tokens_per_s=len(ids) / prefill_s if prefill_s > 0 else 0.0,
+            prefill_tokens_per_s=(len(ids) - reused) / prefill_s if prefill_s > 0 else 0.0,
             decode_tokens_per_s=(n - 1) / (t_end - t0 - (ttft or prefill_s)) if n > 1 else 0.0,
         )
-        usage = Usage(len(ids), n)
+        usage = Usage(len(ids), n, reused)
         self.last_request = {"usage": usage, "timings": timings, "cache_nbytes": cache.nbytes}
         yield StreamChunk("", [], finish, usage, timings)
 
