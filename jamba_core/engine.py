@@ -248,7 +248,7 @@ class Engine:
             self.prefix_cache.add(ids[:b], cache.snapshot(), logits.clone() if b == len(ids) else None)
         return logits
 
-    def pin(self, prefix, tools=None, documents=None) -> tuple:
+    def pin(self, prefix, tools=None, documents=None, citations: bool = False) -> tuple:
         """Prefill ``prefix`` once and keep its state until `release`: text, chat messages (the
         conversation before the question), or documents (with optional messages and tools). Later
         requests whose prompt starts with the same tokens prefill only the rest. Returns a handle.
@@ -262,7 +262,7 @@ class Engine:
             ids = self.encode(prefix)
         else:
             messages = [{"role": "user", "content": prefix}] if isinstance(prefix, str) else list(prefix or [])
-            ids = self.encode([*messages, {"role": "user", "content": ""}], tools, documents)
+            ids = self.encode([*messages, {"role": "user", "content": ""}], tools, documents, citations=citations)
             vocab = self.tokenizer.get_vocab()
             bom, user = vocab.get("<|bom|>"), vocab.get("<|user|>")
             cut = max((p for p in range(len(ids) - 1) if ids[p] == bom and ids[p + 1] == user), default=None)

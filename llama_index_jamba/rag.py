@@ -114,11 +114,15 @@ class JambaDocumentsQueryEngine(BaseQueryEngine):
     the retriever's best score for each, or None for the whole corpus), ``metadata["citations"]`` (the
     cited ones, as `NodeWithScore`), ``metadata["citation_ids"]`` (their document indices),
     ``metadata["whole_corpus"]``, ``metadata["usage"]`` and ``metadata["timings"]``.
+
+    ``pin_corpus=True`` prefills the whole corpus once at construction (`JambaLLM.pin`): each query
+    then prefills only its own tokens (``metadata["usage"]["cached_tokens"]`` shows the reuse).
     """
 
     def __init__(self, llm: JambaLLM, documents: Sequence[BaseNode], retriever: Optional[BaseRetriever] = None, *,
                  system_prompt: Optional[str] = None, citations: bool = True, embed_model: Any = None,
-                 similarity_top_k: int = DEFAULT_SIMILARITY_TOP_K, callback_manager: Optional[CallbackManager] = None):
+                 similarity_top_k: int = DEFAULT_SIMILARITY_TOP_K, callback_manager: Optional[CallbackManager] = None,
+                 pin_corpus: bool = False):
         super().__init__(callback_manager)
         if not documents:
             raise ValueError("JambaDocumentsQueryEngine needs at least one document")
@@ -131,6 +135,12 @@ class JambaDocumentsQueryEngine(BaseQueryEngine):
         self._embed_model = embed_model
         self._top_k = similarity_top_k
         self._doc_tokens: dict[int, int] = {}
+        self.pinned = None
+        if pin_corpus:  # prefill the whole corpus once; each query then costs only its own tokens
+            system = self._messages("")[:-1]
+            if not self._fits(system, [to_document(d) for d in self._documents]):
+                raise ValueError("pin_corpus=True needs the whole corpus to fit the context window")
+            self.pinned = llm.pin(self._documents, messages=system, citations=citations)
 
     @classmethod
     def from_documents(cls, documents: Sequence[BaseNode], llm: JambaLLM, **kwargs: Any) -> "JambaDocumentsQueryEngine":

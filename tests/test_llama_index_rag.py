@@ -259,3 +259,20 @@ def test_summary_index_query_engine_works_unchanged(tiny_engine, chapters, mode)
         response = index.as_query_engine(llm=llm, response_mode=mode).query(QUERY)
     assert isinstance(response.response, str) and response.source_nodes
     assert calls.calls == 1  # two short chapters: one prompt at 256K
+
+
+def test_pinned_corpus_makes_each_query_cost_only_its_tokens(tiny_checkpoint):
+    from llama_index.core import Document
+
+    from llama_index_jamba import JambaDocumentsQueryEngine, JambaLLM
+
+    llm = JambaLLM(model=str(tiny_checkpoint), max_new_tokens=2)
+    docs = [Document(text="Call me Ishmael. " * 80, metadata={"title": "Moby-Dick"}),
+            Document(text="The Pequod sails from Nantucket. " * 40, metadata={"title": "Notes"})]
+    engine = JambaDocumentsQueryEngine(llm, docs, pin_corpus=True)
+    assert engine.pinned is not None
+    for question in ("Who is Ishmael?", "Where does the Pequod sail from?"):
+        usage = engine.query(question).metadata["usage"]
+        assert usage["cached_tokens"] == len(engine.pinned)
+        assert usage["prompt_tokens"] - usage["cached_tokens"] < 25
+    llm.release(engine.pinned)
