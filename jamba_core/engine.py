@@ -292,6 +292,8 @@ class Engine:
         ttft = None
         for step in range(max_new_tokens):
             if constraint is not None:
+                if hasattr(constraint, "remaining_tokens"):  # lets a grammar close within the budget
+                    constraint.remaining_tokens = max_new_tokens - step
                 constraint.mask_logits(logits)
             token = sample(logits, temperature, top_p, top_k, generator)
             if ttft is None:

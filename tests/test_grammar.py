@@ -319,3 +319,47 @@ def _byte_token(byte: int) -> str:
 def test_grammar_constraint_is_returned_for_forced_choices(tok):
     assert isinstance(tool_choice_constraint(tok, TOOLS, "any"), GrammarConstraint)
     assert isinstance(response_format_constraint(tok, {"type": "json_object"}), GrammarConstraint)
+
+
+# -- through the engine, within a token budget -------------------------------------------------------
+
+BUDGET_TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city.", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}, "required": ["city", "days"]}}},
+    {"type": "function", "function": {"name": "add", "description": "Add numbers.", "parameters": {
+        "type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}, "required": ["a", "b"]}}},
+]
+
+
+@pytest.mark.parametrize("tool_choice", ["get_weather", "any"])
+def test_forced_call_finishes_within_the_token_budget_on_random_weights(tiny_engine, tool_choice):
+    """Random weights never choose a closing quote; the constraint closes the output as the budget runs
+    out, so every forced call is complete and valid within max_new_tokens."""
+    import jsonschema
+
+    from jamba_core.chat import chat
+
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in BUDGET_TOOLS}
+    for seed in range(20):
+        result = chat(tiny_engine, [{"role": "user", "content": "Weather in Paris for 3 days?"}], tools=BUDGET_TOOLS,
+                      tool_choice=tool_choice, parallel_tool_calls=False, max_new_tokens=96, temperature=1.0, seed=seed)
+        assert not result.invalid_tool_calls, result.text
+        assert len(result.tool_calls) == 1
+        call = result.tool_calls[0]
+        assert tool_choice == "any" or call["name"] == tool_choice
+        jsonschema.validate(call["args"], schemas[call["name"]])
+
+
+def test_json_schema_answer_finishes_within_the_token_budget_on_random_weights(tiny_engine):
+    import jsonschema
+
+    from jamba_core.chat import chat
+
+    # what the closing window (24 tokens) must hold once a string is cut: the rest of this structure
+    schema = {"type": "object", "properties": {"title": {"type": "string"}, "year": {"type": "integer"}},
+              "required": ["title", "year"]}
+    for seed in range(20):
+        result = chat(tiny_engine, [{"role": "user", "content": "Describe Moby-Dick."}], max_new_tokens=96, temperature=1.0, seed=seed,
+                      response_format={"type": "json_schema", "json_schema": {"name": "book", "schema": schema}})
+        assert result.finish_reason == "stop", result.text
+        jsonschema.validate(json.loads(result.content), schema)

@@ -47,10 +47,11 @@ def call_format(engine: Engine) -> str:
     return fmt
 
 
-def _constraint(engine: Engine, tools, tool_choice, response_format):
+def _constraint(engine: Engine, tools, tool_choice, response_format, parallel_tool_calls=True):
     if tools and tool_choice not in (None, "auto"):
         return tool_choice_constraint(engine.tokenizer, tools, tool_choice, call_format=call_format(engine),
-                                      vocab_size=engine.config.vocab_size, stop_token_ids=engine.stop_ids)
+                                      vocab_size=engine.config.vocab_size, stop_token_ids=engine.stop_ids,
+                                      parallel_tool_calls=parallel_tool_calls)
     if response_format is not None:
         return response_format_constraint(engine.tokenizer, response_format, vocab_size=engine.config.vocab_size,
                                           stop_token_ids=engine.stop_ids)
@@ -66,12 +67,13 @@ def _validate_tool_choice(tools, tool_choice):
 
 
 def chat_stream(engine: Engine, messages: list[dict], *, tools=None, tool_choice="auto", documents=None, response_format=None,
-                citations: bool = False, **generation) -> Iterator:
+                citations: bool = False, parallel_tool_calls: bool = True, **generation) -> Iterator:
     """Stream one assistant turn: `ContentDelta`, `ToolCallChunk`, `InvalidToolCall` and `Citations` events, then
     `ChatDone`. ``generation``: `Engine.stream` arguments (max_new_tokens, temperature, top_p, top_k,
-    seed, stop). Raises ``ValueError`` for a ``tool_choice`` that names no tool."""
+    seed, stop). ``parallel_tool_calls=False`` makes a forced ``"any"``/``"required"`` choice exactly one
+    call. Raises ``ValueError`` for a ``tool_choice`` that names no tool."""
     _validate_tool_choice(tools, tool_choice)
-    constraint = _constraint(engine, tools, tool_choice, response_format)
+    constraint = _constraint(engine, tools, tool_choice, response_format, parallel_tool_calls)
     fmt = call_format(engine)
     parser = StreamingToolCallParser(fmt)
     pieces, last = [], None

@@ -81,6 +81,23 @@ class _Context:
     utf8_bans: dict[int, frozenset[int]]  # lead byte -> tokens whose first byte may not follow it
     lock: threading.Lock = field(default_factory=threading.Lock)
     _ban_tensors: dict = field(default_factory=dict)
+    _closing: dict = field(default_factory=dict)
+
+    def closing_ids(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens that only close JSON, in two tiers: those opening with a quote (``"``, ``"}``, ...:
+        inside a string they end it) and those of braces and brackets only (``}``, ``\n]``, ...: they
+        end an object or array, and are plain text inside a string, so they come second). What a
+        budget running out prefers (see `GrammarConstraint.remaining_tokens`)."""
+        if device not in self._closing:
+            quote, brace = [], []
+            for i, raw in enumerate(self.info.decoded_vocab[: self.token_count]):
+                body = raw.strip()
+                if not body or i in self.never_text or body.strip(b'"}]'):
+                    continue
+                (quote if body.startswith(b'"') else brace).append(i)
+            self._closing[device] = (torch.tensor(quote, dtype=torch.long, device=device),
+                                     torch.tensor(brace, dtype=torch.long, device=device))
+        return self._closing[device]
 
     def utf8_ban_tensor(self, lead: int, device: torch.device) -> torch.Tensor:
         key = (lead, device)
@@ -196,9 +213,17 @@ class GrammarConstraint:
     """A token-mask constraint: a sequence of forced-token and xgrammar steps (see the module docstring).
 
     Built by `tool_choice_constraint` and `response_format_constraint`; one instance per generation.
+
+    Budget: the engine sets ``remaining_tokens`` before each step. Within the last ``closing_window``
+    tokens, where the grammar allows a token that only closes (a quote, brace or bracket) or ends the
+    step, only those are allowed, so a call or JSON answer completes within ``max_new_tokens`` instead
+    of being cut off mid-string. Earlier steps are untouched.
     """
 
+    closing_window = 24
+
     def __init__(self, ctx: _Context, steps: list[_TokenStep | _GrammarStep], stop_ids: Iterable[int]):
+        self.remaining_tokens: int | None = None
         self._ctx = ctx
         self._steps = steps
         self._stop_ids = sorted(set(int(i) for i in stop_ids))
@@ -251,6 +276,20 @@ class GrammarConstraint:
             logits.index_fill_(-1, ids[ids < logits.shape[-1]], float("-inf"))
         if logits.shape[-1] > self._ctx.token_count:
             logits[..., self._ctx.token_count:] = float("-inf")
+        if self.remaining_tokens is not None and self.remaining_tokens <= self.closing_window:
+            self._prefer_closing(logits)
+
+    def _prefer_closing(self, logits: torch.Tensor) -> None:
+        """Keep only the first tier the grammar allows: the step's exits, quote-first closers, then
+        brace/bracket closers; when it allows none of them, leave the mask as it is."""
+        exits = torch.tensor(sorted(self._steps[self._at].next), dtype=torch.long, device=logits.device)
+        for ids in (exits, *self._ctx.closing_ids(logits.device)):
+            ids = ids[ids < logits.shape[-1]]
+            kept = logits.index_select(-1, ids)
+            if torch.isfinite(kept).any():
+                logits.fill_(float("-inf"))
+                logits.index_copy_(-1, ids, kept)
+                return
 
     def accept(self, token_id: int) -> None:
         """Advance past ``token_id``. Raises ValueError when the token was not allowed."""
@@ -381,7 +420,8 @@ def _compile(ctx: _Context, fmt) -> Any:
 
 def tool_choice_constraint(tokenizer, tools: Iterable[dict] | None, tool_choice: Any, call_format: str = "jamba",
                            vocab_size: int | None = None,
-                           stop_token_ids: Iterable[int] | None = None
+                           stop_token_ids: Iterable[int] | None = None,
+                           parallel_tool_calls: bool = True,
                            ) -> GrammarConstraint | BannedTokensConstraint | None:
     """The constraint for a ``tool_choice``, or None when the output is free.
 
@@ -398,6 +438,8 @@ def tool_choice_constraint(tokenizer, tools: Iterable[dict] | None, tool_choice:
             tokenizer's are never allowed.
         stop_token_ids: the ids that end generation (EOS, ``<|eom|>``); after the calls only these are
             allowed. Default: the tokenizer's EOS and ``<|eom|>``.
+        parallel_tool_calls: with ``"any"``/``"required"``, whether several calls may follow one another
+            (False: exactly one call, to any of the tools).
 
     Raises:
         ValueError: an unknown ``tool_choice``/``call_format``, a tool name not among the tools, no tools
@@ -416,6 +458,7 @@ def tool_choice_constraint(tokenizer, tools: Iterable[dict] | None, tool_choice:
     if tool_choice == "none":
         return BannedTokensConstraint([i for i in (open_id, close_id) if i is not None], stops, ctx.token_count)
     chosen, single = _chosen_tools(normalize_tools(tools or []), tool_choice)
+    single = single or not parallel_tool_calls
     try:
         steps = (_jamba_steps if call_format == "jamba" else _hermes_steps)(
             ctx, tokenizer, chosen, single, open_text, close_text, open_id, close_id, stops)

@@ -1,0 +1,470 @@
+"""ChatJamba without a model: LangChain's standard unit suite and the private translation functions."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import textwrap
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("langchain_core")
+pytest.importorskip("langchain_tests")
+
+from langchain_core.documents import Document  # noqa: E402
+from langchain_core.messages import (  # noqa: E402
+    AIMessage,
+    ChatMessage,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+)
+from langchain_tests.unit_tests import ChatModelUnitTests  # noqa: E402
+from pydantic import BaseModel, Field  # noqa: E402
+
+from langchain_jamba import ChatJamba  # noqa: E402
+from langchain_core.messages import AIMessageChunk  # noqa: E402
+from langchain_core.utils.json import parse_partial_json  # noqa: E402
+
+from langchain_jamba.chat_models import (  # noqa: E402
+    _context_window_without_loading,
+    _convert_documents,
+    _convert_message,
+    _iterate_in_thread,
+    _normalize_response_format,
+    _normalize_tool_choice,
+    _spoiling_suffix,
+    _StreamState,
+    _to_ai_message,
+    _to_chunk,
+)
+
+HUB_ID = "ai21labs/AI21-Jamba-Mini-1.7"  # never downloaded here: building a ChatJamba loads nothing
+
+
+class TestChatJambaStandardUnit(ChatModelUnitTests):
+    @property
+    def chat_model_class(self) -> type[ChatJamba]:
+        return ChatJamba
+
+    @property
+    def chat_model_params(self) -> dict:
+        return {"model": HUB_ID}
+
+    @property
+    def init_from_env_params(self) -> tuple[dict, dict, dict]:
+        return {"JAMBA_LOCAL_MODEL": HUB_ID}, {}, {"model": HUB_ID}
+
+
+# -- construction ------------------------------------------------------------------------------------
+def test_construction_loads_nothing(tmp_path):
+    llm = ChatJamba(model=tmp_path / "not-a-checkpoint", max_tokens=8)
+    assert llm.model == str(tmp_path / "not-a-checkpoint")
+    assert llm._engine is None
+
+
+def test_missing_model_names_the_environment_variable(monkeypatch):
+    monkeypatch.delenv("JAMBA_LOCAL_MODEL", raising=False)
+    with pytest.raises(ValueError, match="JAMBA_LOCAL_MODEL"):
+        ChatJamba()
+
+
+def test_model_name_is_an_alias_of_model():
+    assert ChatJamba(model_name=HUB_ID).model == HUB_ID
+
+
+def test_max_tokens_below_one_is_refused():
+    with pytest.raises(ValueError, match="max_tokens"):
+        ChatJamba(model=HUB_ID, max_tokens=0)
+
+
+def test_profile_reads_context_window_from_config_without_loading(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 4096}))
+    llm = ChatJamba(model=str(tmp_path))
+    assert llm.profile["max_input_tokens"] == 4096
+    assert llm.profile["tool_calling"] and llm.profile["structured_output"] and llm.profile["tool_choice"]
+    assert llm.profile["image_inputs"] is False
+    assert _context_window_without_loading(str(tmp_path / "absent")) is None
+
+
+def test_ls_params_name_the_provider_and_honour_overrides():
+    llm = ChatJamba(model=HUB_ID, temperature=0.5, max_tokens=12, stop=["x"])
+    params = llm._get_ls_params()
+    assert params == {"ls_provider": "jamba-local", "ls_model_name": HUB_ID, "ls_model_type": "chat",
+                      "ls_temperature": 0.5, "ls_max_tokens": 12, "ls_stop": ["x"]}
+    assert llm._get_ls_params(stop=["y"], model="other", max_tokens=3)["ls_stop"] == ["y"]
+    assert llm._get_ls_params(model="other")["ls_model_name"] == "other"
+
+
+def test_unknown_call_argument_is_an_error():
+    with pytest.raises(TypeError, match="frequency_penalty"):
+        ChatJamba(model=HUB_ID)._request([HumanMessage("hi")], None, {"frequency_penalty": 1.0})
+
+
+def test_tools_and_tool_choice_given_per_call_are_normalized():
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        return a + b
+
+    params = ChatJamba(model=HUB_ID)._request([HumanMessage("hi")], None, {"tools": [add], "tool_choice": True}).params
+    assert params["tools"][0]["function"]["name"] == "add" and params["tool_choice"] == "required"
+
+
+def test_response_format_classes_become_json_schema_formats():
+    class Joke(BaseModel):
+        setup: str
+
+    assert _normalize_response_format(None) is None
+    assert _normalize_response_format({"type": "json_object"}) == {"type": "json_object"}
+    fmt = _normalize_response_format(Joke)
+    assert fmt["type"] == "json_schema" and fmt["json_schema"]["name"] == "Joke"
+    assert fmt["json_schema"]["schema"]["required"] == ["setup"]
+
+
+def test_call_arguments_override_fields():
+    llm = ChatJamba(model=HUB_ID, temperature=0.3, stop=["a"], citations=False)
+    request = llm._request(
+        [HumanMessage("hi")], None, {"temperature": 0.0, "documents": ["doc"], "citations": True, "model": "other", "max_tokens": 5})
+    assert request.override == request.model_name == "other" and request.max_tokens == 5
+    params = request.params
+    assert params["temperature"] == 0.0 and params["stop"] == ["a"] and params["citations"] is True
+    assert params["documents"] == [{"text": "doc"}] and params["tool_choice"] == "auto"
+    assert request.messages == [{"role": "user", "content": "hi"}]
+    assert llm._request([HumanMessage("hi")], ["b"], {}).params["stop"] == ["b"]
+    assert llm._request([HumanMessage("hi")], None, {}).model_name == HUB_ID
+
+
+# -- LangChain -> OpenAI-shaped messages --------------------------------------------------------------
+def test_system_and_human_messages_with_names_and_text_blocks():
+    assert _convert_message(SystemMessage([{"type": "text", "text": "be "}, "brief"])) == {"role": "system", "content": "be brief"}
+    assert _convert_message(HumanMessage("hello", name="ann")) == {"role": "user", "content": "hello", "name": "ann"}
+    blocks = [{"type": "text", "text": "a", "cache_control": {"type": "ephemeral"}}, {"type": "text", "text": "b"}]
+    assert _convert_message(HumanMessage(blocks)) == {"role": "user", "content": "ab"}
+
+
+def test_non_text_user_blocks_are_kept_for_the_template():
+    blocks = [{"type": "text", "text": "a"}, {"type": "json", "json": {"k": 1}}]
+    assert _convert_message(HumanMessage(blocks))["content"] == blocks
+
+
+@pytest.mark.parametrize("block", [
+    {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+    {"type": "image", "base64": "AAAA", "mime_type": "image/png"},
+    {"type": "audio", "base64": "AAAA", "mime_type": "audio/wav"},
+    {"type": "file", "base64": "AAAA", "mime_type": "application/pdf"},
+])
+def test_media_blocks_are_refused_with_a_clear_error(block):
+    with pytest.raises(ValueError, match="text only"):
+        _convert_message(HumanMessage([{"type": "text", "text": "look"}, block]))
+    with pytest.raises(ValueError, match="text only"):
+        _convert_message(ToolMessage([block], tool_call_id="1"))
+
+
+def test_ai_message_with_tool_calls_becomes_openai_tool_calls():
+    msg = AIMessage("", tool_calls=[{"name": "add", "args": {"a": 1, "b": "你好"}, "id": "call_1", "type": "tool_call"}])
+    out = _convert_message(msg)
+    assert out["role"] == "assistant" and out["content"] == ""
+    assert out["tool_calls"] == [{"id": "call_1", "type": "function",
+                                  "function": {"name": "add", "arguments": '{"a": 1, "b": "你好"}'}}]
+    assert json.loads(out["tool_calls"][0]["function"]["arguments"]) == {"a": 1, "b": "你好"}
+
+
+def test_ai_message_list_content_keeps_text_and_drops_tool_use_and_thinking_blocks():
+    msg = AIMessage(
+        [{"type": "thinking", "thinking": "hmm"}, {"type": "text", "text": "some text"},
+         {"type": "tool_use", "id": "abc", "name": "f", "input": {"x": 1}}],
+        tool_calls=[{"name": "f", "args": {"x": 1}, "id": "abc", "type": "tool_call"}],
+    )
+    out = _convert_message(msg)
+    assert out["content"] == "some text"
+    assert [c["function"]["name"] for c in out["tool_calls"]] == ["f"]
+
+
+def test_ai_message_invalid_tool_calls_are_sent_back_as_written():
+    msg = AIMessage("", invalid_tool_calls=[{"name": "f", "args": '{"x": ', "id": "c1", "error": "bad", "type": "invalid_tool_call"}])
+    assert _convert_message(msg)["tool_calls"] == [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"x": '}}]
+
+
+def test_ai_message_citations_round_trip():
+    msg = AIMessage("Nantucket.", response_metadata={"citations": [0, 2]})
+    assert _convert_message(msg)["citations"] == [0, 2]
+
+
+def test_tool_message_string_list_and_error_status():
+    ok = ToolMessage('{"result": 3}', tool_call_id="abc", name="add")
+    assert _convert_message(ok) == {"role": "tool", "content": '{"result": 3}', "tool_call_id": "abc", "name": "add"}
+    listed = ToolMessage([{"type": "text", "text": "3"}, {"type": "json", "json": {"r": 3}}], tool_call_id="abc")
+    assert _convert_message(listed)["content"] == '3{"type": "json", "json": {"r": 3}}'
+    failed = ToolMessage("division by zero", tool_call_id="abc", status="error")
+    assert _convert_message(failed)["content"] == "Error: division by zero"
+    said = ToolMessage("Error: Missing required argument 'b'.", tool_call_id="abc", status="error")
+    assert _convert_message(said)["content"] == "Error: Missing required argument 'b'."
+
+
+def test_chat_message_roles_are_mapped():
+    assert _convert_message(ChatMessage(role="human", content="x"))["role"] == "user"
+    assert _convert_message(ChatMessage(role="ai", content="x"))["role"] == "assistant"
+    assert _convert_message(ChatMessage(role="system", content="x"))["role"] == "system"
+
+
+# -- documents -------------------------------------------------------------------------------------------
+def test_documents_from_langchain_documents_dicts_and_strings():
+    docs = [
+        Document("Call me Ishmael.", metadata={"title": "Loomings", "page": 1, "tags": ["a"], "source": "moby.txt"}),
+        {"text": "plain", "title": "T"},
+        {"page_content": "from a dict"},
+        "just text",
+    ]
+    assert _convert_documents(docs) == [
+        {"text": "Call me Ishmael.", "title": "Loomings", "page": 1, "source": "moby.txt"},
+        {"text": "plain", "title": "T"},
+        {"text": "from a dict"},
+        {"text": "just text"},
+    ]
+    assert _convert_documents(None) is None and _convert_documents([]) is None
+    with pytest.raises(ValueError, match="document 0"):
+        _convert_documents([3])
+
+
+# -- tool choice -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("choice, expected", [
+    (None, None), ("auto", "auto"), ("none", "none"), ("any", "any"), ("required", "required"), ("add", "add"),
+    (True, "required"), (False, "auto"),
+    ({"type": "function", "function": {"name": "add"}}, "add"), ({"type": "tool", "name": "mul"}, "mul"),
+    ({"type": "any"}, "any"), ({"type": "auto"}, "auto"),
+])
+def test_tool_choice_forms(choice, expected):
+    assert _normalize_tool_choice(choice, ["add", "mul"]) == expected
+
+
+def test_tool_choice_naming_no_tool_is_an_error():
+    with pytest.raises(ValueError, match="nope"):
+        _normalize_tool_choice("nope", ["add"])
+    with pytest.raises(ValueError):
+        _normalize_tool_choice({"type": "function"}, ["add"])
+
+
+def test_bind_tools_converts_every_tool_kind_and_binds_the_choice():
+    class Multiply(BaseModel):
+        """Multiply two integers."""
+
+        a: int = Field(description="first")
+        b: int
+
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        return a + b
+
+    schema = {"title": "divide", "description": "Divide.", "type": "object",
+              "properties": {"a": {"type": "number"}}, "required": ["a"]}
+    bound = ChatJamba(model=HUB_ID).bind_tools([Multiply, add, schema], tool_choice="add")
+    tools = bound.kwargs["tools"]
+    assert [t["function"]["name"] for t in tools] == ["Multiply", "add", "divide"]
+    assert all(t["type"] == "function" and t["function"]["parameters"]["type"] == "object" for t in tools)
+    assert bound.kwargs["tool_choice"] == "add"
+    assert "tool_choice" not in ChatJamba(model=HUB_ID).bind_tools([add]).kwargs
+
+
+def test_with_structured_output_binds_what_each_method_needs():
+    class Joke(BaseModel):
+        setup: str
+        punchline: str
+
+    llm = ChatJamba(model=HUB_ID)
+    calling = llm.with_structured_output(Joke).first
+    assert calling.kwargs["tool_choice"] == "Joke"
+    schema = llm.with_structured_output(Joke, method="json_schema", strict=True).first
+    assert schema.kwargs["response_format"]["type"] == "json_schema"
+    assert schema.kwargs["response_format"]["json_schema"]["schema"]["required"] == ["setup", "punchline"]
+    mode = llm.with_structured_output(Joke, method="json_mode").first
+    assert mode.kwargs["response_format"] == {"type": "json_object"}
+    with pytest.raises(ValueError, match="method"):
+        llm.with_structured_output(Joke, method="xml")
+
+
+# -- results -> messages -----------------------------------------------------------------------------------
+def _result(**overrides):
+    usage = SimpleNamespace(prompt_tokens=11, completion_tokens=4, cached_tokens=3)
+    timings = SimpleNamespace(time_to_first_token_s=0.5, prefill_s=0.4, decode_s=0.2,
+                              prefill_tokens_per_s=27.5, decode_tokens_per_s=15.0)
+    fields = dict(content="hi", tool_calls=[], invalid_tool_calls=[], citations=[], finish_reason="stop",
+                  usage=usage, timings=timings, text="hi")
+    fields.update(overrides)
+    return SimpleNamespace(**fields)
+
+
+def test_result_becomes_ai_message_with_usage_and_metadata():
+    msg = _to_ai_message(_result(citations=[1]), "my-model")
+    assert msg.content == "hi"
+    assert msg.usage_metadata == {"input_tokens": 11, "output_tokens": 4, "total_tokens": 15,
+                                  "input_token_details": {"cache_read": 3}}
+    assert msg.response_metadata == {"model_name": "my-model", "model_provider": "jamba-local", "finish_reason": "stop",
+                                     "time_to_first_token": 0.5, "prefill_tokens_per_s": 27.5,
+                                     "decode_tokens_per_s": 15.0, "citations": [1]}
+
+
+def test_result_tool_calls_and_invalid_tool_calls():
+    msg = _to_ai_message(_result(
+        content="", finish_reason="tool_calls",
+        tool_calls=[{"id": "call_a", "name": "add", "args": {"a": 1, "nested": {"b": [2]}}}],
+        invalid_tool_calls=[{"id": "call_b", "name": "mul", "args": '{"a": ', "error": "Expecting value"}],
+    ), "m")
+    assert msg.tool_calls == [{"name": "add", "args": {"a": 1, "nested": {"b": [2]}}, "id": "call_a", "type": "tool_call"}]
+    assert msg.invalid_tool_calls == [{"name": "mul", "args": '{"a": ', "id": "call_b", "error": "Expecting value",
+                                       "type": "invalid_tool_call"}]
+    assert msg.response_metadata["finish_reason"] == "tool_calls"
+
+
+# -- stream events -> chunks ----------------------------------------------------------------------------
+def _events():
+    from jamba_core.chat.api import ChatDone, ContentDelta, InvalidToolCall, ToolCallChunk
+
+    return ChatDone, ContentDelta, InvalidToolCall, ToolCallChunk
+
+
+def _merged(chunks):
+    full = None
+    for chunk in chunks:
+        if chunk is not None:
+            full = chunk if full is None else full + chunk
+    return full
+
+
+def test_stream_events_merge_to_the_invoked_message():
+    ChatDone, ContentDelta, InvalidToolCall, ToolCallChunk = _events()
+    result = _result(content="Let me check.", finish_reason="tool_calls",
+                     tool_calls=[{"id": "call_a", "name": "add", "args": {"a": 1, "b": {"c": [2]}}},
+                                 {"id": "call_b", "name": "now", "args": {}}])
+    state = _StreamState()
+    events = [ContentDelta("Let me "), ContentDelta(""), ContentDelta("check."),
+              ToolCallChunk(0, "call_a", "add", ""), ToolCallChunk(0, None, None, '{"a": 1, '),
+              ToolCallChunk(0, None, None, '"b": {"c": [2]}}'), ToolCallChunk(1, "call_b", "now", ""),
+              ToolCallChunk(1, None, None, "{}"), ChatDone(result)]
+    chunks = [_to_chunk(e, "m", state) for e in events]
+    assert chunks[1] is None  # empty text makes no chunk
+    assert [c.chunk_position for c in chunks if c is not None][-1] == "last"
+    assert [i for i, c in enumerate(chunks) if c is not None and c.usage_metadata] == [len(chunks) - 1]
+    full, whole = _merged(chunks), _to_ai_message(result, "m")
+    assert full.content == whole.content
+    assert full.tool_calls == whole.tool_calls
+    assert full.usage_metadata == whole.usage_metadata and full.response_metadata == whole.response_metadata
+
+
+def test_streamed_invalid_calls_stay_invalid_after_merging():
+    ChatDone, ContentDelta, InvalidToolCall, ToolCallChunk = _events()
+    state = _StreamState()
+    chunks = [
+        # a call cut off after some arguments: LangChain would repair '{"a": 1' into {"a": 1}
+        ToolCallChunk(0, "call_a", "add", ""), ToolCallChunk(0, None, None, '{"a": 1'),
+        InvalidToolCall(0, "call_a", "add", '{"name": "add", "arguments": {"a": 1', "tool-call JSON is incomplete"),
+        # a call announced by name only
+        ToolCallChunk(1, "call_b", "now", ""),
+        InvalidToolCall(1, "call_b", "now", '{"name": "now"', "tool-call JSON is incomplete"),
+        # a call never announced, whose raw text LangChain would also repair into a dict
+        InvalidToolCall(2, "call_c", None, '{"nam": "x"}', "no string 'name'"),
+        # one whose raw text is plainly not JSON
+        InvalidToolCall(3, "call_d", None, "oops", "not JSON"),
+    ]
+    full = _merged(_to_chunk(e, "m", state) for e in chunks)
+    assert full.tool_calls == []
+    assert [c["id"] for c in full.invalid_tool_calls] == ["call_a", "call_b", "call_c", "call_d"]
+    assert full.invalid_tool_calls[3]["args"] == "oops"
+
+
+@pytest.mark.parametrize("text", [
+    '{"a": 1, "b": [1, 2, {"c": "x\\"y"}], "d": "e\\\\"}',
+    '{"s": "brackets ] and } inside", "n": null}',
+    '{"nested": {"deep": [[{"k": "v"}]]}}',
+    '[1, {"a": "b"}]',
+])
+def test_spoiling_suffix_defeats_partial_json_repair_for_every_prefix(text):
+    for end in range(len(text) + 1):
+        prefix = text[:end]
+        try:
+            repaired = parse_partial_json(prefix + _spoiling_suffix(prefix))
+        except ValueError:
+            continue
+        assert not isinstance(repaired, dict), (prefix, repaired)
+
+
+def test_unknown_stream_events_are_skipped():
+    assert _to_chunk(object(), "m", _StreamState()) is None
+    assert isinstance(_to_chunk(_events()[1]("x"), "m", _StreamState()), AIMessageChunk)
+
+
+# -- the class docstring is the user's manual ------------------------------------------------------------
+def test_docstring_has_the_integration_sections_and_its_examples_compile():
+    doc = ChatJamba.__doc__
+    for section in ("Setup:", "Key init args", "Instantiate:", "Invoke:", "Stream:", "Async:", "Tool calling:",
+                    "Structured output:", "JSON mode:", "Token usage:"):
+        assert f"\n    {section}" in doc, section
+    blocks = [b.split("```", 1)[0] for b in doc.split("```python\n")[1:]]
+    code = [textwrap.dedent(b) for b in blocks if "import" in b or "llm" in b or "=" in b]
+    assert len(code) >= 10
+    for block in code:
+        compile(block, "<ChatJamba docstring>", "exec")
+
+
+# -- the worker-thread bridge -------------------------------------------------------------------------------
+def test_iterate_in_thread_yields_in_order_and_keeps_the_loop_free():
+    def slow():
+        for i in range(5):
+            time.sleep(0.05)  # blocking work, as a decode step is
+            yield i
+
+    async def main():
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        task = asyncio.create_task(ticker())
+        items = [i async for i in _iterate_in_thread(slow)]
+        task.cancel()
+        return items, ticks
+
+    items, ticks = asyncio.run(main())
+    assert items == [0, 1, 2, 3, 4]
+    assert ticks >= 10
+
+
+def test_iterate_in_thread_reraises_the_workers_error():
+    def broken():
+        yield 1
+        raise KeyError("boom")
+
+    async def main():
+        return [i async for i in _iterate_in_thread(broken)]
+
+    with pytest.raises(KeyError, match="boom"):
+        asyncio.run(main())
+
+
+def test_iterate_in_thread_closes_the_iterator_when_the_consumer_stops():
+    closed = threading.Event()
+
+    def endless():
+        try:
+            i = 0
+            while True:
+                time.sleep(0.01)
+                yield i
+                i += 1
+        finally:
+            closed.set()
+
+    async def main():
+        agen = _iterate_in_thread(endless)
+        async for i in agen:
+            if i == 2:
+                break
+        await agen.aclose()
+
+    asyncio.run(main())
+    assert closed.wait(2.0)
