@@ -503,6 +503,22 @@ class ChatJamba(BaseChatModel):
         async for chunk in _iterate_in_thread(lambda: self._chunks(request)):
             yield ChatGenerationChunk(message=chunk)
 
+    # -- prefix-state reuse --------------------------------------------------------------------------
+    def pin(self, documents: Sequence[Any] | None = None, messages: Sequence[BaseMessage] | None = None,
+            tools: Sequence[Any] | None = None) -> tuple:
+        """Prefill documents (and the conversation before the question, and tools) once and keep their
+        state: every later call with the same documents, messages and tools prefills only the question.
+        Reuse shows in `usage_metadata["input_token_details"]["cache_read"]`. Returns a handle for
+        `release`. (Multi-turn chats reuse earlier turns without pinning: the engine snapshots every
+        message boundary.)"""
+        formatted = [convert_to_openai_tool(t) for t in tools] if tools else None
+        return self._get_engine().pin(_convert_messages(list(messages or [])), tools=formatted,
+                                      documents=_convert_documents(documents), citations=self.citations)
+
+    def release(self, handle: tuple) -> None:
+        """Unpin a prefix from `pin` (it stays cached until evicted)."""
+        self._get_engine().release(handle)
+
     # -- tokens ---------------------------------------------------------------------------------------
     def get_token_ids(self, text: str) -> list[int]:
         """Token ids of `text` as the checkpoint's tokenizer reads a plain-text prompt (BOS included)."""

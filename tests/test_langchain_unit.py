@@ -468,3 +468,19 @@ def test_iterate_in_thread_closes_the_iterator_when_the_consumer_stops():
 
     asyncio.run(main())
     assert closed.wait(2.0)
+
+
+def test_pinned_documents_are_read_from_cache(tiny_checkpoint):
+    from langchain_core.messages import HumanMessage, SystemMessage
+
+    from langchain_jamba import ChatJamba
+
+    llm = ChatJamba(model=str(tiny_checkpoint), max_tokens=2)
+    docs = [{"title": "Moby-Dick", "text": "Call me Ishmael. " * 60}, {"title": "Notes", "text": "The Pequod. " * 30}]
+    system = [SystemMessage("Answer from the documents.")]
+    handle = llm.pin(documents=docs, messages=system)
+    for question in ("Who is Ishmael?", "What is the Pequod?"):
+        usage = llm.invoke([*system, HumanMessage(question)], documents=docs).usage_metadata
+        assert usage["input_token_details"]["cache_read"] == len(handle)
+        assert usage["input_tokens"] - len(handle) < 20
+    llm.release(handle)
