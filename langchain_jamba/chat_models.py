@@ -410,6 +410,11 @@ class ChatJamba(BaseChatModel):
         return profile
 
     # -- the engine ---------------------------------------------------------------------------------
+    @property
+    def engine(self):
+        """The `jamba_core.Engine` behind this model (loaded on first use, shared in the process)."""
+        return self._get_engine()
+
     def _get_engine(self, model: str | None = None):
         """The shared engine for `model` (a per-call override) or this instance's checkpoint; loads it
         on first use."""
