@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	# The CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[langchain,llama-index,grammar,notebooks,dev]'
+	$(PY) -m pip install --quiet -e '.[langchain,llama-index,grammar,notebooks,quant,dev]'
 	touch $(STAMP)
 
 venv: $(STAMP)

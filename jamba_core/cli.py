@@ -10,13 +10,18 @@ import sys
 def _engine(args):
     from .engine import Engine
 
-    return Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device)
+    return Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device, quantization=args.quantization)
 
 
 def _add_model_args(p):
     p.add_argument("--model", required=True, help="checkpoint folder or Hub id")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--device", default="cpu")
+    p.add_argument("--quantization", default=None, help=_QUANT_HELP)
+
+
+_QUANT_HELP = ("weight quantization: int8, bnb-int8 or bnb-nf4, optionally with +attention, +mamba "
+               "(e.g. int8+mamba); the feed-forward and expert weights are quantized, Mamba stays float by default")
 
 
 def _add_sampling_args(p):
@@ -77,15 +82,18 @@ def cmd_info(args) -> int:
     config = known_config(args.model) or load_config(resolve_checkpoint(args.model))
     params = parameter_count(config)
     per_1k = estimate_memory(config, 1024, 1, args.dtype).kv_cache
-    est = estimate_memory(config, args.context, args.batch, args.dtype)
+    est = estimate_memory(config, args.context, args.batch, args.dtype, quantization=args.quantization)
     info = {
         "parameters": params.total,
         "active_parameters_per_token": params.active_per_token,
         "layers": layer_layout(config),
         "context_window": config.max_position_embeddings,
         "kv_cache_bytes_per_1k_tokens": per_1k,
-        "estimate": {"context_tokens": args.context, "batch_size": args.batch, "dtype": args.dtype, **est.as_dict()},
+        "estimate": {"context_tokens": args.context, "batch_size": args.batch, "dtype": args.dtype,
+                     "quantization": args.quantization, **est.as_dict()},
     }
+    if args.fits is not None:
+        info["fits"] = {"device_gib": args.fits, "fits": est.total <= args.fits * 2**30}
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -93,10 +101,13 @@ def cmd_info(args) -> int:
     print(f"context window: {config.max_position_embeddings:,} tokens")
     print("layers: " + ", ".join(f"{i}:{kind}" for i, kind in enumerate(info["layers"])))
     print(f"KV cache per 1K tokens ({args.dtype}): {per_1k / 2**20:.2f} MiB")
-    print(f"at {args.context:,} tokens x batch {args.batch} ({args.dtype}):")
+    weights = args.dtype + (f", {args.quantization} weights" if args.quantization else "")
+    print(f"at {args.context:,} tokens x batch {args.batch} ({weights}):")
     for part in ("weights", "kv_cache", "mamba_state", "activations"):
         print(f"  {part:12s} {getattr(est, part) / 2**30:10.3f} GiB")
     print(f"  {'total':12s} {est.total / 2**30:10.3f} GiB")
+    if args.fits is not None:
+        print(f"fits in {args.fits:g} GiB: {'yes' if info['fits']['fits'] else 'no'}")
     return 0
 
 
@@ -130,6 +141,8 @@ def main(argv=None) -> int:
     p.add_argument("--context", type=int, default=262144)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--quantization", default=None, help=_QUANT_HELP)
+    p.add_argument("--fits", type=float, default=None, metavar="GIB", help="say whether the total fits in this many GiB")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
     for name, func, text in (("bench", cmd_bench, "speed and memory against transformers"), ("demo", cmd_demo, "the main job: RAG over a long document")):

@@ -100,15 +100,16 @@ class Engine:
         """Load a checkpoint folder (or a Hub id, offline when cached).
 
         ``dtype``: "float32" or "bfloat16" (or a torch dtype) for the weights; SSM state, scan and
-        RMSNorm always run in fp32. Raises ``FileNotFoundError`` / ``ValueError`` naming the file or
-        key at fault (see `jamba_core.loading`).
+        RMSNorm always run in fp32. ``quantization``: None, ``"int8"``, ``"bnb-int8"`` or ``"bnb-nf4"``
+        (optionally ``"+attention"`` / ``"+mamba"``, or a `jamba_core.quant.QuantConfig`), applied to each
+        weight as it is read; a checkpoint saved by `jamba_core.quant.save_quantized` loads quantized as
+        it is. Raises ``FileNotFoundError`` / ``ValueError`` naming the file or key at fault (see
+        `jamba_core.loading`).
         """
-        if quantization is not None:
-            raise NotImplementedError(f"quantization={quantization!r} is not available yet (issue: quantization)")
         folder = resolve_checkpoint(path_or_hub_id)
         config = load_config(folder)
         tokenizer = load_tokenizer(folder)
-        model = load_model(folder, config, dtype=_dtype(dtype), device=device, progress=progress)
+        model = load_model(folder, config, dtype=_dtype(dtype), device=device, progress=progress, quantization=quantization)
         return cls(model, config, tokenizer, folder, prefill_chunk_tokens, prefix_cache_bytes)
 
     # -- prompts -------------------------------------------------------------------------------

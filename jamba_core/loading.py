@@ -1,33 +1,42 @@
 """Checkpoint folder or Hub id -> model, streaming safetensors tensor by tensor.
 
 Only safetensors are read (never pickle, never remote code). The model is built on the meta device,
-given real storage once (``to_empty``), then each parameter is filled straight from the memory-mapped
-file, so peak memory is the loaded model plus one tensor. Expert weights load from the Hub's per-expert
-names (``feed_forward.experts.{e}.gate_proj.weight``) and from the fused layout that `transformers` 5
-uses in memory (``feed_forward.experts.gate_up_proj`` ``(E, 2I, H)``, ``feed_forward.experts.down_proj``
-``(E, H, I)``).
+given real storage once (``to_empty``), then each parameter is read from the file straight into its
+storage (`SafetensorsFile`), so peak memory is the loaded model plus at most one tensor. Expert weights
+load from the Hub's per-expert names (``feed_forward.experts.{e}.gate_proj.weight``) and from the fused
+layout that `transformers` 5 uses in memory (``feed_forward.experts.gate_up_proj`` ``(E, 2I, H)``,
+``feed_forward.experts.down_proj`` ``(E, H, I)``).
+
+With ``quantization`` (or a checkpoint saved quantized), the target modules are swapped for quantized ones
+on the meta model, before allocation, and each of their weights is quantized as it is read
+(`jamba_core.quant.LoadPlan`): the full-precision model never exists in memory.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from .config import JambaConfig, load_config
 from .model import JambaForCausalLM
+from .quant import LoadPlan, resolve_for_checkpoint
 
 log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 FP32_PARAMS = ("A_log", ".D")  # SSM parameters kept in fp32 whatever the weight dtype
 _FUSED = re.compile(r"^(.*\.feed_forward\.experts)\.(gate_up_proj|down_proj)$")
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+              "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+_CONVERT_CHUNK_BYTES = 16 << 20  # staging buffer when the file's dtype differs from the destination's
+_MAX_HEADER_BYTES = 100 << 20
 
 
 def resolve_checkpoint(path_or_hub_id: str | os.PathLike) -> Path:
@@ -80,6 +89,121 @@ def weight_files(folder: Path) -> list[Path]:
     raise FileNotFoundError(f"no *.safetensors weights in {folder}")
 
 
+class SafetensorsFile:
+    """One safetensors file, read with plain positional reads into the caller's tensors.
+
+    Not memory-mapped on purpose: every page of an mmap that has been read stays in the process's resident
+    set until the file is closed, so by the end of a load the whole file counts in RSS on top of the model
+    (a float checkpoint loaded quantized would peak near twice its final size). Reading into the
+    destination also saves the intermediate copy. The format: an 8-byte little-endian header length, a
+    JSON header ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}``, then
+    the tensors' bytes. Raises ``ValueError`` naming the file for a truncated or malformed one.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._file = open(self.path, "rb", buffering=0)
+        try:
+            self._entries = self._read_header()
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _error(self, what: str) -> ValueError:
+        return ValueError(f"cannot read safetensors file {self.path}: {what} (truncated or corrupt?)")
+
+    def _read_header(self) -> dict[str, tuple[torch.dtype, tuple[int, ...], int]]:
+        size = os.fstat(self._file.fileno()).st_size
+        head = self._file.read(8)
+        if len(head) < 8:
+            raise self._error(f"the file has {size} bytes, fewer than its 8-byte header length")
+        n = int.from_bytes(head, "little")
+        if n > min(size - 8, _MAX_HEADER_BYTES):
+            raise self._error(f"header length {n} does not fit the file's {size} bytes")
+        try:
+            header = json.loads(self._file.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise self._error(f"its header is not valid JSON ({err})") from err
+        if not isinstance(header, dict):
+            raise self._error("its header is not a JSON object")
+        header.pop("__metadata__", None)
+        entries = {}
+        for key, e in header.items():
+            try:
+                dtype, shape, (begin, end) = _ST_DTYPES[e["dtype"]], tuple(int(d) for d in e["shape"]), e["data_offsets"]
+            except (KeyError, TypeError, ValueError) as err:
+                raise self._error(f"bad header entry for {key!r} ({type(err).__name__}: {err})") from err
+            if begin < 0 or end - begin != math.prod(shape) * dtype.itemsize:
+                raise self._error(f"tensor {key!r} spans bytes {begin}..{end}, not the size of a {e['dtype']} {list(shape)}")
+            if 8 + n + end > size:
+                raise self._error(f"tensor {key!r} ends at byte {8 + n + end}, past the end of the file ({size} bytes)")
+            entries[key] = (dtype, shape, 8 + n + begin)
+        return entries
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._entries[key][1]
+
+    def read(self, key: str, index: tuple = (), out: torch.Tensor | None = None) -> torch.Tensor:
+        """Tensor ``key``, or its part ``tensor[index]`` (leading integers, then at most one slice: a
+        contiguous byte range), into ``out`` (its shape; any dtype or device, converted through a bounded
+        staging buffer when it is not the file's) or a new tensor of the file's dtype."""
+        dtype, shape, offset = self._entries[key]
+        start, part_shape = _contiguous_part(shape, index)
+        if out is None:
+            out = torch.empty(part_shape, dtype=dtype)
+        n = math.prod(part_shape)
+        offset += start * dtype.itemsize
+        if out.dtype == dtype and out.device.type == "cpu" and out.is_contiguous():
+            self._read_into(offset, out)
+            return out
+        flat = out.view(-1)
+        step = max(1, _CONVERT_CHUNK_BYTES // dtype.itemsize)
+        staging = torch.empty(min(step, n), dtype=dtype)
+        for a in range(0, n, step):
+            part = staging[: min(step, n - a)]
+            self._read_into(offset + a * dtype.itemsize, part)
+            flat[a : a + part.numel()].copy_(part)
+        return out
+
+    def _read_into(self, offset: int, tensor: torch.Tensor) -> None:
+        view = memoryview(tensor.detach().reshape(-1).view(torch.uint8).numpy())
+        self._file.seek(offset)
+        done = 0
+        while done < len(view):
+            got = self._file.readinto(view[done:])
+            if not got:
+                raise self._error(f"unexpected end of file at byte {offset + done}")
+            done += got
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "SafetensorsFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _contiguous_part(shape: tuple[int, ...], index: tuple) -> tuple[int, tuple[int, ...]]:
+    """Element offset and shape of ``tensor[index]`` in a contiguous tensor of ``shape``, for an index of
+    leading integers and at most one final slice (step 1)."""
+    strides = [math.prod(shape[d + 1 :]) for d in range(len(shape))]
+    start, dims = 0, list(shape)
+    for d, ix in enumerate(index):
+        if isinstance(ix, slice):
+            a, b, step = ix.indices(shape[d])
+            if step != 1 or d != len(index) - 1:
+                raise ValueError(f"index {index} does not select a contiguous part")
+            start, dims[d] = start + a * strides[d], b - a
+        else:
+            start, dims[d] = start + ix * strides[d], None
+    return start, tuple(x for x in dims if x is not None)
+
+
 def _expert_targets(name: str, tensor_shape: tuple[int, ...]) -> list[tuple[str, tuple]] | None:
     """Map a fused expert tensor to (per-expert parameter name, index) pairs."""
     m = _FUSED.match(name)
@@ -95,10 +219,18 @@ def _expert_targets(name: str, tensor_shape: tuple[int, ...]) -> list[tuple[str,
     ]
 
 
-def load_model(folder: Path, config: JambaConfig, dtype: torch.dtype = torch.float32, device="cpu", progress: bool = True) -> JambaForCausalLM:
-    """Build the model and stream its weights in. Errors name the file and key at fault."""
+def load_model(folder: Path, config: JambaConfig, dtype: torch.dtype = torch.float32, device="cpu", progress: bool = True,
+               quantization=None) -> JambaForCausalLM:
+    """Build the model and stream its weights in. Errors name the file and key at fault.
+
+    ``quantization`` (a scheme name such as ``"int8"`` or a `jamba_core.quant.QuantConfig`) quantizes the
+    target weights as they are read; a checkpoint saved by `jamba_core.quant.save_quantized` loads its
+    stored quantized tensors as they are (its config says so), and ``quantization`` may then be omitted.
+    """
+    quant, saved_modules = resolve_for_checkpoint(config, quantization)
     with torch.device("meta"):
         model = JambaForCausalLM(config)
+    plan = LoadPlan(model, quant, dtype, device, saved_modules) if quant is not None else None
     model.to_empty(device=device)
     params = dict(model.named_parameters())
     for name, p in params.items():
@@ -108,41 +240,42 @@ def load_model(folder: Path, config: JambaConfig, dtype: torch.dtype = torch.flo
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
         params = dict(model.named_parameters())
+    expected = list(params) + (plan.expected() if plan else [])
     filled: set[str] = set()
     unexpected: list[str] = []
     files = weight_files(folder)
-    bar = tqdm(total=len(params), desc="loading weights", unit="tensor", disable=not progress or None)
+    bar = tqdm(total=len(expected), desc="loading weights", unit="tensor", disable=not progress or None)
     for file in files:
-        try:
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                for key in f.keys():
-                    shape = tuple(f.get_slice(key).get_shape())
-                    targets = _expert_targets(key, shape) or [(key, ())]
-                    if all(t not in params for t, _ in targets):
-                        if not (config.tie_word_embeddings and key == "lm_head.weight"):
-                            unexpected.append(key)
+        with SafetensorsFile(file) as f:
+            for key in f.keys():
+                shape = f.shape(key)
+                targets = _expert_targets(key, shape) or [(key, ())]
+                if all(t not in params and not (plan and plan.owns(t)) for t, _ in targets):
+                    if not (config.tie_word_embeddings and key == "lm_head.weight"):
+                        unexpected.append(key)
+                    continue
+                for target, index in targets:
+                    quantized = plan is not None and plan.owns(target)
+                    p = params.get(target)
+                    if p is None and not quantized:
+                        unexpected.append(target)
                         continue
-                    tensor = f.get_tensor(key)
-                    for target, index in targets:
-                        p = params.get(target)
-                        if p is None:
-                            unexpected.append(target)
-                            continue
-                        part = tensor[index] if index else tensor
-                        if tuple(part.shape) != tuple(p.shape):
-                            raise ValueError(
-                                f"{file.name}: tensor {key!r} has shape {tuple(part.shape)} but the config "
-                                f"({folder / 'config.json'}) implies {tuple(p.shape)} for {target!r}"
-                            )
-                        with torch.no_grad():
-                            p.copy_(part)
-                        filled.add(target)
-                        bar.update(1)
-                    del tensor
-        except SafetensorError as err:
-            raise ValueError(f"cannot read safetensors file {file}: {err} (truncated or corrupt?)") from err
+                    want = plan.shape(target) if quantized else tuple(p.shape)
+                    part_shape = _contiguous_part(shape, index)[1]
+                    if want is not None and part_shape != tuple(want):
+                        raise ValueError(
+                            f"{file.name}: tensor {key!r} has shape {part_shape} but the config "
+                            f"({folder / 'config.json'}) implies {tuple(want)} for {target!r}"
+                        )
+                    with torch.no_grad():
+                        if quantized:
+                            plan.load(target, f.read(key, index))  # one float tensor, quantized and released
+                        else:
+                            f.read(key, index, out=p.data)
+                    filled.add(target)
+                    bar.update(1)
     bar.close()
-    missing = [n for n in params if n not in filled]
+    missing = [n for n in expected if n not in filled]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ValueError(f"checkpoint {folder} lacks {len(missing)} weights the config needs: {shown}")
@@ -152,4 +285,4 @@ def load_model(folder: Path, config: JambaConfig, dtype: torch.dtype = torch.flo
     return model
 
 
-__all__ = ["resolve_checkpoint", "weight_files", "load_model", "load_config"]
+__all__ = ["resolve_checkpoint", "weight_files", "load_model", "load_config", "SafetensorsFile"]

@@ -55,13 +55,17 @@ def estimate_memory(
     dtype="bfloat16",
     prefill_chunk_tokens: int = 2048,
     weight_bytes_per_param: float | None = None,
+    quantization=None,
 ) -> MemoryEstimate:
     """Predict memory for running ``config`` at ``context_tokens`` with ``batch_size`` sequences.
 
     ``kv_cache`` is exact to the byte against ``HybridCache.nbytes`` after the engine reserved
     ``context_tokens`` positions. ``activations`` bounds the prefill temporaries of one chunk
     (hidden states, the widest projection, the expert inputs and the last-position logits).
-    ``weight_bytes_per_param`` overrides the dtype's size for the weights (e.g. 1 for int8).
+    ``weight_bytes_per_param`` overrides the dtype's size for all the weights (e.g. 1 for int8);
+    ``quantization`` (``"int8"``, ``"bnb-nf4+mamba"``, a `jamba_core.quant.QuantConfig`) counts the
+    quantized modules in their format, scales included, and the rest in ``dtype``
+    (`jamba_core.quant.weight_bytes`).
     """
     dt = _dtype(dtype)
     esize = torch.tensor([], dtype=dt).element_size()
@@ -81,6 +85,11 @@ def estimate_memory(
         + config.num_attention_heads * T * min(max(context_tokens, 1), 512) * 4  # SDPA's CPU kernel works in key blocks
         + batch_size * config.vocab_size * 4
     )
-    wb = weight_bytes_per_param if weight_bytes_per_param is not None else esize
-    weights = int(params.total * wb)
+    if quantization is not None:
+        from .quant import weight_bytes
+
+        weights = weight_bytes(config, quantization, esize)
+    else:
+        wb = weight_bytes_per_param if weight_bytes_per_param is not None else esize
+        weights = int(params.total * wb)
     return MemoryEstimate(weights, kv, mamba, act, params.total, params.active_per_token)

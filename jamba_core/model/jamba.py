@@ -4,6 +4,7 @@ from torch import nn
 from ..cache import HybridCache
 from ..config import JambaConfig, is_attention_layer, is_moe_layer
 from .attention import Attention
+from .linear import Linear
 from .mamba import MambaMixer
 from .moe import MLP, SparseMoE
 from .norm import RMSNorm
@@ -54,7 +55,7 @@ class JambaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = JambaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

@@ -2,15 +2,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .linear import Linear
+
 
 class MLP(nn.Module):
     """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))`` (transformers' ``JambaMLP``)."""
 
     def __init__(self, hidden: int, intermediate: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_proj = Linear(hidden, intermediate, bias=False)
+        self.up_proj = Linear(hidden, intermediate, bias=False)
+        self.down_proj = Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -27,7 +29,7 @@ class SparseMoE(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.top_k = config.num_experts_per_tok
-        self.router = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.router = Linear(config.hidden_size, config.num_experts, bias=False)
         self.experts = nn.ModuleList(MLP(config.hidden_size, config.intermediate_size) for _ in range(config.num_experts))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -36,22 +38,23 @@ class SparseMoE(nn.Module):
         probs = F.softmax(self.router(x), dim=-1, dtype=torch.float32)  # (T, E)
         weights, chosen = torch.topk(probs, self.top_k, dim=-1)  # (T, k)
         weights = weights.to(x.dtype)
-        out = torch.zeros_like(x)
         if x.shape[0] == 1:  # decode: k experts, no grouping needed
+            out = torch.zeros_like(x)
             for w, e in zip(weights[0].tolist(), chosen[0].tolist()):
                 out += w * self.experts[e](x)
             return out.view(shape)
         flat = chosen.flatten()  # (T*k,)
-        order = torch.argsort(flat, stable=True)
+        order = torch.argsort(flat, stable=True)  # (T*k,) slots grouped by expert
         counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
         token_of = order // self.top_k
-        slot_of = order % self.top_k
+        ys = x.new_empty(flat.shape[0], shape[-1])  # (T*k, hidden) expert outputs, grouped by expert
         start = 0
         for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            tokens = token_of[start : start + n]
-            y = self.experts[e](x[tokens]) * weights[tokens, slot_of[start : start + n], None]
-            out.index_add_(0, tokens, y)
+            if n:
+                ys[start : start + n] = self.experts[e](x[token_of[start : start + n]])
             start += n
+        # back to (token, slot) order with a gather, then the weighted sum over the k slots (a scatter-add
+        # into the output is several times slower on CPU)
+        ys = ys[torch.argsort(order)].view(-1, self.top_k, shape[-1])  # (T, k, hidden)
+        out = torch.bmm(weights[:, None, :], ys)  # (T, 1, hidden)
         return out.view(shape)

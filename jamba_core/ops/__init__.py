@@ -1,15 +1,26 @@
 """Kernels behind one dispatch.
 
-Each op has a plain PyTorch reference (`reference.py`, the test oracle) and, where one exists, a faster
-path. `use(name)` switches the active implementation for the whole process; tests run every path
-against the reference.
+Each op has a plain PyTorch reference (`reference.py` and the short compositions below: the test
+oracle) and, where one exists, a faster path. `use(name)` switches the active implementation for the
+whole process; tests run every path against the reference.
+
+Backends: ``"reference"`` and ``"cpu"`` (C++ kernels compiled on first use, `cpu.py`). The default is
+``"cpu"`` when a C++ compiler is found (if the build then fails, its ops run the reference, with one
+warning), else ``"reference"``; ``JAMBA_LOCAL_OPS=reference`` (or ``cpu``) chooses explicitly.
+An op that a backend lacks runs its reference composition.
 """
 
 from __future__ import annotations
 
-from . import reference
+import os
+from contextlib import contextmanager
 
-_BACKENDS = {"reference": reference}
+import torch
+import torch.nn.functional as F
+
+from . import cpu, reference
+
+_BACKENDS = {"reference": reference, "cpu": cpu}
 _active = {"name": "reference", "module": reference}
 
 
@@ -18,7 +29,7 @@ def register(name: str, module) -> None:
 
 
 def use(name: str) -> None:
-    """Select the kernel backend (``"reference"`` or a registered fast path)."""
+    """Select the kernel backend (``"reference"``, ``"cpu"`` or a registered fast path)."""
     if name not in _BACKENDS:
         raise ValueError(f"unknown ops backend {name!r}; available: {sorted(_BACKENDS)}")
     _active.update(name=name, module=_BACKENDS[name])
@@ -28,8 +39,47 @@ def active() -> str:
     return _active["name"]
 
 
-def selective_scan(*args, **kwargs):
-    return _active["module"].selective_scan(*args, **kwargs)
+def backends() -> list[str]:
+    return sorted(_BACKENDS)
+
+
+@contextmanager
+def using(name: str):
+    """``with ops.using("reference"): ...`` runs a block on one backend and restores the previous one."""
+    previous = active()
+    use(name)
+    try:
+        yield
+    finally:
+        use(previous)
+
+
+def _default_backend() -> str:
+    chosen = os.environ.get("JAMBA_LOCAL_OPS")
+    if chosen:
+        return chosen
+    return "cpu" if cpu.can_build() else "reference"
+
+
+def _op(name: str):
+    return getattr(_active["module"], name, None)
+
+
+# -- the ops ---------------------------------------------------------------------------------------
+def selective_scan(x, delta, A, B, C, D, z, state, delta_bias=None, delta_softplus=False):
+    """`reference.selective_scan`; with ``delta_bias`` / ``delta_softplus``, ``delta`` is the raw dt
+    projection and ``softplus(delta + delta_bias)`` (in fp32) is the step size, fused where the backend can."""
+    fn = _active["module"].selective_scan
+    if delta_bias is None and not delta_softplus:
+        return fn(x, delta, A, B, C, D, z, state)
+    if getattr(_active["module"], "SCAN_FUSES_DELTA", False):
+        return fn(x, delta, A, B, C, D, z, state, delta_bias=delta_bias, delta_softplus=delta_softplus)
+    delta = delta.float()
+    if delta_bias is not None:
+        delta = delta + delta_bias.float()[None, :, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    return fn(x, delta, A, B, C, D, z, state)
 
 
 def selective_state_update(*args, **kwargs):
@@ -38,3 +88,51 @@ def selective_state_update(*args, **kwargs):
 
 def causal_conv1d(*args, **kwargs):
     return _active["module"].causal_conv1d(*args, **kwargs)
+
+
+def causal_conv1d_silu(x, weight, bias, conv_state):
+    """``silu(causal_conv1d(x, weight, bias, conv_state))``; shapes as `reference.causal_conv1d`."""
+    fn = _op("causal_conv1d_silu")
+    if fn is not None:
+        return fn(x, weight, bias, conv_state)
+    return F.silu(_active["module"].causal_conv1d(x, weight, bias, conv_state))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``."""
+    fn = _op("linear")
+    return fn(x, weight, bias) if fn is not None else F.linear(x, weight, bias)
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm (Zhang & Sennrich 2019) in fp32 whatever the input dtype, as transformers'
+    ``JambaRMSNorm``: ``weight * (x / sqrt(mean(x^2) + eps)).to(x.dtype)``. Shape-preserving."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    fn = _op("rms_norm")
+    return fn(x, weight, eps) if fn is not None else rms_norm_reference(x, weight, eps)
+
+
+def mamba_decode_step(xz, conv_wT, conv_b, x_proj_weight, dt_norm_weight, b_norm_weight, c_norm_weight, eps,
+                      dt_proj_weight, dt_bias, A, D, conv_state, ssm_state):
+    """The Mamba mixer between in_proj and out_proj for one token, fused, or None when the active
+    backend has no fused step (the mixer then runs the separate ops, which are its reference).
+
+    xz ``(b, 2 d_in)`` (in_proj output, model dtype); conv_wT ``(d_conv, d_in)`` fp32; conv_b, dt_bias
+    ``(d_in,)`` fp32 (conv_b may be None); x_proj / dt_proj / norm weights in the model dtype; eps the
+    RMSNorm epsilon; A ``(d_in, d_state)`` fp32 (``-exp(A_log)``); D ``(d_in,)`` fp32; conv_state and
+    ssm_state as in `jamba_core.cache.MambaState`, updated in place. Returns y ``(b, d_in)`` fp32 (gated
+    by ``silu(z)``, before out_proj).
+    """
+    fn = _op("mamba_decode_step")
+    if fn is None:
+        return None
+    return fn(xz, conv_wT, conv_b, x_proj_weight, dt_norm_weight, b_norm_weight, c_norm_weight, eps,
+              dt_proj_weight, dt_bias, A, D, conv_state, ssm_state)
+
+
+use(_default_backend())

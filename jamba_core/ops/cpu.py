@@ -1,0 +1,315 @@
+"""The fast CPU path: C++ kernels (``cpu_kernels.cpp``) compiled on first use, called through ctypes.
+
+Why this route (measured on bench-small shapes by benchmarks/ops_choice.py, see benchmarks/README.md): the
+C++ scan holds each block of 16 channels' SSM state in registers and vectorises across channels, so at
+2048 tokens it is about 6x faster than numba (whose scalar exp, fastmath off, does not vectorise), 19x
+faster than the reference and far ahead of torch.compile, with no (b, d_inner, L, d_state)
+temporaries; it needs only a C++ compiler (g++ or clang++, found as ``$CXX``,
+``c++``, ``g++``), builds in a few seconds with no torch headers, ninja or pybind11, and is cached per
+source, compiler and CPU. Where no compiler works, every function here runs the reference instead (with
+one warning), so the dispatch never breaks.
+
+Each function has the signature and result of its reference (``reference.py`` and the compositions in
+``jamba_core/ops/__init__.py``); layouts are free (the kernels take strides), dtypes fp32 or bf16.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import reference
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17", "-fno-math-errno"]
+# tried in order: a compiler that rejects -march=native (some non-x86 ones) or has no OpenMP still builds
+FLAG_SETS = [FLAGS, [f for f in FLAGS if f != "-march=native"], [f for f in FLAGS if f not in ("-march=native", "-fopenmp")]]
+# F.linear with at most this many rows goes through the GEMV kernel (torch's bf16 matmul is slow up to
+# about 16 rows; its fp32 one is as fast as the kernel past 4)
+MAX_GEMV_ROWS = {torch.float32: 4, torch.bfloat16: 16}
+MAX_D_STATE = 64
+SCAN_FUSES_DELTA = True  # selective_scan takes delta_bias / delta_softplus (see jamba_core.ops.selective_scan)
+MAX_D_CONV = 8  # the conv kernel keeps K weight vectors and K-1 inputs in fixed arrays of 8
+
+_state: dict = {"lib": None, "error": None, "tried": False}
+_lock = threading.Lock()
+_DT = {torch.float32: 0, torch.bfloat16: 1}
+_p = ctypes.c_void_p
+_i = ctypes.c_int64
+_c = ctypes.c_int
+_f = ctypes.c_float
+_SIGNATURES = {
+    "jl_scan": [_c, _c, _i, _i, _i, _i, _p, _i, _i, _p, _i, _i, _p, _i, _i, _p, _c, _p, _p, _p, _p, _p, _p, _c],
+    "jl_conv": [_c, _i, _i, _i, _i, _p, _i, _i, _p, _p, _p, _p, _c, _c],
+    "jl_gemv": [_c, _i, _i, _i, _p, _i, _p, _p, _p, _c],
+    "jl_rmsnorm": [_c, _c, _i, _i, _p, _i, _p, _f, _p, _c],
+    "jl_mamba_decode": [_c, _i, _i, _i, _i, _i, _p, _i, _p, _p, _p, _p, _p, _p, _p, _f, _p, _p, _p, _p, _p, _p, _c],
+}
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("JAMBA_LOCAL_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "jamba-local")
+    return Path(root) / "kernels"
+
+
+def _cpu_signature() -> str:
+    """The CPU's flags: part of the cache key, since the build is ``-march=native``."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def build(force: bool = False) -> Path:
+    """Compile ``cpu_kernels.cpp`` into the cache (once per source, compiler and CPU) and return the
+    library's path. Raises ``RuntimeError`` with the compiler's output when it cannot build."""
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (set $CXX, or install g++)")
+    source = SOURCE.read_bytes()
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as err:
+        raise RuntimeError(f"{cxx} --version failed: {err}") from err
+    key = hashlib.sha256(source + " ".join(FLAGS).encode() + version.encode() + _cpu_signature().encode()).hexdigest()[:16]
+    for folder in (_cache_dir(), Path(tempfile.gettempdir()) / "jamba-local-kernels"):
+        lib = folder / f"libjamba_cpu_{key}.so"
+        if lib.is_file() and not force:
+            return lib
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        tmp = folder / f".{lib.name}.{os.getpid()}.tmp"
+        errors = []
+        for flags in FLAG_SETS:
+            proc = subprocess.run([cxx, *flags, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True, timeout=600)
+            if proc.returncode == 0:
+                os.replace(tmp, lib)  # atomic: concurrent builders never see half a library
+                return lib
+            errors.append(f"{' '.join(flags)}:\n{proc.stderr[-2000:]}")
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"{cxx} failed to build {SOURCE.name}:\n" + "\n".join(errors))
+    raise RuntimeError(f"no writable cache folder for the kernels (tried {_cache_dir()} and the temp folder)")
+
+
+def _lib():
+    """The loaded library, or None when it cannot be built (then the reference runs)."""
+    if _state["tried"]:
+        return _state["lib"]
+    with _lock:
+        if not _state["tried"]:
+            try:
+                torch.get_num_threads()  # torch's libgomp is loaded first, so the kernels share its threads
+                lib = ctypes.CDLL(str(build()))
+                for name, argtypes in _SIGNATURES.items():
+                    fn = getattr(lib, name)
+                    fn.argtypes, fn.restype = argtypes, None
+                _state["lib"] = lib
+            except Exception as err:  # no compiler, failed build, unloadable library: fall back
+                _state["error"] = f"{type(err).__name__}: {err}"
+                log.warning("jamba_core fast CPU kernels unavailable, using the reference ops: %s", _state["error"])
+            _state["tried"] = True
+    return _state["lib"]
+
+
+def available() -> bool:
+    """True when the kernels are built and loaded (building them now if needed)."""
+    return _lib() is not None
+
+
+def status() -> str:
+    """``"loaded"``, or why the reference ops run instead."""
+    return "loaded" if available() else f"unavailable ({_state['error']})"
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _channels_last(t: torch.Tensor) -> torch.Tensor:
+    """A ``(b, d, L)`` tensor whose channels are contiguous (stride 1 along d), as the kernels read it."""
+    if t.stride(1) == 1 and t.shape[1] > 0:
+        return t
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+# Below about this many multiply-adds (or elements) a kernel runs on one thread. Measured on bench-small
+# decode with other processes on the machine: with every GEMV above 128K elements parallel (about 50
+# parallel regions per token) the median step was 6x slower than with only the LM head parallel, since
+# each region waits for a thread the OS has preempted; the fastest steps differ by 25%.
+SERIAL_WORK = 1 << 22
+
+
+def _threads(work: int | None = None) -> int:
+    """torch's thread count; one thread for small work, where a parallel region's start and barrier
+    cost more than they save (and far more on a machine shared with other processes)."""
+    if work is not None and work < SERIAL_WORK:
+        return 1
+    return max(1, torch.get_num_threads())
+
+
+def _supported(*tensors: torch.Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.dtype in _DT for t in tensors)
+
+
+# -- selective scan ---------------------------------------------------------------------------------
+def selective_scan(x, delta, A, B, C, D, z, state, delta_bias=None, delta_softplus=False):
+    """As `reference.selective_scan`; returns y ``(b, d_in, L)`` fp32 (a view of a ``(b, L, d_in)``
+    buffer, so ``y.transpose(1, 2)`` is contiguous). With ``delta_bias`` / ``delta_softplus`` (as
+    mamba_ssm's ``selective_scan_fn``), ``delta`` is the raw dt_proj output (any float dtype) and the
+    kernel applies ``softplus(delta + delta_bias)`` itself."""
+    lib = _lib()
+    b, d, L = x.shape
+    N = A.shape[-1]
+    if (lib is None or L == 0 or N > MAX_D_STATE or x.dtype != z.dtype or not _supported(x, z, delta)
+            or state.dtype != torch.float32 or not state.is_contiguous()):
+        if delta_bias is not None:
+            delta = delta.float() + delta_bias.float()[None, :, None]
+        if delta_softplus:
+            delta = F.softplus(delta.float())
+        return reference.selective_scan(x, delta.float(), A, B, C, D, z, state)
+    x, z, delta = _channels_last(x), _channels_last(z), _channels_last(delta)
+    At = A.float().t().contiguous()  # (N, d)
+    Bf, Cf = B.float().contiguous(), C.float().contiguous()  # (b, L, N)
+    Df = D.float().contiguous()
+    bias = None if delta_bias is None else delta_bias.float().contiguous()
+    y = torch.empty(b, L, d, dtype=torch.float32)
+    lib.jl_scan(_DT[x.dtype], _DT[delta.dtype], b, L, d, N, _ptr(x), x.stride(0), x.stride(2), _ptr(z), z.stride(0),
+                z.stride(2), _ptr(delta), delta.stride(0), delta.stride(2), _ptr(bias), int(bool(delta_softplus)), _ptr(At),
+                _ptr(Bf), _ptr(Cf), _ptr(Df), _ptr(state), _ptr(y), _threads(b * L * d * N * 8))
+    return y.transpose(1, 2)
+
+
+def selective_state_update(x, delta, A, B, C, D, z, state):
+    """As `reference.selective_state_update` (one token: the scan with L = 1)."""
+    return selective_scan(x[:, :, None], delta[:, :, None], A, B[:, None], C[:, None], D, z[:, :, None], state)[:, :, 0]
+
+
+# -- causal conv ------------------------------------------------------------------------------------
+def _conv(x, weight, bias, conv_state, silu: bool):
+    lib = _lib()
+    b, d, L = x.shape
+    K = weight.shape[-1]
+    if (lib is None or L == 0 or K > MAX_D_CONV or not _supported(x) or conv_state.dtype != x.dtype
+            or not conv_state.is_contiguous()):
+        out = reference.causal_conv1d(x, weight, bias, conv_state)
+        return F.silu(out) if silu else out
+    x = _channels_last(x)
+    wT = weight.float().t().contiguous()  # (K, d)
+    bf = None if bias is None else bias.float().contiguous()
+    out = torch.empty(b, L, d, dtype=x.dtype)
+    lib.jl_conv(_DT[x.dtype], b, L, d, K, _ptr(x), x.stride(0), x.stride(2), _ptr(conv_state), _ptr(wT), _ptr(bf),
+                _ptr(out), int(silu), _threads(b * L * d * K))
+    return out.transpose(1, 2)
+
+
+def causal_conv1d(x, weight, bias, conv_state):
+    """As `reference.causal_conv1d`; returns ``(b, d_in, L)`` in x's dtype (a view of ``(b, L, d_in)``)."""
+    return _conv(x, weight, bias, conv_state, silu=False)
+
+
+def causal_conv1d_silu(x, weight, bias, conv_state):
+    """``silu(causal_conv1d(...))`` in one pass (bf16: the conv result is rounded first, as torch does)."""
+    return _conv(x, weight, bias, conv_state, silu=True)
+
+
+# -- linear, RMSNorm --------------------------------------------------------------------------------
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``; a few rows (decode) through the GEMV kernel, which reads the weights once at memory
+    bandwidth (torch's bf16 path for a few rows is far slower), everything else through torch."""
+    lib = _lib()
+    K = x.shape[-1]
+    rows = x.numel() // K if K else 0
+    if (lib is None or rows == 0 or rows > MAX_GEMV_ROWS.get(x.dtype, 0) or x.dtype != weight.dtype or not _supported(x, weight)
+            or not weight.is_contiguous() or (bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()))
+            or x.requires_grad or weight.requires_grad and torch.is_grad_enabled()):
+        return F.linear(x, weight, bias)
+    x2 = x.reshape(rows, K)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    N = weight.shape[0]
+    y = torch.empty(rows, N, dtype=x.dtype)
+    lib.jl_gemv(_DT[x.dtype], rows, N, K, _ptr(x2), x2.stride(0), _ptr(weight), _ptr(bias), _ptr(y), _threads(rows * N * K))
+    return y.view(*x.shape[:-1], N)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``weight * (x / sqrt(mean(x^2) + eps)).to(x.dtype)`` computed in fp32 (`jamba_core.ops.rms_norm_reference`),
+    in the dtype torch's promotion gives (an fp32 residual stream with bf16 weights: fp32)."""
+    lib = _lib()
+    n = x.shape[-1]
+    out_dtype = torch.promote_types(x.dtype, weight.dtype)
+    if (lib is None or x.numel() == 0 or not _supported(x, weight) or out_dtype != x.dtype or not weight.is_contiguous()
+            or weight.shape != (n,)):
+        return _rms_norm_reference(x, weight, eps)
+    x2 = x.reshape(-1, n)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    out = torch.empty(x2.shape, dtype=out_dtype)
+    lib.jl_rmsnorm(_DT[x.dtype], _DT[weight.dtype], x2.shape[0], n, _ptr(x2), x2.stride(0), _ptr(weight), float(eps),
+                   _ptr(out), _threads(x2.numel()))
+    return out.view(x.shape)
+
+
+def _rms_norm_reference(x, weight, eps):
+    from . import rms_norm_reference  # the composition lives with the dispatch
+
+    return rms_norm_reference(x, weight, eps)
+
+
+# -- fused Mamba decode step ------------------------------------------------------------------------
+def mamba_decode_step(xz, conv_wT, conv_b, x_proj_weight, dt_norm_weight, b_norm_weight, c_norm_weight, eps,
+                      dt_proj_weight, dt_bias, A, D, conv_state, ssm_state):
+    """The Mamba mixer between in_proj and out_proj for one token, in one kernel call (see
+    `jamba_core.ops.mamba_decode_step`). Returns y ``(b, d_in)`` fp32, or None when the inputs do not fit
+    the kernel (the caller then runs the unfused ops)."""
+    lib = _lib()
+    b = xz.shape[0]
+    K, d = conv_wT.shape
+    N = A.shape[-1]
+    R = dt_proj_weight.shape[1]
+    dt = xz.dtype
+    mats = (x_proj_weight, dt_norm_weight, b_norm_weight, c_norm_weight, dt_proj_weight)
+    fp32 = (conv_wT, dt_bias, A, D) + (() if conv_b is None else (conv_b,))
+    if (lib is None or dt not in _DT or xz.device.type != "cpu" or K > MAX_D_CONV or xz.stride(1) != 1
+            or conv_state.dtype != dt or not conv_state.is_contiguous()
+            or ssm_state.dtype != torch.float32 or not ssm_state.is_contiguous()
+            or any(w.dtype != dt or not w.is_contiguous() for w in mats)
+            or any(t.dtype != torch.float32 or not t.is_contiguous() for t in fp32)):
+        return None
+    y = torch.empty(b, d, dtype=torch.float32)
+    lib.jl_mamba_decode(_DT[dt], b, d, N, R, K, _ptr(xz), xz.stride(0), _ptr(conv_state), _ptr(conv_wT), _ptr(conv_b),
+                        _ptr(x_proj_weight), _ptr(dt_norm_weight), _ptr(b_norm_weight), _ptr(c_norm_weight), float(eps),
+                        _ptr(dt_proj_weight), _ptr(dt_bias), _ptr(A), _ptr(D), _ptr(ssm_state), _ptr(y),
+                        _threads(b * d * N // 8))  # one sequence: serial (its three barriers cost more than they save)
+    return y
+
+
+def can_build() -> bool:
+    """Cheap check (no compile): a C++ compiler is on PATH."""
+    return _compiler() is not None

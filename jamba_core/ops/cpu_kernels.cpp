@@ -1,0 +1,525 @@
+// Fast CPU kernels for Jamba, called from jamba_core/ops/cpu.py through ctypes.
+//
+// Compiled on first use with the system C++ compiler (g++ -O3 -march=native -fopenmp, no fast-math):
+// see cpu.py. Each kernel computes what its reference in reference.py computes, in fp32, and is tested
+// against it (tests/test_ops.py). GCC vector extensions (16 x fp32 lanes) keep the source portable: they
+// lower to AVX-512 where the machine has it, to AVX2 / SSE otherwise.
+//
+// Layouts: activations are token-major with channels contiguous ((b, L, d), any token / batch stride);
+// the selective scan runs 16 channels side by side with their (16 x d_state) SSM state held in
+// registers, so no (b, d, L, d_state) tensor ever exists (Mamba paper, Gu & Dao 2023, section 3.3.2:
+// the state is kept in fast memory and never written out per step).
+// dtype codes: 0 = fp32, 1 = bf16. Threads: OpenMP pragmas (sharing the libgomp that torch loaded; ignored,
+// so serial, when the compiler has no OpenMP).
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+constexpr int W = 16;  // lanes per vector
+typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+typedef uint32_t vu __attribute__((vector_size(64)));
+typedef uint16_t vh __attribute__((vector_size(32)));
+typedef uint16_t bf16;
+
+inline vf splat(float a) { return vf{} + a; }
+
+// exp in fp32 (Cephes expf: n = round(x / ln2), r = x - n ln2 in two parts, exp(r) by a degree-6
+// polynomial, times 2^n built in the exponent bits). About 1 ulp; inputs clamped to [-87.3, 88.0] so
+// 2^n stays a normal float (exp below -87.3 returns 1.2e-38 instead of a denormal or 0).
+inline vf vexp(vf x) {
+    x = x < -87.33654f ? splat(-87.33654f) : x;
+    x = x > 88.0f ? splat(88.0f) : x;
+    const vf magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+    vf t = x * 1.44269504088896341f + magic;
+    vi n = (vi)t - (vi)magic;
+    vf fn = t - magic;
+    vf r = x - fn * 0.693359375f;
+    r = r - fn * -2.12194440e-4f;
+    vf r2 = r * r;
+    vf p = splat(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r2 + r + 1.0f;
+    vi e = (n + 127) << 23;
+    return p * (vf)e;
+}
+
+inline vf vsilu(vf x) { return x / (1.0f + vexp(-x)); }
+
+// log for x >= 1 (Cephes logf: x = m 2^e with m in [sqrt(1/2), sqrt(2)), log(m) by a degree-9 polynomial).
+inline vf vlog_ge1(vf x) {
+    vu u = (vu)x;
+    vi e = (vi)((u >> 23) & 0xffu) - 126;
+    vf m = (vf)((u & 0x807fffffu) | 0x3f000000u);  // in [0.5, 1)
+    vi small = (vi)(m < 0.707106781186547524f);
+    e = e + small;  // small is -1 where true
+    m = m + (vf)((vu)small & (vu)m) - 1.0f;
+    const vf z = m * m;
+    vf y = splat(7.0376836292e-2f);
+    y = y * m - 1.1514610310e-1f;
+    y = y * m + 1.1676998740e-1f;
+    y = y * m - 1.2420140846e-1f;
+    y = y * m + 1.4249322787e-1f;
+    y = y * m - 1.6668057665e-1f;
+    y = y * m + 2.0000714765e-1f;
+    y = y * m - 2.4999993993e-1f;
+    y = y * m + 3.3333331174e-1f;
+    y = y * m * z;
+    const vf fe = __builtin_convertvector(e, vf);
+    y = y + fe * -2.12194440e-4f - 0.5f * z;
+    return m + y + fe * 0.693359375f;
+}
+
+// F.softplus (beta 1, threshold 20): x above 20 as is, else log1p(exp(x)), with log1p(v) = log(u) -
+// ((u - 1) - v) / u for u = 1 + v (the rounding of 1 + v corrected to first order).
+inline vf vsoftplus(vf x) {
+    const vf v = vexp(x);
+    const vf u = 1.0f + v;
+    const vf lp = vlog_ge1(u) - ((u - 1.0f) - v) / u;
+    return x > 20.0f ? x : lp;
+}
+
+inline float bf16_to_f(bf16 h) {
+    uint32_t u = uint32_t(h) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+inline bf16 f_to_bf16(float f) {  // round to nearest even, NaN kept
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return bf16(u >> 16);
+}
+
+inline float round_bf16(float f) { return bf16_to_f(f_to_bf16(f)); }
+
+// load / store n <= 16 lanes (zeros past n)
+inline vf load(const float* p, int n) {
+    vf v;
+    if (n == W) {
+        std::memcpy(&v, p, sizeof v);
+    } else {
+        v = vf{};
+        for (int i = 0; i < n; ++i) v[i] = p[i];
+    }
+    return v;
+}
+inline vf load(const bf16* p, int n) {
+    if (n == W) {
+        vh h;
+        std::memcpy(&h, p, sizeof h);
+        return (vf)(__builtin_convertvector(h, vu) << 16);
+    }
+    vf v = vf{};
+    for (int i = 0; i < n; ++i) v[i] = bf16_to_f(p[i]);
+    return v;
+}
+inline void store(float* p, vf v, int n) {
+    if (n == W) std::memcpy(p, &v, sizeof v);
+    else for (int i = 0; i < n; ++i) p[i] = v[i];
+}
+inline void store(bf16* p, vf v, int n) {
+    if (n == W) {
+        vu u = (vu)v;
+        vi nan = (vi)(v != v);
+        vu r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+        r = ((vu)nan & 0x7fc0u) | (~(vu)nan & r);
+        vh h = __builtin_convertvector(r, vh);
+        std::memcpy(p, &h, sizeof h);
+    } else {
+        for (int i = 0; i < n; ++i) p[i] = f_to_bf16(v[i]);
+    }
+}
+
+inline float to_f(float x) { return x; }
+inline float to_f(bf16 x) { return bf16_to_f(x); }
+
+// Round a value to the storage dtype T and back (what torch does when an intermediate is held in T).
+template <typename T> inline float rnd(float x) { return x; }
+template <> inline float rnd<bf16>(float x) { return round_bf16(x); }
+template <typename T> inline vf vrnd(vf x) { return x; }
+template <> inline vf vrnd<bf16>(vf x) {
+    vu u = (vu)x;
+    vu r = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+    vi nan = (vi)(x != x);
+    return (vf)(((vu)nan & (vu)x) | (~(vu)nan & r));
+}
+
+inline float hsum(vf v) {
+    float s = 0.0f;
+    for (int i = 0; i < W; ++i) s += v[i];
+    return s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Selective scan (reference.selective_scan): for 16 channels at a time,
+//   h_t = exp(delta_t A) h_{t-1} + delta_t B_t x_t,  y_t = (C_t . h_t + D x_t) * silu(z_t).
+// x, z: (b, L, d) of T with strides (sxb, sxt) / (szb, szt), channel stride 1; delta fp32 likewise;
+// At: (N, d) fp32 (A transposed); B, C: (b, L, N) fp32 contiguous; D: (d,) fp32;
+// state: (b, d, N) fp32 contiguous, updated in place; y: (b, L, d) fp32 contiguous.
+template <typename T, typename TD, int NS>
+void scan_block(int64_t L, int64_t d, int64_t N_rt, int64_t d0, int nc, const T* x, int64_t sxt, const T* z, int64_t szt,
+                const TD* dl, int64_t sdt, const float* dt_bias, int softplus, const float* At, const float* Bm,
+                const float* Cm, const float* D, float* state, float* y) {
+    const int64_t N = NS > 0 ? NS : N_rt;
+    vf h[NS > 0 ? NS : 64];
+    for (int64_t n = 0; n < N; ++n) {
+        h[n] = vf{};
+        for (int c = 0; c < nc; ++c) h[n][c] = state[(d0 + c) * N + n];
+    }
+    const vf Dv = load(D + d0, nc);
+    const vf bias = dt_bias ? load(dt_bias + d0, nc) : vf{};
+    for (int64_t t = 0; t < L; ++t) {
+        const vf xv = load(x + t * sxt + d0, nc);
+        vf dv = load(dl + t * sdt + d0, nc) + bias;
+        if (softplus) dv = vsoftplus(dv);
+        const vf zv = load(z + t * szt + d0, nc);
+        const vf dx = dv * xv;
+        const float* Bt = Bm + t * N;
+        const float* Ct = Cm + t * N;
+        vf acc = vf{};
+#pragma GCC unroll 16
+        for (int64_t n = 0; n < N; ++n) {
+            const vf a = load(At + n * d + d0, nc);
+            h[n] = vexp(dv * a) * h[n] + dx * Bt[n];
+            acc += h[n] * Ct[n];
+        }
+        store(y + t * d + d0, (acc + Dv * xv) * vsilu(zv), nc);
+    }
+    for (int64_t n = 0; n < N; ++n)
+        for (int c = 0; c < nc; ++c) state[(d0 + c) * N + n] = h[n][c];
+}
+
+template <typename T, typename TD>
+void scan(int64_t b, int64_t L, int64_t d, int64_t N, const T* x, int64_t sxb, int64_t sxt, const T* z, int64_t szb,
+          int64_t szt, const TD* dl, int64_t sdb, int64_t sdt, const float* dt_bias, int softplus, const float* At,
+          const float* Bm, const float* Cm, const float* D, float* state, float* y, int nthreads) {
+    const int64_t nblk = (d + W - 1) / W;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t i = 0; i < b * nblk; ++i) {
+        const int64_t bi = i / nblk, d0 = (i % nblk) * W;
+        const int nc = int(d - d0 < W ? d - d0 : W);
+        const T* xb = x + bi * sxb;
+        const T* zb = z + bi * szb;
+        const TD* db = dl + bi * sdb;
+        const float* Bb = Bm + bi * L * N;
+        const float* Cb = Cm + bi * L * N;
+        float* sb = state + bi * d * N;
+        float* yb = y + bi * L * d;
+#define JL_SCAN(NS) scan_block<T, TD, NS>(L, d, N, d0, nc, xb, sxt, zb, szt, db, sdt, dt_bias, softplus, At, Bb, Cb, D, sb, yb)
+        switch (N) {
+            case 16: JL_SCAN(16); break;
+            case 8: JL_SCAN(8); break;
+            default: JL_SCAN(0); break;
+        }
+#undef JL_SCAN
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Depthwise causal conv continuing a state (reference.causal_conv1d), optionally followed by silu.
+// x: (b, L, d) of T, strides (sxb, sxt), channel stride 1; state: (b, d, K-1) of T contiguous;
+// wT: (K, d) fp32; bias: (d,) fp32 or null; out: (b, L, d) of T contiguous.
+// With T = bf16 the result is rounded to bf16 before silu, as torch's bf16 conv then silu do.
+template <typename T>
+void conv(int64_t b, int64_t L, int64_t d, int64_t K, const T* x, int64_t sxb, int64_t sxt, T* state, const float* wT,
+          const float* bias, T* out, int silu, int nthreads) {
+    const int64_t nblk = (d + W - 1) / W;
+    const int64_t S = K - 1;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t i = 0; i < b * nblk; ++i) {
+        const int64_t bi = i / nblk, d0 = (i % nblk) * W;
+        const int nc = int(d - d0 < W ? d - d0 : W);
+        const T* xb = x + bi * sxb;
+        T* sb = state + bi * d * S;
+        T* ob = out + bi * L * d;
+        vf hist[8];  // the last K-1 inputs, oldest first
+        for (int64_t k = 0; k < S; ++k) {
+            hist[k] = vf{};
+            for (int c = 0; c < nc; ++c) hist[k][c] = to_f(sb[(d0 + c) * S + k]);
+        }
+        vf w[8];
+        for (int64_t k = 0; k < K; ++k) w[k] = load(wT + k * d + d0, nc);
+        const vf bv = bias ? load(bias + d0, nc) : vf{};
+        for (int64_t t = 0; t < L; ++t) {
+            const vf xv = load(xb + t * sxt + d0, nc);
+            vf acc = bv;
+            for (int64_t k = 0; k < S; ++k) acc += w[k] * hist[k];
+            acc += w[S] * xv;
+            for (int64_t k = 0; k + 1 < S; ++k) hist[k] = hist[k + 1];
+            if (S > 0) hist[S - 1] = xv;
+            if (silu) acc = vsilu(vrnd<T>(acc));
+            store(ob + t * d + d0, acc, nc);
+        }
+        for (int64_t k = 0; k < S; ++k) {
+            T tmp[W];
+            store(tmp, hist[k], W);
+            for (int c = 0; c < nc; ++c) sb[(d0 + c) * S + k] = tmp[c];
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// y (M, N) = x (M, K) W^T (N, K) + bias, fp32 accumulation, for few rows M (decode): a
+// bandwidth-bound pass over W, 4 rows of W at a time, split across threads by rows of W.
+template <typename T>
+void gemv(int64_t M, int64_t N, int64_t K, const T* x, int64_t sx, const T* w, const T* bias, T* y, int nthreads) {
+    float* xf = new float[M * K];
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t k = 0; k < K; ++k) xf[m * K + k] = to_f(x[m * sx + k]);
+    const int64_t K16 = K / W * W;
+    const int64_t nrb = (N + 3) / 4;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t rb = 0; rb < nrb; ++rb) {
+        const int64_t n0 = rb * 4;
+        const int nr = int(N - n0 < 4 ? N - n0 : 4);
+        for (int64_t m = 0; m < M; ++m) {
+            const float* xm = xf + m * K;
+            vf acc[4] = {vf{}, vf{}, vf{}, vf{}};
+            float tail[4] = {0, 0, 0, 0};
+            for (int64_t k = 0; k < K16; k += W) {
+                const vf xv = load(xm + k, W);
+                for (int r = 0; r < nr; ++r) acc[r] += load(w + (n0 + r) * K + k, W) * xv;
+            }
+            for (int r = 0; r < nr; ++r) {
+                for (int64_t k = K16; k < K; ++k) tail[r] += to_f(w[(n0 + r) * K + k]) * xm[k];
+                float s = hsum(acc[r]) + tail[r];
+                if (bias) s += to_f(bias[n0 + r]);
+                if constexpr (sizeof(T) == 2) y[m * N + n0 + r] = f_to_bf16(s);
+                else y[m * N + n0 + r] = s;
+            }
+        }
+    }
+    delete[] xf;
+}
+
+// bf16 weights, K even: each 32-bit word of W holds two bf16 weights; the high half read as fp32 is the
+// odd element exactly, the low half shifted up the even one (no lane-crossing conversion), matched with
+// x split into its even and odd elements beforehand.
+void gemv_bf16_pairs(int64_t M, int64_t N, int64_t K, const bf16* x, int64_t sx, const bf16* w, const bf16* bias,
+                     bf16* y, int nthreads) {
+    const int64_t H = K / 2;
+    float* xe = new float[M * H];
+    float* xo = new float[M * H];
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t k = 0; k < H; ++k) {
+            xe[m * H + k] = bf16_to_f(x[m * sx + 2 * k]);
+            xo[m * H + k] = bf16_to_f(x[m * sx + 2 * k + 1]);
+        }
+    const int64_t H16 = H / W * W;
+    const int64_t nrb = (N + 3) / 4;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t rb = 0; rb < nrb; ++rb) {
+        const int64_t n0 = rb * 4;
+        const int nr = int(N - n0 < 4 ? N - n0 : 4);
+        for (int64_t m = 0; m < M; ++m) {
+            const float* e = xe + m * H;
+            const float* o = xo + m * H;
+            vf acc[4] = {vf{}, vf{}, vf{}, vf{}};
+            for (int64_t k = 0; k < H16; k += W) {
+                const vf ev = load(e + k, W), ov = load(o + k, W);
+                for (int r = 0; r < nr; ++r) {
+                    vu u;
+                    std::memcpy(&u, w + (n0 + r) * K + 2 * k, sizeof u);
+                    acc[r] += (vf)(u << 16) * ev + (vf)(u & 0xffff0000u) * ov;
+                }
+            }
+            for (int r = 0; r < nr; ++r) {
+                float s = hsum(acc[r]);
+                const bf16* wr = w + (n0 + r) * K;
+                for (int64_t k = H16; k < H; ++k) s += bf16_to_f(wr[2 * k]) * e[k] + bf16_to_f(wr[2 * k + 1]) * o[k];
+                if (bias) s += bf16_to_f(bias[n0 + r]);
+                y[m * N + n0 + r] = f_to_bf16(s);
+            }
+        }
+    }
+    delete[] xe;
+    delete[] xo;
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm rows (model.norm.RMSNorm): out = w * (x / sqrt(mean(x^2) + eps)).to(T), in fp32.
+template <typename T, typename TW>
+void rmsnorm(int64_t rows, int64_t n, const T* x, int64_t sx, const TW* w, float eps, T* out, int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (rows > 16)
+    for (int64_t r = 0; r < rows; ++r) {
+        const T* xr = x + r * sx;
+        T* o = out + r * n;
+        float ss = 0.0f;
+        for (int64_t i = 0; i < n; ++i) {
+            const float v = to_f(xr[i]);
+            ss += v * v;
+        }
+        const float inv = 1.0f / std::sqrt(ss / float(n) + eps);
+        for (int64_t i = 0; i < n; ++i) {
+            const float v = rnd<T>(to_f(xr[i]) * inv);
+            if constexpr (sizeof(T) == 2) o[i] = f_to_bf16(to_f(w[i]) * v);
+            else o[i] = to_f(w[i]) * v;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// One Mamba decode step after in_proj, fused (model.mamba.MambaMixer with L = 1): conv step + silu,
+// x_proj, RMSNorms on dt / B / C, dt_proj + bias, softplus, SSM state update, D skip, silu(z) gate.
+// Intermediates are rounded to T where the unfused model holds them in T.
+// xz: (b, 2d) of T (row stride sxz); conv_state (b, d, K-1) of T; wT (K, d) fp32; conv_b (d) fp32|null;
+// xw: (R+2N, d) of T; dtn, bn, cn: norm weights of T; dtw: (d, R) of T; dt_bias (d) fp32;
+// A: (d, N) fp32; D (d) fp32; ssm (b, d, N) fp32; y (b, d) fp32 out.
+template <typename T>
+void mamba_decode(int64_t b, int64_t d, int64_t N, int64_t R, int64_t K, const T* xz, int64_t sxz, T* conv_state,
+                  const float* wT, const float* conv_b, const T* xw, const T* dtn, const T* bn, const T* cn, float eps,
+                  const T* dtw, const float* dt_bias, const float* A, const float* D, float* ssm, float* y,
+                  int nthreads) {
+    const int64_t P = R + 2 * N;
+    const int64_t S = K - 1;
+    float* xs = new float[b * d];
+    float* proj = new float[b * P];
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < b * d; ++i) {  // conv step + silu
+            const int64_t bi = i / d, c = i % d;
+            T* st = conv_state + (bi * d + c) * S;
+            const float xin = to_f(xz[bi * sxz + c]);
+            float acc = conv_b ? conv_b[c] : 0.0f;
+            for (int64_t k = 0; k < S; ++k) acc += wT[k * d + c] * to_f(st[k]);
+            acc += wT[S * d + c] * xin;
+            for (int64_t k = 0; k + 1 < S; ++k) st[k] = st[k + 1];
+            if (S > 0) {
+                if constexpr (sizeof(T) == 2) st[S - 1] = f_to_bf16(xin);
+                else st[S - 1] = xin;
+            }
+            const float a = rnd<T>(acc);
+            xs[i] = rnd<T>(a / (1.0f + std::exp(-a)));
+        }
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < b * P; ++i) {  // x_proj
+            const int64_t bi = i / P, j = i % P;
+            const float* xv = xs + bi * d;
+            const T* wr = xw + j * d;
+            vf acc = vf{};
+            int64_t k = 0;
+            for (; k + W <= d; k += W) acc += load(wr + k, W) * load(xv + k, W);
+            float s = hsum(acc);
+            for (; k < d; ++k) s += to_f(wr[k]) * xv[k];
+            proj[i] = rnd<T>(s);
+        }
+#pragma omp single
+        for (int64_t bi = 0; bi < b; ++bi) {  // RMSNorms on dt (R), B (N), C (N)
+            const int64_t lens[3] = {R, N, N};
+            const T* ws[3] = {dtn, bn, cn};
+            float* p = proj + bi * P;
+            for (int part = 0; part < 3; ++part) {
+                float ss = 0.0f;
+                for (int64_t i = 0; i < lens[part]; ++i) ss += p[i] * p[i];
+                const float inv = 1.0f / std::sqrt(ss / float(lens[part]) + eps);
+                for (int64_t i = 0; i < lens[part]; ++i) p[i] = rnd<T>(to_f(ws[part][i]) * rnd<T>(p[i] * inv));
+                p += lens[part];
+            }
+        }
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < b * d; ++i) {  // dt_proj, softplus, state update, output
+            const int64_t bi = i / d, c = i % d;
+            const float* p = proj + bi * P;
+            const float* Bv = p + R;
+            const float* Cv = p + R + N;
+            const T* wr = dtw + c * R;
+            float s = 0.0f;
+            for (int64_t r = 0; r < R; ++r) s += to_f(wr[r]) * p[r];
+            const float v = rnd<T>(s) + dt_bias[c];
+            const float delta = v > 20.0f ? v : std::log1p(std::exp(v));  // F.softplus, threshold 20
+            const float xv = xs[i];
+            float* h = ssm + i * N;
+            const float* a = A + c * N;
+            vf accv = vf{};
+            for (int64_t n0 = 0; n0 < N; n0 += W) {  // the d_state axis, 16 lanes at a time
+                const int nn = int(N - n0 < W ? N - n0 : W);
+                const vf hv = vexp(delta * load(a + n0, nn)) * load(h + n0, nn) + delta * load(Bv + n0, nn) * xv;
+                store(h + n0, hv, nn);
+                accv += hv * load(Cv + n0, nn);
+            }
+            const float acc = hsum(accv);
+            const float zv = to_f(xz[bi * sxz + d + c]);
+            y[i] = (acc + D[c] * xv) * (zv / (1.0f + std::exp(-zv)));
+        }
+    }
+    delete[] xs;
+    delete[] proj;
+}
+
+}  // namespace
+
+extern "C" {
+
+int jl_version() { return 1; }
+
+// delta: fp32 (ddtype 0) or bf16 (1); with dt_bias / softplus, delta is the raw dt_proj output and the
+// kernel applies softplus(delta + dt_bias) itself (one pass fewer over a (b, L, d) fp32 tensor).
+void jl_scan(int dtype, int ddtype, int64_t b, int64_t L, int64_t d, int64_t N, const void* x, int64_t sxb, int64_t sxt,
+             const void* z, int64_t szb, int64_t szt, const void* dl, int64_t sdb, int64_t sdt, const float* dt_bias,
+             int softplus, const float* At, const float* B, const float* C, const float* D, float* state, float* y,
+             int nthreads) {
+#define JL_ARGS(T, TD) b, L, d, N, (const T*)x, sxb, sxt, (const T*)z, szb, szt, (const TD*)dl, sdb, sdt, dt_bias, softplus, At, B, C, D, state, y, nthreads
+    if (dtype == 1 && ddtype == 1) scan<bf16, bf16>(JL_ARGS(bf16, bf16));
+    else if (dtype == 1) scan<bf16, float>(JL_ARGS(bf16, float));
+    else if (ddtype == 1) scan<float, bf16>(JL_ARGS(float, bf16));
+    else scan<float, float>(JL_ARGS(float, float));
+#undef JL_ARGS
+}
+
+void jl_conv(int dtype, int64_t b, int64_t L, int64_t d, int64_t K, const void* x, int64_t sxb, int64_t sxt, void* state,
+             const float* wT, const float* bias, void* out, int silu, int nthreads) {
+    if (dtype == 1)
+        conv<bf16>(b, L, d, K, (const bf16*)x, sxb, sxt, (bf16*)state, wT, bias, (bf16*)out, silu, nthreads);
+    else
+        conv<float>(b, L, d, K, (const float*)x, sxb, sxt, (float*)state, wT, bias, (float*)out, silu, nthreads);
+}
+
+void jl_gemv(int dtype, int64_t M, int64_t N, int64_t K, const void* x, int64_t sx, const void* w, const void* bias,
+             void* y, int nthreads) {
+    if (dtype == 1 && K % 2 == 0)
+        gemv_bf16_pairs(M, N, K, (const bf16*)x, sx, (const bf16*)w, (const bf16*)bias, (bf16*)y, nthreads);
+    else if (dtype == 1)
+        gemv<bf16>(M, N, K, (const bf16*)x, sx, (const bf16*)w, (const bf16*)bias, (bf16*)y, nthreads);
+    else
+        gemv<float>(M, N, K, (const float*)x, sx, (const float*)w, (const float*)bias, (float*)y, nthreads);
+}
+
+void jl_rmsnorm(int dtype, int wdtype, int64_t rows, int64_t n, const void* x, int64_t sx, const void* w, float eps,
+                void* out, int nthreads) {
+    if (dtype == 1 && wdtype == 1)
+        rmsnorm<bf16, bf16>(rows, n, (const bf16*)x, sx, (const bf16*)w, eps, (bf16*)out, nthreads);
+    else if (dtype == 1)
+        rmsnorm<bf16, float>(rows, n, (const bf16*)x, sx, (const float*)w, eps, (bf16*)out, nthreads);
+    else if (wdtype == 1)
+        rmsnorm<float, bf16>(rows, n, (const float*)x, sx, (const bf16*)w, eps, (float*)out, nthreads);
+    else
+        rmsnorm<float, float>(rows, n, (const float*)x, sx, (const float*)w, eps, (float*)out, nthreads);
+}
+
+void jl_mamba_decode(int dtype, int64_t b, int64_t d, int64_t N, int64_t R, int64_t K, const void* xz, int64_t sxz,
+                     void* conv_state, const float* wT, const float* conv_b, const void* xw, const void* dtn,
+                     const void* bn, const void* cn, float eps, const void* dtw, const float* dt_bias, const float* A,
+                     const float* D, float* ssm, float* y, int nthreads) {
+    if (dtype == 1)
+        mamba_decode<bf16>(b, d, N, R, K, (const bf16*)xz, sxz, (bf16*)conv_state, wT, conv_b, (const bf16*)xw,
+                           (const bf16*)dtn, (const bf16*)bn, (const bf16*)cn, eps, (const bf16*)dtw, dt_bias, A, D, ssm, y,
+                           nthreads);
+    else
+        mamba_decode<float>(b, d, N, R, K, (const float*)xz, sxz, (float*)conv_state, wT, conv_b, (const float*)xw,
+                            (const float*)dtn, (const float*)bn, (const float*)cn, eps, (const float*)dtw, dt_bias, A, D,
+                            ssm, y, nthreads);
+}
+
+}  // extern "C"

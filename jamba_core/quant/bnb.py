@@ -1,0 +1,92 @@
+"""bitsandbytes' formats through its own modules: ``bnb-int8`` (``Linear8bitLt``, LLM.int8(), Dettmers et
+al. 2022: int8 rows with absmax scales, activations quantized per row, outlier columns above the threshold
+kept in 16-bit) and ``bnb-nf4`` (``Linear4bit``, QLoRA, Dettmers et al. 2023: 4-bit NormalFloat in blocks
+of 64, block scales themselves quantized).
+
+Both run on CPU with bitsandbytes >= 0.50 (its CPU backend; checked with 0.50.2). Quantization happens
+when the float weight moves to a device (``Int8Params.to`` / ``Params4bit.to``), which is how the loader
+quantizes one tensor at a time. Saved checkpoints hold bitsandbytes' own state-dict entries (``weight`` and ``SCB`` for int8;
+``weight`` and ``weight.absmax``, ``weight.quant_map``, ... for nf4) and reload without requantizing.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+SCHEMES = ("bnb-int8", "bnb-nf4")
+INT8_THRESHOLD = 6.0  # LLM.int8()'s outlier threshold, as the paper and transformers' BitsAndBytesConfig use
+NF4_BLOCKSIZE = 64
+
+
+def unavailable_reason() -> str | None:
+    """None when bitsandbytes imports and runs on this machine, else why not (for error messages)."""
+    try:
+        _bnb()
+    except Exception as err:  # ImportError, or a native library that fails to load
+        return f"bitsandbytes is not usable here ({type(err).__name__}: {err}); install it with `pip install 'jamba-local[quant]'`"
+    return None
+
+
+def _bnb():
+    # bitsandbytes logs at import that its optional `kernels` package (a hub download) is absent; that
+    # package only speeds up one nf4 CPU path, so the message is noise here
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    import bitsandbytes
+
+    return bitsandbytes
+
+
+def saved_keys(scheme: str) -> tuple[str, ...]:
+    """The state-dict entries (after the module prefix) of one saved module, bias aside."""
+    if scheme == "bnb-int8":
+        return ("weight", "SCB", "weight_format")
+    return ("weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map",
+            "weight.quant_state.bitsandbytes__nf4")
+
+
+def _empty_module(scheme: str, in_features: int, out_features: int, compute_dtype: torch.dtype) -> nn.Module:
+    bnb = _bnb()
+    with torch.device("meta"):  # no float weight is allocated: it is replaced below
+        if scheme == "bnb-int8":
+            return bnb.nn.Linear8bitLt(in_features, out_features, bias=False, has_fp16_weights=False, threshold=INT8_THRESHOLD)
+        return bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=compute_dtype, quant_type="nf4")
+
+
+def from_float(scheme: str, weight: torch.Tensor, bias: nn.Parameter | None, compute_dtype: torch.dtype, device="cpu") -> nn.Module:
+    """A bitsandbytes module holding ``weight (out, in)`` quantized (any float dtype; it is read once)."""
+    bnb = _bnb()
+    out_features, in_features = weight.shape
+    module = _empty_module(scheme, in_features, out_features, compute_dtype)
+    w = weight.detach().to("cpu", copy=True)  # the Params take ownership of the tensor and quantize it on .to()
+    if scheme == "bnb-int8":
+        module.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False).to(device)
+    else:
+        module.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", blocksize=NF4_BLOCKSIZE, module=module).to(device)
+    module.bias = bias
+    return module
+
+
+def from_saved(scheme: str, tensors: dict[str, torch.Tensor], in_features: int, out_features: int, bias: nn.Parameter | None,
+               compute_dtype: torch.dtype, device="cpu") -> nn.Module:
+    """A bitsandbytes module from its saved entries (keys as `saved_keys`), without requantizing."""
+    bnb = _bnb()
+    module = _empty_module(scheme, in_features, out_features, compute_dtype)
+    data = tensors["weight"].to(device)
+    if scheme == "bnb-int8":
+        module.weight = bnb.nn.Int8Params(data, requires_grad=False, has_fp16_weights=False, CB=data, SCB=tensors["SCB"].to(device))
+    else:
+        stats = {k.removeprefix("weight."): v for k, v in tensors.items() if k != "weight"}
+        module.weight = bnb.nn.Params4bit.from_prequantized(data, stats, requires_grad=False, device=device, module=module)
+    module.bias = bias
+    return module
+
+
+def is_bnb_module(module: nn.Module) -> bool:
+    try:
+        bnb = _bnb()
+    except Exception:
+        return False
+    return isinstance(module, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit))

@@ -1,0 +1,321 @@
+"""Every fast op against its reference on fresh random inputs, and the model on every backend.
+
+Bounds (max |fast - reference| / max |reference|, per output):
+- fp32, and bf16 inputs where both sides compute in fp32 (scan, state update, fused decode's SSM):
+  ``FP32_REL`` = 1e-5; the kernels differ from torch only in summation order and a 1-ulp exp.
+- outputs rounded to bf16 (conv, linear, RMSNorm in bf16): ``BF16_REL`` = 1e-2, a few bf16 ulps
+  (2^-8 = 3.9e-3 relative), since one rounding can land on the other side of a tie.
+- conv and SSM states: exact (a conv state is a copy of inputs) or ``FP32_REL``.
+No timing assertions: the benchmark (benchmarks/bench.py) is where speed is judged.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from jamba_core import ops
+from jamba_core.ops import cpu, reference
+
+FP32_REL = 1e-5
+BF16_REL = 1e-2
+DTYPES = [torch.float32, torch.bfloat16]
+
+needs_cpu = pytest.mark.skipif(not cpu.available(), reason=f"fast CPU kernels: {cpu.status()}")
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def scan_inputs(b, d, L, N, dtype, seed, token_major=True):
+    """Random scan inputs in the model's layouts: x, z, delta as (b, d, L) views of (b, L, d) buffers
+    (``token_major``) or contiguous (b, d, L); a nonzero starting state."""
+    g = torch.Generator().manual_seed(seed)
+
+    def act(scale=1.0):
+        t = torch.randn(b, L, d, generator=g) * scale
+        return t.transpose(1, 2) if token_major else t.transpose(1, 2).contiguous()
+
+    x, z = act().to(dtype), act().to(dtype)
+    delta = F.softplus(act() - 2.0)  # fp32, as the model passes it
+    A = -torch.exp(torch.randn(d, N, generator=g) * 0.5 + 0.5)
+    B = torch.randn(b, L, N, generator=g).to(dtype)
+    C = torch.randn(b, L, N, generator=g).to(dtype)
+    D = torch.randn(d, generator=g)
+    state = torch.randn(b, d, N, generator=g)
+    return x, delta, A, B, C, D, z, state
+
+
+# -- selective scan --------------------------------------------------------------------------------
+SCAN_SHAPES = [  # (batch, d_inner, L, d_state): d not a multiple of the 16-channel block, L of anything
+    (1, 1024, 1, 16),
+    (2, 40, 37, 16),
+    (3, 17, 5, 5),
+    (2, 48, 300, 16),  # longer than the reference's 256-token block
+    (1, 24, 2, 8),
+]
+
+
+@needs_cpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SCAN_SHAPES)
+@pytest.mark.parametrize("token_major", [True, False])
+def test_selective_scan_matches_reference(shape, dtype, token_major):
+    inputs = scan_inputs(*shape, dtype, seed=hash((shape, token_major)) % 2**31, token_major=token_major)
+    *args, state = inputs
+    s_ref, s_fast = state.clone(), state.clone()
+    y_ref = reference.selective_scan(*args, s_ref)
+    y_fast = cpu.selective_scan(*args, s_fast)
+    assert y_fast.shape == y_ref.shape and y_fast.dtype == torch.float32
+    assert rel(y_fast, y_ref) <= FP32_REL
+    assert rel(s_fast, s_ref) <= FP32_REL
+
+
+@needs_cpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_selective_scan_with_fused_softplus_matches_reference(dtype):
+    """delta given raw (dt_proj output, model dtype) with delta_bias and delta_softplus: the kernel's
+    softplus (exp, log1p) against F.softplus, over the range where its two branches and log1p's
+    correction matter (raw values from -30 to 30)."""
+    x, _, A, B, C, D, z, state = scan_inputs(2, 40, 37, 16, dtype, seed=11)
+    g = torch.Generator().manual_seed(12)
+    raw = (torch.rand(2, 37, 40, generator=g) * 60 - 30).to(dtype).transpose(1, 2)
+    bias = torch.randn(40, generator=g)
+    s_ref, s_fast = state.clone(), state.clone()
+    delta = F.softplus(raw.float() + bias[None, :, None])
+    y_ref = reference.selective_scan(x, delta, A, B, C, D, z, s_ref)
+    y_fast = cpu.selective_scan(x, raw, A, B, C, D, z, s_fast, delta_bias=bias, delta_softplus=True)
+    assert rel(y_fast, y_ref) <= FP32_REL
+    assert rel(s_fast, s_ref) <= FP32_REL
+    with ops.using("reference"):  # the dispatch composes the same for a backend without the fusion
+        s_disp = state.clone()
+        assert rel(ops.selective_scan(x, raw, A, B, C, D, z, s_disp, delta_bias=bias, delta_softplus=True), y_ref) == 0.0
+
+
+@needs_cpu
+def test_selective_scan_in_pieces_equals_whole():
+    *args, state = scan_inputs(2, 40, 101, 16, torch.float32, seed=7)
+    x, delta, A, B, C, D, z = args
+    whole_state = state.clone()
+    whole = cpu.selective_scan(x, delta, A, B, C, D, z, whole_state)
+    piece_state = state.clone()
+    parts = [cpu.selective_scan(x[..., s:e], delta[..., s:e], A, B[:, s:e], C[:, s:e], D, z[..., s:e], piece_state)
+             for s, e in [(0, 1), (1, 3), (3, 50), (50, 101)]]
+    assert rel(torch.cat(parts, -1), whole) <= FP32_REL
+    assert rel(piece_state, whole_state) <= FP32_REL
+
+
+@needs_cpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,d,N", [(1, 1024, 16), (3, 40, 16), (2, 33, 8), (1, 20, 3)])
+def test_selective_state_update_matches_reference(batch, d, N, dtype):
+    x, delta, A, B, C, D, z, state = scan_inputs(batch, d, 1, N, dtype, seed=d * N)
+    args = (x[:, :, 0], delta[:, :, 0], A, B[:, 0], C[:, 0], D, z[:, :, 0])
+    s_ref, s_fast = state.clone(), state.clone()
+    y_ref = reference.selective_state_update(*args, s_ref)
+    y_fast = cpu.selective_state_update(*args, s_fast)
+    assert y_fast.shape == y_ref.shape == (batch, d)
+    assert rel(y_fast, y_ref) <= FP32_REL
+    assert rel(s_fast, s_ref) <= FP32_REL
+
+
+# -- causal conv -----------------------------------------------------------------------------------
+@needs_cpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("L", [1, 2, 3, 37])  # 1 and 2 are shorter than d_conv - 1 = 3
+@pytest.mark.parametrize("K", [2, 3, 4])
+@pytest.mark.parametrize("bias", [True, False])
+def test_causal_conv1d_matches_reference(L, K, dtype, bias):
+    g = torch.Generator().manual_seed(L * 10 + K)
+    b, d = 2, 37
+    x = torch.randn(b, L, d, generator=g).to(dtype).transpose(1, 2)  # the model's (b, d, L) view
+    w = torch.randn(d, K, generator=g).to(dtype)
+    bvec = torch.randn(d, generator=g).to(dtype) if bias else None
+    state = torch.randn(b, d, K - 1, generator=g).to(dtype)  # a conv that continues earlier tokens
+    bound = FP32_REL if dtype == torch.float32 else BF16_REL
+    s_ref, s_fast, s_silu = state.clone(), state.clone(), state.clone()
+    out_ref = reference.causal_conv1d(x, w, bvec, s_ref)
+    out_fast = cpu.causal_conv1d(x, w, bvec, s_fast)
+    assert out_fast.shape == out_ref.shape and out_fast.dtype == dtype
+    assert rel(out_fast, out_ref) <= bound
+    assert torch.equal(s_fast, s_ref)
+    assert rel(cpu.causal_conv1d_silu(x, w, bvec, s_silu), F.silu(out_ref)) <= bound
+    assert torch.equal(s_silu, s_ref)
+
+
+# -- linear, RMSNorm -------------------------------------------------------------------------------
+@needs_cpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,N,K", [(1, 100, 37), (1, 4099, 512), (3, 64, 1024), (4, 7, 16), (9, 50, 40), (16, 33, 64), (17, 8, 8)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_matches_torch(rows, N, K, dtype, bias):
+    g = torch.Generator().manual_seed(rows * N + K)
+    x = torch.randn(rows, 1, K, generator=g).to(dtype)
+    w = torch.randn(N, K, generator=g).to(dtype)
+    bvec = torch.randn(N, generator=g).to(dtype) if bias else None
+    expected = F.linear(x.float(), w.float(), None if bvec is None else bvec.float())  # exact products, fp32 sums
+    got = cpu.linear(x, w, bvec)
+    assert got.shape == (rows, 1, N) and got.dtype == dtype
+    assert rel(got, expected) <= (FP32_REL if dtype == torch.float32 else BF16_REL)
+
+
+@needs_cpu
+@pytest.mark.parametrize("dtype,wdtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                          (torch.float32, torch.bfloat16),  # the fp32 residual stream, bf16 weights
+                                          (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("shape", [(1, 1, 512), (2, 37, 64), (1, 300, 16)])
+def test_rms_norm_matches_reference(shape, dtype, wdtype):
+    g = torch.Generator().manual_seed(shape[1])
+    x = (torch.randn(*shape, generator=g) * 3).to(dtype)
+    w = (torch.rand(shape[-1], generator=g) + 0.5).to(wdtype)
+    got, expected = cpu.rms_norm(x, w, 1e-6), ops.rms_norm_reference(x, w, 1e-6)
+    assert got.shape == expected.shape and got.dtype == expected.dtype
+    assert rel(got, expected) <= (FP32_REL if expected.dtype == torch.float32 else BF16_REL)
+
+
+# -- the fused Mamba decode step, through the mixer --------------------------------------------------
+def _mixer(dtype, seed=0, **overrides):
+    from jamba_core.model.mamba import MambaMixer
+    from jamba_core.testing import make_config
+
+    config = make_config("tiny", **{"hidden_size": 48, "mamba_d_state": 16, "mamba_d_conv": 4, "mamba_proj_bias": True, **overrides})
+    torch.manual_seed(seed)
+    mixer = MambaMixer(config)
+    with torch.no_grad():
+        for name, p in mixer.named_parameters():
+            if name.endswith("dt_proj.bias"):
+                p.uniform_(-5.0, -2.0)
+            elif name == "A_log":
+                p.add_(torch.rand_like(p) * 0.5)
+            elif not name.endswith(".D"):
+                p.normal_(0, 0.2 if p.dim() > 1 else 0.1)
+    return mixer.to(dtype).requires_grad_(False), config
+
+
+@needs_cpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("overrides", [{}, dict(mamba_d_conv=2, mamba_d_state=8), dict(mamba_conv_bias=False, mamba_dt_rank=5)])
+def test_fused_decode_step_matches_separate_ops(dtype, overrides):
+    from jamba_core.cache import MambaState
+
+    mixer, config = _mixer(dtype, **overrides)
+    mixer.A_log.data = mixer.A_log.data.float()
+    mixer.D.data = mixer.D.data.float()
+    batch = 2
+    x = torch.randn(batch, 20, config.hidden_size, generator=torch.Generator().manual_seed(1)).to(dtype)
+    states = {}
+    outs = {}
+    for backend in ("reference", "cpu"):
+        with ops.using(backend), torch.inference_mode():
+            st = MambaState(batch, mixer.d_in, mixer.d_conv, mixer.d_state, dtype, "cpu")
+            mixer(x[:, :3], st, None)  # a prefix shorter than nothing in particular, then decode
+            outs[backend] = torch.cat([mixer(x[:, t : t + 1], st, None) for t in range(3, 20)], 1)
+            states[backend] = st
+    bound = FP32_REL if dtype == torch.float32 else BF16_REL
+    assert rel(outs["cpu"], outs["reference"]) <= bound * 10  # 17 steps of state carried through the same ops
+    assert rel(states["cpu"].ssm, states["reference"].ssm) <= bound * 10
+    assert rel(states["cpu"].conv, states["reference"].conv) <= bound
+
+
+# -- fallback --------------------------------------------------------------------------------------
+def test_a_failed_build_falls_back_to_the_reference(monkeypatch, caplog):
+    monkeypatch.setattr(cpu, "_state", {"lib": None, "error": None, "tried": False})
+    monkeypatch.setattr(cpu, "_compiler", lambda: None)
+    with caplog.at_level("WARNING"):
+        assert not cpu.available()
+    assert "no C++ compiler" in cpu.status()
+    assert any("unavailable" in r.message for r in caplog.records)
+    *args, state = scan_inputs(1, 20, 9, 4, torch.float32, seed=3)
+    s1, s2 = state.clone(), state.clone()
+    assert torch.equal(cpu.selective_scan(*args, s1), reference.selective_scan(*args, s2))
+    x = torch.randn(1, 1, 8)
+    w = torch.randn(5, 8)
+    assert torch.equal(cpu.linear(x, w), F.linear(x, w))
+    assert torch.equal(cpu.rms_norm(x, torch.ones(8), 1e-6), ops.rms_norm_reference(x, torch.ones(8), 1e-6))
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(ValueError, match="unknown ops backend"):
+        ops.use("nonexistent")
+
+
+# -- the model on every backend ----------------------------------------------------------------------
+BACKENDS = ["reference"] + (["cpu"] if cpu.available() else [])
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    with ops.using(request.param):
+        yield request.param
+
+
+def test_model_matches_transformers_on_every_backend(backend, tmp_path):
+    from test_model_parity import CONFIGS, REL_BOUND, load_ours, max_rel, reference_model
+
+    for name in ("attn-odd-moe-even", "dtrank7-dconv3-mqa-moe-every-layer"):
+        ref = reference_model(CONFIGS[name])
+        ours = load_ours(ref, tmp_path / name)
+        ids = torch.randint(0, 512, (2, 45), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            assert max_rel(ours(ids), ref(ids).logits) <= REL_BOUND
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 64])
+def test_chunked_prefill_then_decode_on_every_backend(backend, chunk, tmp_path):
+    from test_model_parity import CONFIGS, REL_BOUND, load_ours, max_rel, reference_model
+
+    from jamba_core.cache import HybridCache
+
+    ref = reference_model(CONFIGS["gqa4-top1-8experts"])
+    ours = load_ours(ref, tmp_path)
+    ids = torch.randint(0, 512, (1, 70), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = ref(ids).logits
+        cache = HybridCache(ours.config)
+        got = torch.cat([ours(ids[:, s : min(s + chunk, 60)], cache=cache) for s in range(0, 60, chunk)]
+                        + [ours(ids[:, t : t + 1], cache=cache) for t in range(60, 70)], 1)
+    assert max_rel(got, expected) <= REL_BOUND
+
+
+def test_chunked_prefill_with_past_keys_in_blocks_matches_transformers(monkeypatch, tmp_path):
+    """Long prompts attend to the past keys block by block (log-sum-exp merge); a tiny block here."""
+    from test_model_parity import CONFIGS, REL_BOUND, load_ours, max_rel, reference_model
+
+    from jamba_core.cache import HybridCache
+    from jamba_core.model import attention
+
+    monkeypatch.setattr(attention, "PAST_KEY_BLOCK", 7)
+    ref = reference_model(CONFIGS["attn-odd-moe-even"])
+    ours = load_ours(ref, tmp_path)
+    ids = torch.randint(0, 512, (1, 80), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        cache = HybridCache(ours.config)
+        got = torch.cat([ours(ids[:, s : s + 16], cache=cache) for s in range(0, 80, 16)], 1)
+        assert max_rel(got, ref(ids).logits) <= REL_BOUND
+
+
+@needs_cpu
+def test_bf16_model_fast_path_close_to_reference_path(tmp_path):
+    """bf16 weights: the fast path (fused decode, fp32 kernels) against the same model on the reference
+    ops. Both round intermediates to bf16 at the same places; what differs is summation order, so the
+    logits agree to a few bf16 ulps of the largest logit."""
+    from test_model_parity import CONFIGS, load_ours, reference_model
+
+    from jamba_core.cache import HybridCache
+    from jamba_core.loading import load_config, load_model
+
+    ref = reference_model(CONFIGS["attn-odd-moe-even"])
+    load_ours(ref, tmp_path)
+    model = load_model(tmp_path, load_config(tmp_path), dtype=torch.bfloat16, progress=False)
+    ids = torch.randint(0, 512, (1, 40), generator=torch.Generator().manual_seed(3))
+    logits = {}
+    for name in ("reference", "cpu"):
+        with ops.using(name), torch.no_grad():
+            cache = HybridCache(model.config, dtype=torch.bfloat16)
+            prefill = model(ids[:, :30], cache=cache)
+            steps = [model(ids[:, t : t + 1], cache=cache) for t in range(30, 40)]
+            logits[name] = torch.cat([prefill] + steps, 1).float()
+    assert rel(logits["cpu"], logits["reference"]) <= BF16_REL
