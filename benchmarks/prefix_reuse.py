@@ -49,12 +49,15 @@ def run(engine_reuse: Engine, engine_plain: Engine, doc: str, turns: int, new_to
             row[name] = {"wall_s": time.perf_counter() - t0, "prompt_tokens": result.usage.prompt_tokens,
                          "cached_tokens": result.usage.cached_tokens,
                          "prefilled_tokens": result.usage.prompt_tokens - result.usage.cached_tokens,
+                         "ttft_s": result.timings.time_to_first_token_s,
                          "token_ids": result.token_ids}
         assert row["reuse"]["token_ids"] == row["plain"]["token_ids"], f"turn {t + 1}: outputs differ"
         row["speedup"] = row["plain"]["wall_s"] / row["reuse"]["wall_s"]
+        row["ttft_speedup"] = row["plain"]["ttft_s"] / row["reuse"]["ttft_s"]
         rows.append(row)
         print(f"turn {t + 1:2d}: prompt {row['plain']['prompt_tokens']:6d}  prefilled reuse {row['reuse']['prefilled_tokens']:6d}  "
-              f"wall reuse {row['reuse']['wall_s']:.2f} s  plain {row['plain']['wall_s']:.2f} s  x{row['speedup']:.1f}", flush=True)
+              f"wall reuse {row['reuse']['wall_s']:.2f} s  plain {row['plain']['wall_s']:.2f} s  x{row['speedup']:.1f}  "
+              f"TTFT reuse {row['reuse']['ttft_s']:.3f} s  plain {row['plain']['ttft_s']:.2f} s  x{row['ttft_speedup']:.0f}", flush=True)
         messages.append({"role": "assistant", "content": engine_reuse.decode(row["reuse"]["token_ids"])})
     return rows
 
@@ -83,16 +86,21 @@ def main(argv=None) -> int:
             for name in ("reuse", "plain"):
                 row[name].pop("token_ids")
     (out / "prefix_reuse.json").write_text(json.dumps(results, indent=1))
-    lines = ["| document | turn | prompt tokens | prefilled (reuse) | wall reuse (s) | wall full re-prefill (s) | speed-up |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| document | turn | prompt tokens | prefilled (reuse) | wall reuse (s) | wall full re-prefill (s) | speed-up | "
+             "TTFT reuse (s) | TTFT full (s) | TTFT speed-up |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for n, rows in results.items():
         for row in rows:
             lines.append(f"| {n} | {row['turn']} | {row['plain']['prompt_tokens']} | {row['reuse']['prefilled_tokens']} | "
-                         f"{row['reuse']['wall_s']:.2f} | {row['plain']['wall_s']:.2f} | {row['speedup']:.1f}x |")
+                         f"{row['reuse']['wall_s']:.2f} | {row['plain']['wall_s']:.2f} | {row['speedup']:.1f}x | "
+                         f"{row['reuse']['ttft_s']:.3f} | {row['plain']['ttft_s']:.2f} | {row['ttft_speedup']:.0f}x |")
         later = [r["reuse"]["wall_s"] for r in rows[1:]]
         lines.append(f"| {n} | turns 2-{len(rows)} median | | | {statistics.median(later):.2f} | "
                      f"{statistics.median(r['plain']['wall_s'] for r in rows[1:]):.2f} | "
-                     f"{statistics.median(r['speedup'] for r in rows[1:]):.1f}x |")
+                     f"{statistics.median(r['speedup'] for r in rows[1:]):.1f}x | "
+                     f"{statistics.median(r['reuse']['ttft_s'] for r in rows[1:]):.3f} | "
+                     f"{statistics.median(r['plain']['ttft_s'] for r in rows[1:]):.2f} | "
+                     f"{statistics.median(r['ttft_speedup'] for r in rows[1:]):.0f}x |")
     (out / "prefix_reuse.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
