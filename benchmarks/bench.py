@@ -228,7 +228,7 @@ def _machine_bounds() -> dict:
     """Memory bandwidth (copy: bytes read + written; read: a reduction) and matmul FLOP rates."""
     import torch
 
-    n = 256 * MiB // 4  # 1 GiB fp32 each way: far beyond any cache
+    n = 256 * MiB // 4  # 256 MiB of fp32 each way: far beyond any cache
     x = torch.ones(n)
     y = torch.empty_like(x)
     copy = 2 * x.numel() * 4 / _timed(lambda: y.copy_(x), 5) / 1e9

@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -158,17 +159,33 @@ def _channels_last(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(1, 2).contiguous().transpose(1, 2)
 
 
-# Below about this many multiply-adds (or elements) a kernel runs on one thread. Measured on bench-small
-# decode with other processes on the machine: with every GEMV above 128K elements parallel (about 50
-# parallel regions per token) the median step was 6x slower than with only the LM head parallel, since
-# each region waits for a thread the OS has preempted; the fastest steps differ by 25%.
-SERIAL_WORK = 1 << 22
+# Below SERIAL_WORK multiply-adds (or elements) a kernel runs on one thread: a parallel region's start and
+# barrier cost more than they save. Below BUSY_SERIAL_WORK too while the machine is oversubscribed (load
+# average above its cores, as MKL_DYNAMIC does for MKL): each parallel region then waits for a thread the
+# OS has preempted. Measured on bench-small decode beside other processes: with every GEMV above 128K
+# elements parallel (about 50 regions per token) the median step was 6x slower than with only the LM
+# head parallel; on a quiet machine the parallel GEMVs read weights faster (the fastest steps, 16 ms
+# against 40 ms).
+SERIAL_WORK = 1 << 17
+BUSY_SERIAL_WORK = 1 << 22
+_busy = {"checked": -1e9, "busy": False}
+
+
+def _machine_busy() -> bool:
+    """Whether the 1-minute load average exceeds the cores (checked at most once a second)."""
+    now = time.monotonic()
+    if now - _busy["checked"] > 1.0:
+        _busy["checked"] = now
+        try:
+            _busy["busy"] = os.getloadavg()[0] > (os.cpu_count() or 1) + 0.5
+        except OSError:
+            _busy["busy"] = False
+    return _busy["busy"]
 
 
 def _threads(work: int | None = None) -> int:
-    """torch's thread count; one thread for small work, where a parallel region's start and barrier
-    cost more than they save (and far more on a machine shared with other processes)."""
-    if work is not None and work < SERIAL_WORK:
+    """torch's thread count, or one thread for small work (see SERIAL_WORK)."""
+    if work is not None and (work < SERIAL_WORK or (work < BUSY_SERIAL_WORK and _machine_busy())):
         return 1
     return max(1, torch.get_num_threads())
 
