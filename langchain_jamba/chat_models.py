@@ -7,10 +7,8 @@ results back to `AIMessage` / `AIMessageChunk`.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
@@ -44,6 +42,8 @@ from langchain_core.utils.json import parse_partial_json
 from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import ConfigDict, Field, PrivateAttr, field_validator, model_validator
 from typing_extensions import Self
+
+from jamba_core.aio import iterate_in_thread
 
 PROVIDER = "jamba-local"
 _CHOICE_WORDS = ("auto", "none", "any", "required")
@@ -497,7 +497,7 @@ class ChatJamba(BaseChatModel):
         request = self._request(messages, stop, kwargs)
         result = None
         # every event crosses to the loop (not only the last), so a cancelled call stops at the next token
-        async for event in _iterate_in_thread(lambda: self._events(request)):
+        async for event in iterate_in_thread(lambda: self._events(request)):
             if isinstance(event, ChatDone):
                 result = event.result
         return _chat_result(result, request.model_name)
@@ -505,7 +505,7 @@ class ChatJamba(BaseChatModel):
     async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                        run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
         request = self._request(messages, stop, kwargs)
-        async for chunk in _iterate_in_thread(lambda: self._chunks(request)):
+        async for chunk in iterate_in_thread(lambda: self._chunks(request)):
             yield ChatGenerationChunk(message=chunk)
 
     # -- prefix-state reuse --------------------------------------------------------------------------
@@ -892,56 +892,6 @@ def _spoiling_suffix(prefix: str) -> str:
 
 
 # -- running generation off the event loop ------------------------------------------------------------
-_DONE = object()
-
-
-async def _iterate_in_thread(make_iterator: Callable[[], Iterator[Any]]) -> AsyncIterator[Any]:
-    """Run a blocking iterator in a worker thread and yield its items on the event loop.
-
-    Items cross the thread boundary through an `asyncio.Queue` (put with `call_soon_threadsafe`), so
-    the loop never waits on the model. When the consumer stops early (break, cancellation), the worker
-    closes the iterator at its next item, which ends generation and releases the engine."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-    stop = threading.Event()
-
-    def put(item: Any, error: BaseException | None = None) -> bool:
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, (item, error))
-            return True
-        except RuntimeError:  # the loop has closed: nobody is listening
-            return False
-
-    def work() -> None:
-        iterator = None
-        try:
-            iterator = make_iterator()
-            for item in iterator:
-                if stop.is_set() or not put(item):
-                    break
-        except BaseException as error:  # noqa: BLE001 - re-raised in the consumer
-            put(_DONE, error)
-            return
-        finally:
-            close = getattr(iterator, "close", None)
-            if close is not None:
-                close()
-        put(_DONE)
-
-    worker = loop.run_in_executor(None, work)
-    try:
-        while True:
-            item, error = await queue.get()
-            if item is _DONE:
-                if error is not None:
-                    raise error
-                break
-            yield item
-        await worker
-    finally:
-        stop.set()
-
-
 # -- small helpers -------------------------------------------------------------------------------------
 def _is_engine(value: Any) -> bool:
     return value is not None and not isinstance(value, (str, os.PathLike)) and hasattr(value, "stream") and hasattr(value, "tokenizer")

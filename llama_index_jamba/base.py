@@ -8,13 +8,11 @@ tool-call grammar, JSON-schema decoding, parsing and usage all live in `jamba_co
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import json
 import os
-import threading
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Dict, Iterator, List, Optional, Sequence, Type, Union
+from typing import Any, Dict, List, Optional, Sequence, Type, Union
 
 from llama_index.core.base.llms.types import (
     ChatMessage,
@@ -48,6 +46,7 @@ from llama_index.core.prompts import PromptTemplate
 from llama_index.core.schema import BaseNode, MetadataMode, NodeWithScore
 from llama_index.core.types import PydanticProgramMode
 
+from jamba_core.aio import iterate_in_thread
 from jamba_core.chat.api import ChatDone, ChatResult, ContentDelta, InvalidToolCall, ToolCallChunk, chat, chat_stream
 from jamba_core.engine import Engine, get_engine
 
@@ -202,7 +201,7 @@ class JambaLLM(FunctionCallingLLM):
 
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
-        return _iterate_in_thread(lambda: self._stream_chat(messages, **kwargs))
+        return iterate_in_thread(lambda: self._stream_chat(messages, **kwargs))
 
     def _chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         request, generation = self._request(messages, kwargs)
@@ -241,7 +240,7 @@ class JambaLLM(FunctionCallingLLM):
 
     @llm_completion_callback()
     async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseAsyncGen:
-        return _iterate_in_thread(lambda: self._stream_complete(prompt, formatted, **kwargs))
+        return iterate_in_thread(lambda: self._stream_complete(prompt, formatted, **kwargs))
 
     def _complete(self, prompt: str, formatted: bool, **kwargs: Any) -> CompletionResponse:
         last = None
@@ -599,48 +598,3 @@ def _config_file(model: str) -> Path:
     except Exception as err:  # offline, unknown repo: say what to do
         raise FileNotFoundError(f"cannot read config.json of {model!r} ({type(err).__name__}: {err}); "
                                 "pass a local checkpoint folder or download the model first") from err
-
-
-async def _iterate_in_thread(make_iter: Callable[[], Iterator[Any]]) -> AsyncIterator[Any]:
-    """Run a blocking iterator in a worker thread, handing its items to the event loop through a
-    queue, so that the loop keeps serving while the engine generates. Stopping early (break, cancel)
-    tells the worker to stop at the next item and close the iterator, which releases the engine."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-    stop = threading.Event()
-    end = object()
-
-    def put(item: Any) -> None:
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:  # the loop closed under us: nobody is listening any more
-            stop.set()
-
-    def work() -> None:
-        try:
-            iterator = make_iter()
-            try:
-                for item in iterator:
-                    if stop.is_set():
-                        break
-                    put((item, None))
-            finally:
-                getattr(iterator, "close", lambda: None)()
-        except BaseException as err:  # handed to the consumer, raised there
-            put((end, err))
-            return
-        put((end, None))
-
-    context = contextvars.copy_context()  # keep LlamaIndex's instrumentation spans in the worker
-    worker = threading.Thread(target=context.run, args=(work,), name="jamba-llm-stream", daemon=True)
-    worker.start()
-    try:
-        while True:
-            item, err = await queue.get()
-            if item is end:
-                if err is not None:
-                    raise err
-                return
-            yield item
-    finally:
-        stop.set()

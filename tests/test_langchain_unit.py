@@ -29,11 +29,11 @@ from langchain_jamba import ChatJamba  # noqa: E402
 from langchain_core.messages import AIMessageChunk  # noqa: E402
 from langchain_core.utils.json import parse_partial_json  # noqa: E402
 
+from jamba_core.aio import iterate_in_thread as _iterate_in_thread  # noqa: E402
 from langchain_jamba.chat_models import (  # noqa: E402
     _context_window_without_loading,
     _convert_documents,
     _convert_message,
-    _iterate_in_thread,
     _normalize_response_format,
     _normalize_tool_choice,
     _spoiling_suffix,
