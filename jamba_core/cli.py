@@ -1,4 +1,4 @@
-"""`jamba-local` command line: generate, chat, info, bench, demo."""
+"""`jamba-local` command line: generate, chat, info, eval, bench, demo."""
 
 from __future__ import annotations
 
@@ -111,6 +111,34 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _tokens(text: str) -> int:
+    """"4k" -> 4096, "128K" -> 131072, "1000" -> 1000."""
+    text = text.strip().lower()
+    return int(text[:-1]) * 1024 if text.endswith("k") else int(text)
+
+
+def cmd_eval(args) -> int:
+    from langchain_jamba import ChatJamba
+
+    from .eval import evaluate, write_report
+
+    chat = ChatJamba(model=args.model, temperature=0.0, max_tokens=args.max_new_tokens, dtype=args.dtype,
+                     device=args.device, quantization=args.quantization)
+    tokenizer = chat.engine.tokenizer
+
+    def progress(cell):
+        print(f"{cell['task']:18s} {cell['length']:>7d} tokens  depth {cell['depth']:5.1f}%  accuracy {cell['accuracy']:.2f}  "
+              f"{cell['latency_s']:.1f} s", file=sys.stderr, flush=True)
+
+    results = evaluate(chat, args.tasks.split(","), [_tokens(n) for n in args.lengths.split(",")],
+                       [float(d) for d in args.depths.split(",")], args.samples, tokenizer, seed=args.seed,
+                       max_new_tokens=args.max_new_tokens, progress=progress)
+    paths = write_report(results, args.out)
+    print(paths["markdown"].read_text(encoding="utf-8"))
+    print(f"wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
+    return 0
+
+
 def cmd_bench(args) -> int:
     from benchmarks.bench import main as bench_main
 
@@ -145,6 +173,19 @@ def main(argv=None) -> int:
     p.add_argument("--fits", type=float, default=None, metavar="GIB", help="say whether the total fits in this many GiB")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
+    p = sub.add_parser("eval", help="RULER-style long-context accuracy (needles, variable tracking) over Moby-Dick")
+    p.add_argument("model", metavar="MODEL_PATH", help="checkpoint folder or Hub id")
+    p.add_argument("--tasks", default="niah_single,niah_multikey,niah_multivalue,variable_tracking")
+    p.add_argument("--lengths", default="1k,4k,16k", help="context lengths in tokens, e.g. 1k,4k,16k or 2000")
+    p.add_argument("--depths", default="0,25,50,75,100", help="needle depths in percent")
+    p.add_argument("--samples", type=int, default=2, help="samples per (task, length, depth) cell")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--out", default="ruler-results", help="folder for results.json, results.md, heatmap.png")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quantization", default=None, help=_QUANT_HELP)
+    p.set_defaults(func=cmd_eval)
     for name, func, text in (("bench", cmd_bench, "speed and memory against transformers"), ("demo", cmd_demo, "the main job: RAG over a long document")):
         p = sub.add_parser(name, help=text, add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)

@@ -85,20 +85,20 @@ def _cpu_signature() -> str:
     return platform.processor() or platform.machine()
 
 
-def build(force: bool = False) -> Path:
-    """Compile ``cpu_kernels.cpp`` into the cache (once per source, compiler and CPU) and return the
-    library's path. Raises ``RuntimeError`` with the compiler's output when it cannot build."""
+def build(force: bool = False, source: Path = SOURCE) -> Path:
+    """Compile ``source`` (default ``cpu_kernels.cpp``) into the cache (once per source, compiler and CPU)
+    and return the library's path. Raises ``RuntimeError`` with the compiler's output when it cannot build."""
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set $CXX, or install g++)")
-    source = SOURCE.read_bytes()
+    code = source.read_bytes()
     try:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as err:
         raise RuntimeError(f"{cxx} --version failed: {err}") from err
-    key = hashlib.sha256(source + " ".join(FLAGS).encode() + version.encode() + _cpu_signature().encode()).hexdigest()[:16]
+    key = hashlib.sha256(code + " ".join(FLAGS).encode() + version.encode() + _cpu_signature().encode()).hexdigest()[:16]
     for folder in (_cache_dir(), Path(tempfile.gettempdir()) / "jamba-local-kernels"):
-        lib = folder / f"libjamba_cpu_{key}.so"
+        lib = folder / f"lib{source.stem}_{key}.so"
         if lib.is_file() and not force:
             return lib
         try:
@@ -108,13 +108,13 @@ def build(force: bool = False) -> Path:
         tmp = folder / f".{lib.name}.{os.getpid()}.tmp"
         errors = []
         for flags in FLAG_SETS:
-            proc = subprocess.run([cxx, *flags, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True, timeout=600)
+            proc = subprocess.run([cxx, *flags, str(source), "-o", str(tmp)], capture_output=True, text=True, timeout=600)
             if proc.returncode == 0:
                 os.replace(tmp, lib)  # atomic: concurrent builders never see half a library
                 return lib
             errors.append(f"{' '.join(flags)}:\n{proc.stderr[-2000:]}")
         tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"{cxx} failed to build {SOURCE.name}:\n" + "\n".join(errors))
+        raise RuntimeError(f"{cxx} failed to build {source.name}:\n" + "\n".join(errors))
     raise RuntimeError(f"no writable cache folder for the kernels (tried {_cache_dir()} and the temp folder)")
 
 

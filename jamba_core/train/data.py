@@ -1,0 +1,167 @@
+"""Synthetic chat data for the small trained Jamba, rendered with the real template (`render_chat`).
+
+Three task families, each a conversation whose assistant turns are the training targets:
+
+- needle retrieval over real-text haystacks (`jamba_core.eval.ruler`'s tasks, ``split="train"`` keys);
+- tool calls: random tools (name, description, JSON-schema parameters) in the system message, a user
+  request that names the arguments, the call in the checkpoint's ``<tool_calls>`` format, the tool's
+  result, then an answer that quotes it;
+- JSON extraction: a record described in prose, a JSON schema as the response format (JSON mode), the
+  record as JSON.
+
+Words come from Moby-Dick's vocabulary; ``split`` ("train" / "test") keeps tool names, argument values
+and record values of the two splits disjoint (a stable hash of the word decides), so evaluation uses
+names and values never seen in training.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+from functools import lru_cache
+
+from ..chat.render import render_chat
+from ..eval import ruler
+from ..tokenizer import shared_dir
+
+VERBS = ("get", "find", "lookup", "fetch", "compute", "convert", "search", "check", "create", "send", "list", "count",
+         "update", "book", "cancel", "translate", "measure", "track", "score", "rate")
+PARAM_NAMES = ("input", "query", "city", "location", "name", "id", "amount", "unit", "date", "count", "text", "limit",
+               "language", "currency", "user", "item", "size", "color", "price", "code", "value", "topic", "level")
+FIELD_NAMES = ("name", "age", "city", "email", "score", "active", "color", "count", "title", "country", "year",
+               "price", "rank", "ship", "captain", "crew", "weight", "owner", "status", "port")
+
+
+@lru_cache(maxsize=1)
+def _vocabulary() -> tuple[str, ...]:
+    text = (shared_dir() / "data" / "moby-dick.txt").read_text(encoding="utf-8")
+    counts = Counter(re.findall(r"\b[a-z]{4,9}\b", text))
+    return tuple(sorted(w for w, n in counts.items() if n >= 5))
+
+
+@lru_cache(maxsize=2)
+def words(split: str) -> tuple[str, ...]:
+    """Moby-Dick words of 4-9 letters seen >= 5 times whose crc32 parity matches the split (train even)."""
+    parity = {"train": 0, "test": 1}[split]
+    return tuple(w for w in _vocabulary() if zlib.crc32(w.encode()) % 2 == parity)
+
+
+@dataclass
+class Conversation:
+    task: str
+    messages: list[dict]
+    tools: list[dict] | None = None
+    response_format: dict | None = None
+
+
+# -- tool calls ------------------------------------------------------------------------------------
+def _value(kind: str, rng: random.Random, vocab, enum=None):
+    if kind == "integer":
+        return rng.randint(0, 999)
+    if kind == "number":
+        return round(rng.uniform(0, 1000), rng.choice((1, 2)))
+    if kind == "boolean":
+        return rng.random() < 0.5
+    if enum:
+        return rng.choice(enum)
+    return " ".join(rng.choice(vocab) for _ in range(rng.choice((1, 1, 2)))).capitalize() if rng.random() < 0.3 else rng.choice(vocab)
+
+
+def _say(value) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
+def random_tool(rng: random.Random, vocab) -> dict:
+    """An OpenAI-style function tool with 1-3 typed parameters, all required."""
+    noun = rng.choice(vocab)
+    name = rng.choice((f"{rng.choice(VERBS)}_{noun}", noun, f"{noun}_{rng.choice(vocab)}"))
+    props, n = {}, rng.choice((1, 1, 2, 2, 3))
+    while len(props) < n:
+        pname = rng.choice(PARAM_NAMES) if rng.random() < 0.6 else rng.choice(vocab)
+        kind = rng.choice(("string", "string", "integer", "number", "boolean", "enum"))
+        spec = {"type": "string" if kind == "enum" else kind, "description": f"The {pname}."}
+        if kind == "enum":
+            spec["enum"] = rng.sample(vocab, 3)
+        props[pname] = spec
+    return {"type": "function", "function": {"name": name, "description": f"{rng.choice(VERBS).capitalize()} the {noun}.",
+            "parameters": {"type": "object", "properties": props, "required": list(props)}}}
+
+
+def _request(name: str, args: dict, rng: random.Random) -> str:
+    pairs = [(k, _say(v)) for k, v in args.items()]
+    if len(pairs) == 1 and rng.random() < 0.3:
+        return rng.choice((f"What is the value of {name}({pairs[0][1]})? Use the tool.",
+                           f"Use the {name} tool on {pairs[0][1]}."))
+    listing = rng.choice((
+        ", ".join(f"{k}={v}" for k, v in pairs),
+        " and ".join(f"{k} {v}" for k, v in pairs),
+        ", ".join(f"{k} is {v}" for k, v in pairs),
+        ", ".join(f"{k}: {v}" for k, v in pairs),
+    ))
+    return rng.choice((f"Call {name} with {listing}.", f"Use the {name} tool with {listing}.",
+                       f"Please run {name} for {listing}.", f"I need {name}: {listing}"))
+
+
+def tool_call(rng: random.Random, split: str = "train") -> Conversation:
+    vocab = words(split)
+    tools = [random_tool(rng, vocab) for _ in range(rng.choice((1, 2, 3)))]
+    chosen = rng.choice(tools)["function"]
+    args = {k: _value("enum" if "enum" in spec else spec["type"], rng, vocab, spec.get("enum"))
+            for k, spec in chosen["parameters"]["properties"].items()}
+    result = rng.choice((str(rng.randint(0, 99999)), f"{rng.choice(vocab)} {rng.randint(1, 999)}", rng.choice(vocab)))
+    messages = []
+    if rng.random() < 0.3:
+        messages.append({"role": "system", "content": "You are a helpful assistant."})
+    messages += [
+        {"role": "user", "content": _request(chosen["name"], args, rng)},
+        {"role": "assistant", "content": "", "tool_calls": [{"id": "call_0", "type": "function",
+                                                             "function": {"name": chosen["name"], "arguments": args}}]},
+        {"role": "tool", "tool_call_id": "call_0", "content": result},
+        {"role": "assistant", "content": rng.choice((f"The result is {result}.", f"{chosen['name']} returned {result}.", result))},
+    ]
+    return Conversation("tool_call", messages, tools=tools)
+
+
+# -- JSON extraction -------------------------------------------------------------------------------
+def json_extraction(rng: random.Random, split: str = "train") -> Conversation:
+    vocab = words(split)
+    n = rng.choice((1, 2, 3, 4))
+    names = rng.sample(FIELD_NAMES, n) if rng.random() < 0.7 else rng.sample(vocab, n)
+    kinds = {k: rng.choice(("string", "string", "integer", "number", "boolean")) for k in names}
+    record = {k: _value(kinds[k], rng, vocab) for k in names}
+    facts = [rng.choice((f"The {k} is {_say(v)}.", f"Its {k} is {_say(v)}.", f"{k}: {_say(v)}."))
+             for k, v in record.items()]
+    rng.shuffle(facts)
+    schema = {"title": rng.choice(("Record", "Info", "Entry", rng.choice(vocab).capitalize())), "type": "object",
+              "properties": {k: {"type": kinds[k]} for k in names}, "required": names}
+    messages = [{"role": "user", "content": rng.choice(("Extract the fields from this text: ", "", "Text: ")) + " ".join(facts)},
+                {"role": "assistant", "content": json.dumps(record)}]
+    return Conversation("json", messages, response_format={"type": "json_schema", "json_schema": {"name": schema["title"], "schema": schema}})
+
+
+# -- needles ---------------------------------------------------------------------------------------
+def needle(rng: random.Random, haystack, length: int, split: str = "train") -> Conversation:
+    task = rng.choices(ruler.TASKS, weights=(4, 2, 2, 1))[0]
+    sample = ruler.make_sample(task, length, rng.uniform(0, 100), rng.randrange(2**31), haystack, split=split)
+    return Conversation(task, [{"role": "user", "content": sample.prompt}, {"role": "assistant", "content": sample.target}])
+
+
+# -- tokens ----------------------------------------------------------------------------------------
+def encode(tokenizer, conv: Conversation) -> tuple[list[int], list[int]]:
+    """Token ids of the whole conversation and a 0/1 mask marking the assistant turns' tokens (content
+    and closing ``<|eom|>``): the positions whose next-token prediction is trained."""
+    kw = dict(tools=conv.tools, response_format=conv.response_format)
+    ids = tokenizer.encode(render_chat(tokenizer, conv.messages, add_generation_prompt=False, **kw), add_special_tokens=False)
+    mask = [0] * len(ids)
+    for i, m in enumerate(conv.messages):
+        if m["role"] != "assistant":
+            continue
+        start = len(tokenizer.encode(render_chat(tokenizer, conv.messages[:i], add_generation_prompt=True, **kw), add_special_tokens=False))
+        end = len(tokenizer.encode(render_chat(tokenizer, conv.messages[: i + 1], add_generation_prompt=False, **kw), add_special_tokens=False))
+        for t in range(start, end):
+            mask[t] = 1
+    return ids, mask

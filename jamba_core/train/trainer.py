@@ -1,0 +1,185 @@
+"""Train a small Jamba on synthetic chat data (`jamba_core.train.data`) on this CPU, seeded.
+
+``python -m jamba_core.train --out checkpoints/jamba-tiny-chat --steps 2400`` writes a checkpoint folder
+in the Hub format (``config.json``, ``model.safetensors`` with the Hub's weight names, tokenizer files
+with the Jamba special tokens and chat template), ``training.json`` (arguments, parameter count, time,
+the loss at every step) and ``loss.png``.
+
+The model is our own `JambaForCausalLM` (the same modules that serve it) with the ops backend
+``"train"`` (`jamba_core.train.scan`: a selective scan with a backward pass). Loss: next-token
+cross-entropy on the assistant turns only. Needle lengths grow over training (256 tokens, then up to
+512, 1024, and 2048 in the last third); tool-call and JSON batches are mixed in throughout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from .. import ops
+from ..eval import ruler
+from ..model import JambaForCausalLM
+from ..testing import make_config, random_weights
+from ..tokenizer import shared_dir, train_tokenizer
+from . import data, scan
+
+ops.register("train", scan)
+
+# Every layer kind present: Mamba (layers 0, 2, 3, 5), attention (1, 4), MoE (1, 3, 5), MLP (0, 2, 4).
+CONFIG = dict(vocab_size=4096, hidden_size=192, intermediate_size=384, num_hidden_layers=6, num_attention_heads=6,
+              num_key_value_heads=3, attn_layer_period=3, attn_layer_offset=1, num_experts=4, num_experts_per_tok=2,
+              expert_layer_period=2, expert_layer_offset=1, mamba_d_state=16, mamba_d_conv=4, mamba_expand=2)
+TOKENS_PER_BATCH = 4096
+MIX = {"needle": 0.6, "tool_call": 0.25, "json": 0.15}
+
+
+def make_tokenizer(seed: int = 0):
+    """BPE on Moby-Dick plus 2,000 rendered tool-call / JSON conversations (so JSON punctuation and the
+    tool format get their own tokens), with the Jamba special tokens and chat template."""
+    rng = random.Random(seed)
+    plain = train_tokenizer(CONFIG["vocab_size"])
+    extra = []
+    for _ in range(1000):
+        for conv in (data.tool_call(rng), data.json_extraction(rng)):
+            extra.append(data.render_chat(plain, conv.messages, tools=conv.tools, response_format=conv.response_format,
+                                          add_generation_prompt=False))
+    book = (shared_dir() / "data" / "moby-dick.txt").read_text(encoding="utf-8")
+    return train_tokenizer(CONFIG["vocab_size"], text=book + "\n".join(extra))
+
+
+def needle_length(step: int, steps: int) -> int:
+    f = step / steps
+    choices = [256] if f < 0.15 else [256, 512] if f < 0.4 else [256, 512, 1024] if f < 0.65 else [512, 1024, 2048]
+    return random.Random(step).choice(choices)
+
+
+def batch(step: int, steps: int, seed: int, tokenizer, haystack):
+    """(ids (b, L) long, targets mask (b, L) bool, family) for one step, deterministic in (seed, step)."""
+    rng = random.Random(seed * 1_000_003 + step)
+    family = rng.choices(list(MIX), weights=list(MIX.values()))[0]
+    convs = []
+    if family == "needle":
+        length = needle_length(step, steps)
+        convs = [data.needle(rng, haystack, length) for _ in range(max(1, TOKENS_PER_BATCH // length))]
+    else:
+        make = data.tool_call if family == "tool_call" else data.json_extraction
+        total = 0
+        while total < TOKENS_PER_BATCH // 2:
+            convs.append(make(rng))
+            total += len(convs[-1].messages[0]["content"]) // 3 + 200
+    encoded = [data.encode(tokenizer, c) for c in convs]
+    L = max(len(ids) for ids, _ in encoded)
+    ids = torch.full((len(encoded), L), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(encoded), L, dtype=torch.bool)
+    for i, (x, m) in enumerate(encoded):  # right padding: causal, so padding never reaches real tokens
+        ids[i, : len(x)] = torch.tensor(x)
+        mask[i, : len(m)] = torch.tensor(m, dtype=torch.bool)
+    return ids, mask, family
+
+
+def loss_fn(model, ids, mask):
+    logits = model(ids[:, :-1])  # position t predicts token t+1
+    target = mask[:, 1:]
+    return F.cross_entropy(logits[target].float(), ids[:, 1:][target])
+
+
+def train(out: Path, steps: int, seed: int = 0, lr: float = 2e-3, minutes: float | None = None, log_every: int = 20) -> dict:
+    torch.manual_seed(seed)
+    t0 = time.time()
+    tokenizer = make_tokenizer(seed)
+    eom = tokenizer.convert_tokens_to_ids("<|eom|>")
+    config = make_config("tiny", **CONFIG, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=[tokenizer.eos_token_id, eom])
+    config.architectures = ["JambaForCausalLM"]
+    model = JambaForCausalLM(config)
+    weights = random_weights(config, seed)
+    weights["lm_head.weight"] = torch.randn(config.vocab_size, config.hidden_size, generator=torch.Generator().manual_seed(seed)) * config.initializer_range
+    model.load_state_dict(weights)
+    n_params = sum(p.numel() for p in model.parameters())
+    haystack = ruler.Haystack(tokenizer)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+    warmup = max(1, steps // 50)
+    history = []
+    ops.use("train")
+    model.train()
+    for step in range(steps):
+        scale = min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        for group in opt.param_groups:
+            group["lr"] = lr * scale
+        ids, mask, family = batch(step, steps, seed, tokenizer, haystack)
+        loss = loss_fn(model, ids, mask)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        history.append({"step": step, "loss": round(loss.item(), 4), "family": family, "tokens": int(ids.numel()),
+                        "grad_norm": round(float(grad_norm), 3), "elapsed_s": round(time.time() - t0, 1)})
+        if step % log_every == 0 or step == steps - 1:
+            print(f"step {step}/{steps} {family:9s} L={ids.shape[1]:5d} loss {loss.item():.4f} "
+                  f"gn {float(grad_norm):.2f} {time.time() - t0:.0f}s", flush=True)
+        if minutes is not None and time.time() - t0 > minutes * 60:
+            print(f"stopping at step {step}: {minutes} minutes reached", flush=True)
+            break
+    model.eval()
+    save(model, tokenizer, config, out)
+    info = {"seed": seed, "steps_planned": steps, "steps_run": len(history), "lr": lr, "parameters": n_params,
+            "tokens_per_batch": TOKENS_PER_BATCH, "mix": MIX, "config": CONFIG, "train_seconds": round(time.time() - t0, 1),
+            "torch_threads": torch.get_num_threads(), "history": history}
+    (out / "training.json").write_text(json.dumps(info))
+    plot_loss(history, out / "loss.png")
+    return info
+
+
+def save(model, tokenizer, config, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(out)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(out)
+
+
+def plot_loss(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for family in MIX:
+        pts = [(h["step"], h["loss"]) for h in history if h["family"] == family]
+        if pts:
+            xs, ys = zip(*pts)
+            k = 15  # running mean over a family's last k batches
+            smooth = [sum(ys[max(0, i - k + 1): i + 1]) / len(ys[max(0, i - k + 1): i + 1]) for i in range(len(ys))]
+            ax.plot(xs, smooth, label=family)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss on assistant tokens (running mean)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jamba_core.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("checkpoints/jamba-tiny-chat"))
+    parser.add_argument("--steps", type=int, default=2400)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--minutes", type=float, default=None, help="stop early after this many minutes")
+    args = parser.parse_args(argv)
+    info = train(args.out, args.steps, args.seed, args.lr, args.minutes)
+    print(f"{info['parameters']:,} parameters, {info['steps_run']} steps, {info['train_seconds']:.0f} s -> {args.out}")
+    return 0

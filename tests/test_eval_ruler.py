@@ -1,0 +1,148 @@
+"""RULER-style long-context evaluation: sample construction, scoring, report and CLI."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+pytest.importorskip("langchain_core")
+
+from langchain_core.language_models import BaseChatModel  # noqa: E402
+from langchain_core.messages import AIMessage  # noqa: E402
+from langchain_core.outputs import ChatGeneration, ChatResult  # noqa: E402
+
+from jamba_core.eval import TASKS, Haystack, evaluate, make_sample, write_report  # noqa: E402
+from jamba_core.tokenizer import train_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(4096)
+
+
+@pytest.fixture(scope="module")
+def haystack(tokenizer, shared_dir):
+    return Haystack(tokenizer)
+
+
+def _oracle_answers(prompt: str) -> list[str]:
+    """The answers read off the prompt itself, the way a perfect reader would find them."""
+    question = prompt.rsplit("\n", 1)[1]
+    if m := re.search(r"assigned the value (\d+)", question):
+        names = [re.search(rf"VAR (\w+) = {m[1]}\.", prompt)[1]]
+        while nxt := re.search(rf"VAR (\w+) = VAR {names[-1]}\.", prompt):
+            names.append(nxt[1])
+        return names
+    key = re.search(r"numbers? for (\S+) mentioned", question)[1]
+    return re.findall(rf"numbers for {re.escape(key)} is: (\d+)\.", prompt)
+
+
+class _ScriptedChat(BaseChatModel):
+    """Replies with `reply(prompt)`; stands in for any LangChain chat model."""
+
+    reply: object
+
+    @property
+    def _llm_type(self) -> str:
+        return "scripted"
+
+    def _generate(self, messages, stop=None, run_manager=None, **kwargs) -> ChatResult:
+        return ChatResult(generations=[ChatGeneration(message=AIMessage(self.reply(messages[-1].content)))])
+
+
+def _context(prompt: str) -> str:
+    return prompt.split("\n", 1)[1].rsplit("\n", 1)[0]
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("length", [256, 1024, 16384])
+def test_prompt_fills_90_to_100_percent_of_length(task, length, haystack, tokenizer):
+    sample = make_sample(task, length, 50, seed=3, haystack=haystack)
+    assert 0.9 * length <= len(tokenizer.encode(sample.prompt)) <= length
+
+
+def test_128k_prompt_fits_and_is_fast(haystack, tokenizer):
+    import time
+
+    start = time.perf_counter()
+    sample = make_sample("niah_multikey", 131072, 50, seed=1, haystack=haystack)
+    assert time.perf_counter() - start < 2.0
+    assert 0.9 * 131072 <= len(tokenizer.encode(sample.prompt)) <= 131072
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("depth", [0, 25, 50, 75, 100])
+def test_queried_needle_sits_at_requested_depth(task, depth, haystack):
+    sample = make_sample(task, 4096, depth, seed=7, haystack=haystack)
+    context = _context(sample.prompt)
+    first = f"VAR {sample.answers[0]} = " if task == "variable_tracking" else f"is: {sample.answers[0]}."
+    assert abs(context.index(first) / len(context) * 100 - depth) <= 10
+    assert all(answer in context for answer in sample.answers)
+    assert sample.target == ", ".join(sample.answers)
+
+
+def test_prompt_is_instruction_context_question(haystack):
+    sample = make_sample("niah_multivalue", 1024, 30, seed=0, haystack=haystack)
+    lines = sample.prompt.split("\n")
+    assert lines[0].startswith("Some special magic numbers are hidden")
+    assert lines[-1].startswith("What are all the special magic numbers for ")
+    assert len(sample.answers) == 4 and all(re.fullmatch(r"[1-9]\d{6}", a) for a in sample.answers)
+
+
+def test_train_and_test_keys_share_no_word(haystack):
+    def words(split):
+        found = set()
+        for seed in range(40):
+            prompt = make_sample("niah_multikey", 512, 50, seed, haystack, split=split).prompt
+            found |= {w for key in re.findall(r"numbers for ([a-z]+-[a-z]+) is", prompt) for w in key.split("-")}
+        return found
+
+    train, test = words("train"), words("test")
+    assert train and test and not train & test
+    assert all(4 <= len(w) <= 9 for w in train | test)
+
+
+def test_same_arguments_give_the_same_sample_and_seeds_differ(haystack):
+    a = make_sample("niah_multikey", 2048, 40, seed=5, haystack=haystack)
+    assert a == make_sample("niah_multikey", 2048, 40, seed=5, haystack=haystack)
+    b = make_sample("niah_multikey", 2048, 40, seed=6, haystack=haystack)
+    assert a.answers != b.answers
+    assert _context(a.prompt)[:200] != _context(b.prompt)[:200]  # another book offset
+
+
+def test_oracle_scores_one_and_dont_know_scores_zero(haystack, tokenizer):
+    grid = dict(tasks=TASKS, lengths=[256, 1024], depths=[0, 50, 100], samples_per_cell=2, tokenizer=tokenizer,
+                haystack=haystack)
+    oracle = evaluate(_ScriptedChat(reply=lambda p: ", ".join(_oracle_answers(p))), **grid)
+    assert [c["accuracy"] for c in oracle["cells"]] == [1.0] * len(oracle["cells"])
+    assert all(m["accuracy"] == 1.0 for m in oracle["means"])
+    blank = evaluate(_ScriptedChat(reply=lambda p: "I don't know"), **grid)
+    assert all(c["accuracy"] == 0.0 for c in blank["cells"])
+    assert all(0.9 * c["length"] <= c["prompt_tokens"] <= c["length"] for c in blank["cells"])
+
+
+def test_report_files_agree_with_results(haystack, tokenizer, tmp_path):
+    first_only = _ScriptedChat(reply=lambda p: _oracle_answers(p)[0])  # half marks on multi-answer tasks
+    results = evaluate(first_only, ["niah_single", "niah_multivalue"], [256, 512], [0, 100], 1, tokenizer,
+                       haystack=haystack)
+    paths = write_report(results, tmp_path)
+    assert json.loads(paths["json"].read_text()) == json.loads(json.dumps(results))
+    rows = [line.split("|")[1:-1] for line in paths["markdown"].read_text().splitlines() if line.startswith("| niah")]
+    table = {(r[0].strip(), int(r[1])): [float(x) for x in r[2:]] for r in rows}
+    assert table[("niah_single", 256)] == [1.0, 1.0, 1.0]
+    assert table[("niah_multivalue", 512)] == [0.25, 0.25, 0.25]
+    import matplotlib.image
+
+    assert matplotlib.image.imread(paths["heatmap"]).ndim == 3
+
+
+def test_cli_eval_runs_on_tiny_checkpoint(tiny_checkpoint, shared_dir, tmp_path, capsys):
+    from jamba_core.cli import main
+
+    assert main(["eval", str(tiny_checkpoint), "--tasks", "niah_single", "--lengths", "256", "--depths", "50",
+                 "--samples", "1", "--max-new-tokens", "4", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["model"]["model"] == str(tiny_checkpoint) and len(results["cells"]) == 1
+    assert (tmp_path / "heatmap.png").stat().st_size > 0 and "| niah_single | 256 |" in capsys.readouterr().out
