@@ -1,5 +1,9 @@
 """Small checkpoints in the real format, for tests, demos and benchmarks.
 
+`trained_checkpoint` is the small Jamba trained here (``checkpoints/jamba-tiny-chat``, made by
+``python -m jamba_core.train``): it answers needle questions over long text, calls tools and extracts
+JSON, so demos and integration tests get real answers.
+
 `make_checkpoint` writes what a Hub Jamba folder holds: ``config.json`` (a `JambaConfig`),
 ``model.safetensors`` with the Hub's weight names (per-expert MoE weights) and random weights, and a
 real tokenizer trained on real text with the Jamba 1.5+ special tokens and chat template.
@@ -9,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -28,6 +33,23 @@ PRESETS: dict[str, dict] = {
                         num_key_value_heads=2, attn_layer_period=8, attn_layer_offset=4, num_experts=8, num_experts_per_tok=2,
                         expert_layer_period=2, expert_layer_offset=1, mamba_d_state=16, mamba_d_conv=4, mamba_expand=2),
 }
+
+
+TRAINED_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "jamba-tiny-chat"
+
+
+def trained_checkpoint() -> Path:
+    """The trained small checkpoint's folder (``$JAMBA_LOCAL_TRAINED`` overrides its place).
+
+    Raises:
+        FileNotFoundError: the folder or its ``model.safetensors`` is missing (an installed package
+            without the repository; train one with ``python -m jamba_core.train --out FOLDER``).
+    """
+    path = Path(os.environ.get("JAMBA_LOCAL_TRAINED") or TRAINED_CHECKPOINT)
+    if not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(f"no trained checkpoint at {path} (model.safetensors missing); it ships in the "
+                                f"repository's checkpoints/ folder, or make one: python -m jamba_core.train --out {path}")
+    return path
 
 
 def random_weights(config: JambaConfig, seed: int = 0) -> dict[str, torch.Tensor]:

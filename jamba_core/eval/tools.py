@@ -1,0 +1,84 @@
+"""Tool-call and JSON-extraction evaluation of any LangChain chat model, on held-out tools and values.
+
+Conversations come from `jamba_core.train.data` with ``split="test"``: tool names, argument values and
+record values are words the training split never uses. Tool calls are scored without constrained
+decoding (``tool_choice="auto"``, free generation then parsing):
+
+- parsed: the reply holds at least one well-formed tool call and no malformed one;
+- correct: the first call has the expected name and exactly the expected arguments (JSON values equal);
+- answer: given the expected call and the tool's result, the next reply contains the result.
+
+JSON extraction asks for a record described in prose through ``with_structured_output`` (the schema
+as the response format); exact is the returned object equal to the record.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+
+from ..train import data
+
+
+def _lc_messages(messages: list[dict]):
+    from langchain_core.messages import HumanMessage, SystemMessage
+
+    return [SystemMessage(m["content"]) if m["role"] == "system" else HumanMessage(m["content"]) for m in messages]
+
+
+def evaluate_tool_calls(chat_model, samples: int = 100, seed: int = 0, split: str = "test", max_new_tokens: int = 128) -> dict:
+    """Score `chat_model` (any LangChain `BaseChatModel` with `bind_tools`) on `samples` conversations.
+
+    Returns ``{"samples", "parsed", "correct", "answer", "seconds", "failures": [...]}`` (rates in 0..1;
+    the first 10 failures with what was expected and what came back).
+    """
+    from langchain_core.messages import AIMessage, ToolMessage
+
+    counts = {"parsed": 0, "correct": 0, "answer": 0}
+    failures = []
+    start = time.perf_counter()
+    for i in range(samples):
+        conv = data.tool_call(random.Random(f"{seed}:{i}"), split)
+        asked = [m for m in conv.messages if m["role"] in ("system", "user")]
+        call = conv.messages[-3]["tool_calls"][0]["function"]
+        result = conv.messages[-2]["content"]
+        bound = chat_model.bind_tools(conv.tools)
+        reply = bound.invoke(_lc_messages(asked), max_tokens=max_new_tokens)
+        parsed = bool(reply.tool_calls) and not reply.invalid_tool_calls
+        correct = parsed and reply.tool_calls[0]["name"] == call["name"] and _same(reply.tool_calls[0]["args"], call["arguments"])
+        follow = _lc_messages(asked) + [AIMessage("", tool_calls=[{"name": call["name"], "args": call["arguments"], "id": "call_0"}]),
+                                        ToolMessage(result, tool_call_id="call_0")]
+        final = bound.invoke(follow, max_tokens=max_new_tokens).content
+        answered = result in (final if isinstance(final, str) else str(final))
+        counts["parsed"] += parsed
+        counts["correct"] += correct
+        counts["answer"] += answered
+        if not (correct and answered) and len(failures) < 10:
+            failures.append({"request": asked[-1]["content"], "expected": call, "result": result,
+                             "got": reply.tool_calls or reply.content, "invalid": reply.invalid_tool_calls, "final": final})
+    return {"samples": samples, "split": split, **{k: v / samples for k, v in counts.items()},
+            "seconds": round(time.perf_counter() - start, 1), "failures": failures}
+
+
+def evaluate_json(chat_model, samples: int = 100, seed: int = 0, split: str = "test") -> dict:
+    """JSON extraction through ``with_structured_output(schema, method="json_schema")`` (constrained to
+    the schema where the model supports it): ``{"samples", "exact", "failures"}``, exact = the returned
+    object equals the record described in the text."""
+    from langchain_core.messages import HumanMessage
+
+    exact, failures = 0, []
+    for i in range(samples):
+        conv = data.json_extraction(random.Random(f"json:{seed}:{i}"), split)
+        expected = json.loads(conv.messages[-1]["content"])
+        schema = conv.response_format["json_schema"]["schema"]
+        got = chat_model.with_structured_output(schema, method="json_schema").invoke([HumanMessage(conv.messages[0]["content"])])
+        exact += got == expected
+        if got != expected and len(failures) < 10:
+            failures.append({"text": conv.messages[0]["content"], "expected": expected, "got": got})
+    return {"samples": samples, "split": split, "exact": exact / samples, "failures": failures}
+
+
+def _same(a, b) -> bool:
+    """Equal as JSON (so ``True`` is not ``1`` and ``5`` is not ``"5"``)."""
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)

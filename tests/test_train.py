@@ -1,0 +1,61 @@
+"""The training path: its scan (forward and gradients) against the plain recurrence, and its data."""
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from jamba_core.train import data, scan
+
+
+def _recurrence(x, delta, A, B, C, D, z):
+    """h_t = exp(delta_t A) h_{t-1} + delta_t B_t x_t from zero, y = (C.h + D x) silu(z): step by step."""
+    h = x.new_zeros(x.shape[0], x.shape[1], A.shape[1])
+    ys = []
+    for t in range(x.shape[-1]):
+        h = torch.exp(delta[:, :, t, None] * A) * h + delta[:, :, t, None] * B[:, None, t] * x[:, :, t, None]
+        ys.append((h * C[:, None, t]).sum(-1))
+    return (torch.stack(ys, -1) + x * D[:, None]) * F.silu(z)
+
+
+@pytest.mark.parametrize("L", [1, 3, 37, 130])
+def test_training_scan_and_its_gradients_match_the_recurrence(L):
+    g = torch.Generator().manual_seed(L)
+    b, d, N = 2, 24, 16
+    inputs = [torch.randn(b, d, L, generator=g), torch.rand(b, d, L, generator=g) * 0.8,
+              -torch.exp(torch.randn(d, N, generator=g)), torch.randn(b, L, N, generator=g), torch.randn(b, L, N, generator=g),
+              torch.randn(d, generator=g), torch.randn(b, d, L, generator=g)]
+    inputs = [t.requires_grad_() for t in inputs]
+    want = _recurrence(*inputs)
+    got = scan.selective_scan(*inputs, torch.zeros(b, d, N))
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    weight = torch.randn(want.shape, generator=g)
+    for gw, gg in zip(torch.autograd.grad((want * weight).sum(), inputs), torch.autograd.grad((got * weight).sum(), inputs)):
+        assert (gw - gg).abs().max() <= 1e-5 * gw.abs().max()  # fp32, both ways; measured ~3e-7
+
+
+def test_training_scan_refuses_a_nonzero_state():
+    with pytest.raises(ValueError, match="zero SSM state"):
+        scan.selective_scan(torch.randn(1, 2, 3), torch.rand(1, 2, 3), -torch.ones(2, 4), torch.randn(1, 3, 4),
+                            torch.randn(1, 3, 4), torch.ones(2), torch.randn(1, 2, 3), torch.ones(1, 2, 4))
+
+
+def test_train_and_test_splits_share_no_tool_or_value_words():
+    assert not set(data.words("train")) & set(data.words("test"))
+    tool = data.tool_call(random.Random(1), "test")
+    names = {t["function"]["name"] for t in tool.tools}
+    train_words = set(data.words("train"))
+    assert all(part not in train_words for name in names for part in name.split("_") if part not in data.VERBS)
+
+
+def test_only_assistant_turns_are_training_targets(tiny_engine):
+    tok = tiny_engine.tokenizer
+    conv = data.tool_call(random.Random(3))
+    ids, mask = data.encode(tok, conv)
+    assert len(ids) == len(mask)
+    target = tok.decode([i for i, m in zip(ids, mask) if m])
+    call = conv.messages[-3]["tool_calls"][0]["function"]["name"]
+    assert call in target and conv.messages[-1]["content"] in target
+    assert target.count("<|eom|>") == 2  # the two assistant turns, each closed
+    assert conv.messages[1 if conv.messages[0]["role"] == "system" else 0]["content"] not in target
