@@ -81,8 +81,8 @@ class Engine:
     def __init__(self, model, config: JambaConfig, tokenizer, path: Path | None = None, prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK,
                  prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES):
         self.model, self.config, self.tokenizer, self.path = model, config, tokenizer, path
-        self.dtype = model.lm_head.weight.dtype
-        self.device = model.lm_head.weight.device
+        self.dtype = model.compute_dtype  # not lm_head's: a quantized head holds int8
+        self.device = model.model.embed_tokens.weight.device
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.stop_ids = stop_token_ids(tokenizer, config)
         self._control_ids = control_token_ids(tokenizer)
@@ -101,7 +101,7 @@ class Engine:
 
         ``dtype``: "float32" or "bfloat16" (or a torch dtype) for the weights; SSM state, scan and
         RMSNorm always run in fp32. ``quantization``: None, ``"int8"``, ``"bnb-int8"`` or ``"bnb-nf4"``
-        (optionally ``"+attention"`` / ``"+mamba"``, or a `jamba_core.quant.QuantConfig`), applied to each
+        (optionally ``"+attention"`` / ``"+mamba"`` / ``"+lm_head"``, or a `jamba_core.quant.QuantConfig`), applied to each
         weight as it is read; a checkpoint saved by `jamba_core.quant.save_quantized` loads quantized as
         it is. Raises ``FileNotFoundError`` / ``ValueError`` naming the file or key at fault (see
         `jamba_core.loading`).
@@ -288,6 +288,7 @@ class Engine:
         generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
         out_ids: list[int] = []
         sent = ""  # text already yielded
+        detok = _Detokenizer(self.decode)
         finish = "length"
         hit_stop_string = False
         ttft = None
@@ -305,7 +306,7 @@ class Engine:
             out_ids.append(token)
             if constraint is not None:
                 constraint.accept(token)
-            text = self.decode(out_ids)
+            text = detok.text(out_ids)
             cut = _find_stop(text, stops)
             if cut is not None:
                 finish, hit_stop_string = "stop", True
@@ -340,6 +341,31 @@ class Engine:
         usage = Usage(len(ids), n, reused)
         self.last_request = {"usage": usage, "timings": timings, "cache_nbytes": cache.nbytes}
         yield StreamChunk("", [], finish, usage, timings)
+
+
+class _Detokenizer:
+    """Text of a growing list of ids without decoding it all at every step (quadratic in the output).
+
+    vLLM's incremental detokenization: decode only the ids from ``prefix`` on, and take what the ids past
+    ``read`` add to it. The few ids between ``prefix`` and ``read`` give the tokenizer its context (a
+    SentencePiece decoder drops a leading space at the start of a decode, byte-level BPE may be mid
+    character). Text ending in an incomplete UTF-8 character (U+FFFD) is not committed yet.
+    """
+
+    def __init__(self, decode):
+        self._decode = decode
+        self.prefix = self.read = 0
+        self.committed = ""
+
+    def text(self, ids) -> str:
+        before = self._decode(ids[self.prefix : self.read])
+        after = self._decode(ids[self.prefix :])
+        new = after[len(before):] if after.startswith(before) else self._decode(ids)[len(self.committed):]
+        if new.endswith("\ufffd"):
+            return self.committed + new
+        self.committed += new
+        self.prefix, self.read = max(self.read - 4, 0), len(ids)
+        return self.committed
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, generator: torch.Generator | None) -> int:

@@ -205,3 +205,26 @@ def test_missing_shard_names_it(broken):
     (broken / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}))
     with pytest.raises(FileNotFoundError, match="model-00002-of-00002.safetensors"):
         Engine.from_pretrained(broken, progress=False)
+
+
+def test_incremental_detokenization_equals_decoding_everything(tiny_engine):
+    """The streaming text (decoded a few ids at a time) equals decoding all ids, at every step, across
+    multi-byte characters split over tokens, and for a SentencePiece-style decoder (which drops the
+    leading space of a decode: the reason for decoding with a few ids of context)."""
+    import random
+
+    from tokenizers import Tokenizer, decoders, models
+
+    from jamba_core.engine import _Detokenizer
+
+    spm = Tokenizer(models.WordLevel({"▁the": 0, "▁whale": 1, "▁": 2, "s": 3, "ea": 4}, unk_token="▁"))
+    spm.decoder = decoders.Metaspace()
+    for seed in range(50):
+        rng = random.Random(seed)
+        text = "".join(rng.choice(["héllo ", "wörld", "😀", "日本語", " the whale", "\n", "x"]) for _ in range(30))
+        cases = [(tiny_engine.decode, tiny_engine.tokenizer.encode(text, add_special_tokens=False)),
+                 (spm.decode, [rng.randrange(5) for _ in range(30)])]
+        for decode, ids in cases:
+            detok = _Detokenizer(decode)
+            for k in range(1, len(ids) + 1):
+                assert detok.text(ids[:k]) == decode(ids[:k])
