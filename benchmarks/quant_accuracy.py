@@ -1,4 +1,4 @@
-"""Accuracy, memory and decode speed of the quantized formats on bench-small, against fp32.
+"""Accuracy, memory and decode speed of the quantized formats on bench-small (or another preset), against fp32.
 
 Accuracy: 1,024 positions of real text (Moby-Dick from "Call me Ishmael", the checkpoint's tokenizer)
 through the fp32 model and each quantized one in one forward; per format the relative logit error
@@ -18,8 +18,10 @@ format, and transformers' ``JambaForCausalLM`` in fp32 (the reference implementa
 
     python -m benchmarks.quant_accuracy                  # everything (about 10 minutes on 2 cores)
     python -m benchmarks.quant_accuracy --skip-speed     # accuracy and memory only
+    python -m benchmarks.quant_accuracy --preset tiny    # the tiny test model: a quick check of the script
 
-Writes ``quant_accuracy.json`` and ``quant_accuracy.md`` into ``--out``.
+Writes ``quant_accuracy.json`` and ``quant_accuracy.md`` into ``--out`` (``quant_accuracy-{preset}.*`` for a
+preset other than bench-small, so a quick run never replaces the published figures).
 """
 
 from __future__ import annotations
@@ -36,20 +38,22 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CHECKPOINT = ROOT / ".checkpoints" / "bench-small"
+CHECKPOINTS = ROOT / ".checkpoints"
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
 TEXT = Path(os.environ.get("JAMBA_LOCAL_SHARED", ROOT.parent / "shared")) / "data" / "moby-dick.txt"
-FORMATS = ["int8", "int8+mamba", "bnb-int8", "bnb-int8+mamba", "bnb-nf4", "bnb-nf4+mamba"]
-MEMORY_SYSTEMS = [None, "int8", "int8+mamba", "bnb-int8", "bnb-nf4"]
-SPEED_SYSTEMS = [("ours", None), ("ours", "int8"), ("ours", "int8+mamba"), ("ours", "bnb-int8"), ("ours", "bnb-nf4"),
-                 ("reference", None)]
+FORMATS = ["int8", "int8+lm_head", "int8+mamba", "bnb-int8", "bnb-int8+mamba", "bnb-nf4", "bnb-nf4+mamba"]
+MEMORY_SYSTEMS = [None, "int8", "int8+lm_head", "int8+mamba", "bnb-int8", "bnb-nf4"]
+SPEED_SYSTEMS = [("ours", None), ("ours", "int8"), ("ours", "int8+lm_head"), ("ours", "int8+mamba"), ("ours", "bnb-int8"),
+                 ("ours", "bnb-nf4"), ("reference", None)]
 GATES = {"int8_rel_error": 0.01, "int8_bytes_ratio": 0.4, "peak_over_final": 1.2, "decode_vs_ours_fp32": 2.0,
          "decode_vs_reference_fp32": 9.0}
 MiB = 2**20
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="bench-small checkpoint folder (made if absent)")
+    p.add_argument("--preset", default="bench-small", help="the random-weight model measured (a jamba_core.testing preset: "
+                   "bench-small, or tiny for a quick check of the script)")
+    p.add_argument("--checkpoint", default=None, help="its checkpoint folder (made if absent; default .checkpoints/PRESET)")
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument("--positions", type=int, default=1024, help="text positions for the accuracy figures")
     p.add_argument("--prompt-tokens", type=int, default=256, help="prompt before decoding, speed section")
@@ -71,12 +75,14 @@ def main(argv=None) -> int:
         return 0
     from jamba_core.testing import make_checkpoint
 
-    make_checkpoint(args.checkpoint, preset="bench-small")
+    args.checkpoint = str(args.checkpoint or CHECKPOINTS / args.preset)
+    make_checkpoint(args.checkpoint, preset=args.preset)
     results = run(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "quant_accuracy.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "quant_accuracy.md").write_text(markdown(results))
+    stem = "quant_accuracy" if args.preset == "bench-small" else f"quant_accuracy-{args.preset}"
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(markdown(results))
     print(markdown(results))
     return 0
 
@@ -87,8 +93,8 @@ def run(args) -> dict:
     bnb_reason = bnb.unavailable_reason()
     formats = [f for f in FORMATS if not (f.startswith("bnb") and bnb_reason)]
     started = time.time()
-    results = {"machine": _machine(args.threads), "checkpoint": str(args.checkpoint), "bitsandbytes": bnb_reason or _bnb_version(),
-               "gates": GATES, "command": "python -m benchmarks.quant_accuracy " + " ".join(sys.argv[1:])}
+    results = {"machine": _machine(args.threads), "preset": args.preset, "checkpoint": str(args.checkpoint),
+               "bitsandbytes": bnb_reason or _bnb_version(), "gates": GATES, "command": "python -m benchmarks.quant_accuracy " + " ".join(sys.argv[1:])}
     _log("accuracy ...")
     results["accuracy"] = _spawn({"phase": "accuracy", "checkpoint": args.checkpoint, "positions": args.positions,
                                   "formats": formats, "threads": max(args.threads, os.cpu_count() or 1)}, 1800)
@@ -329,10 +335,9 @@ def _machine(threads: int) -> dict:
 
 
 # -- summary and report ----------------------------------------------------------------------------------------
-def decode_bytes(config, quantization=None, lm_head: bool = False) -> int:
-    """Weight bytes one decode step reads with fp32 weights and ``quantization``: every weight once, except
-    one row of the embedding table and, in MoE layers, the top-k experts of the E (on average). With
-    ``lm_head``, the head counted as int8 too (which the model does not allow yet)."""
+def decode_bytes(config, quantization=None) -> int:
+    """Weight bytes one decode step reads with fp32 weights and int8 ``quantization``: every weight once,
+    except one row of the embedding table and, in MoE layers, the top-k experts of the E (on average)."""
     import torch
 
     from jamba_core.model import JambaForCausalLM
@@ -341,8 +346,6 @@ def decode_bytes(config, quantization=None, lm_head: bool = False) -> int:
     with torch.device("meta"):
         model = JambaForCausalLM(config)
     targets = set(target_names(model, quantization)) if quantization else set()
-    if lm_head:
-        targets.add("lm_head")
     total = 0.0
     for name, p in model.named_parameters():
         module, _, kind = name.rpartition(".")
@@ -368,13 +371,15 @@ def summarize(results: dict) -> dict:
     summary = {
         "int8_rel_error": acc["int8"]["rel_error"],
         "int8_bytes_ratio": mem["int8"]["model_bytes"] / fp32_bytes,
+        "int8+lm_head_rel_error": acc["int8+lm_head"]["rel_error"],
+        "int8+lm_head_bytes_ratio": mem["int8+lm_head"]["model_bytes"] / fp32_bytes,
         "int8_bytes_ratio_jamba_1.5_mini_formula": estimate_memory(mini, 0, 1, "float32", quantization="int8").weights
         / estimate_memory(mini, 0, 1, "float32").weights,
         "peak_over_final": {k: v["peak_rss"] / v["final_rss"] for k, v in mem.items()},
         "decode_bytes_per_token": {"fp32": decode_bytes(config), "int8": decode_bytes(config, "int8"),
                                    "int8+mamba": decode_bytes(config, "int8+mamba"),
-                                   "int8 with lm_head": decode_bytes(config, "int8", lm_head=True),
-                                   "int8+mamba with lm_head": decode_bytes(config, "int8+mamba", lm_head=True),
+                                   "int8+lm_head": decode_bytes(config, "int8+lm_head"),
+                                   "int8+mamba+lm_head": decode_bytes(config, "int8+mamba+lm_head"),
                                    "lm_head alone, fp32": config.vocab_size * config.hidden_size * 4},
     }
     speed = results.get("speed")
@@ -395,9 +400,9 @@ def _verdict(ok: bool) -> str:
 
 def markdown(results: dict) -> str:
     m, s = results["machine"], results["summary"]
-    acc = results["accuracy"]
+    acc, preset = results["accuracy"], results.get("preset", "bench-small")
     lines = [
-        "# Quantization on bench-small: accuracy, memory, decode speed", "",
+        f"# Quantization on {preset}: accuracy, memory, decode speed", "",
         f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['threads']} thread(s); load average at start / end "
         f"{m['load_average_start']:.1f} / {m['load_average_end']:.1f} (shared machine: other processes when above 0). "
         f"bitsandbytes: {results['bitsandbytes']}. Command: `{results['command'].strip()}`.", "",
@@ -410,7 +415,7 @@ def markdown(results: dict) -> str:
                      f"{r['rel_error_routing_pinned']:.4f} | {r['mean_kl_routing_pinned']:.5f} |")
     lines += ["", "Rel. logit error = ||q - f|| / ||f|| over all positions and the vocabulary; KL = KL(p_fp32 || p_q). "
               "Routing pinned: every MoE router's output replaced by the fp32 model's, so the same experts run with the "
-              "same weights (bench-small's random routers have near-ties that small perturbations flip).", "",
+              "same weights (the random routers have near-ties that small perturbations flip).", "",
               "## Memory (each load in its own process)", "",
               "| weights | model bytes (MiB) | vs fp32 | RSS after load (MiB) | peak RSS while loading (MiB) | peak / after "
               "| runtime before load (MiB) | load s |",
@@ -445,7 +450,7 @@ def markdown(results: dict) -> str:
               f"- int8 (Mamba in float) relative logit error <= {g['int8_rel_error']:.0%}: {s['int8_rel_error']:.4f} "
               f"{_verdict(s['int8_rel_error'] <= g['int8_rel_error'])}",
               f"- int8 model bytes <= {g['int8_bytes_ratio']}x fp32: {s['int8_bytes_ratio']:.3f}x "
-              f"{_verdict(s['int8_bytes_ratio'] <= g['int8_bytes_ratio'])} (bench-small; Jamba 1.5 Mini's shapes by "
+              f"{_verdict(s['int8_bytes_ratio'] <= g['int8_bytes_ratio'])} ({preset}; Jamba 1.5 Mini's shapes by "
               f"`estimate_memory`: {s['int8_bytes_ratio_jamba_1.5_mini_formula']:.3f}x)",
               f"- peak RSS while quantizing on load <= {g['peak_over_final']}x the resident size after: int8 "
               f"{s['peak_over_final']['int8']:.3f} {_verdict(s['peak_over_final']['int8'] <= g['peak_over_final'])}"]

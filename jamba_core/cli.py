@@ -20,8 +20,8 @@ def _add_model_args(p):
     p.add_argument("--quantization", default=None, help=_QUANT_HELP)
 
 
-_QUANT_HELP = ("weight quantization: int8, bnb-int8 or bnb-nf4, optionally with +attention, +mamba "
-               "(e.g. int8+mamba); the feed-forward and expert weights are quantized, Mamba stays float by default")
+_QUANT_HELP = ("weight quantization: int8, bnb-int8 or bnb-nf4, optionally with +attention, +mamba, +lm_head "
+               "(e.g. int8+lm_head); the feed-forward and expert weights are quantized, Mamba stays float by default")
 
 
 def _add_sampling_args(p):

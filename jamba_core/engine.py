@@ -101,9 +101,9 @@ class Engine:
 
         ``dtype``: "float32" or "bfloat16" (or a torch dtype) for the weights; SSM state, scan and
         RMSNorm always run in fp32. ``quantization``: None, ``"int8"``, ``"bnb-int8"`` or ``"bnb-nf4"``
-        (optionally ``"+attention"`` / ``"+mamba"`` / ``"+lm_head"``, or a `jamba_core.quant.QuantConfig`), applied to each
-        weight as it is read; a checkpoint saved by `jamba_core.quant.save_quantized` loads quantized as
-        it is. Raises ``FileNotFoundError`` / ``ValueError`` naming the file or key at fault (see
+        (optionally ``"+attention"`` / ``"+mamba"`` / ``"+lm_head"``, or a `jamba_core.quant.QuantConfig`),
+        applied to each weight as it is read; a checkpoint saved by `jamba_core.quant.save_quantized` loads
+        quantized as it is. Raises ``FileNotFoundError`` / ``ValueError`` naming the file or key at fault (see
         `jamba_core.loading`).
         """
         folder = resolve_checkpoint(path_or_hub_id)

@@ -59,6 +59,14 @@ class JambaForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the matmuls take their activations in: the float weight dtype (fp32 or bf16).
+
+        Read from the input embedding, which is never quantized, so that ``lm_head`` and the projections
+        can hold int8 weights (`jamba_core.quant`). The residual stream is fp32 whatever this is."""
+        return self.model.embed_tokens.weight.dtype
+
     def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None, attention_mask: torch.Tensor | None = None, logits_to_keep: int | None = None) -> torch.Tensor:
         b, L = input_ids.shape
         mask = None
@@ -79,4 +87,4 @@ class JambaForCausalLM(nn.Module):
             cache.seen_tokens += L
         if logits_to_keep is not None:
             x = x[:, x.shape[1] - logits_to_keep :]
-        return self.lm_head(self.model.final_layernorm(x).to(self.lm_head.weight.dtype))
+        return self.lm_head(self.model.final_layernorm(x).to(self.compute_dtype))

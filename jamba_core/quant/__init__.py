@@ -8,7 +8,7 @@ Schemes (``QuantConfig.scheme``):
 Targets: the feed-forward projections (every MoE expert's and every dense MLP's ``gate_proj``,
 ``up_proj``, ``down_proj``) by default; attention's ``q/k/v/o_proj`` with ``attention=True``; Mamba's
 ``in_proj`` and ``out_proj`` with ``mamba=True`` (off by default: AI21 advises keeping the Mamba blocks in
-float); ``lm_head`` with ``lm_head=True`` where the model allows it (`lm_head_unsupported_reason`). The
+float); ``lm_head`` with ``lm_head=True`` unless it is tied to the embedding (`lm_head_unsupported_reason`). The
 MoE router (near-ties in its top-k flip under small perturbations), the embedding, the norms and Mamba's
 small ``x_proj`` / ``dt_proj`` (read as raw weights by the fused decode step) always stay in float.
 
@@ -91,8 +91,8 @@ def lm_head_unsupported_reason(model: nn.Module) -> str | None:
     """Why ``lm_head`` cannot be quantized in ``model`` (None when it can).
 
     The model must take its compute dtype from somewhere other than ``lm_head.weight`` (which becomes
-    int8): it declares that with a ``compute_dtype`` attribute, which the engine reads too. A head tied
-    to the embedding stays float (the table is also the input embedding).
+    int8): `JambaForCausalLM.compute_dtype`, which the engine reads too. A head tied to the embedding
+    stays float (the table is also the input embedding, which is never quantized).
     """
     if not hasattr(type(model), "compute_dtype"):
         return (f"{type(model).__name__} takes its compute dtype from lm_head.weight, which a quantized lm_head "
@@ -341,7 +341,8 @@ def scheme_bytes(scheme: str, out_features: int, in_features: int) -> int:
 
 def weight_bytes(config: JambaConfig, quantization, dtype_size: int) -> int:
     """Bytes of all the weights of ``config`` with ``quantization`` applied and the rest at
-    ``dtype_size`` bytes per parameter (as `jamba_core.memory.estimate_memory` counts float weights)."""
+    ``dtype_size`` bytes per parameter (as `jamba_core.memory.estimate_memory` counts float weights).
+    Raises ``ValueError`` for ``lm_head`` quantization on a config whose head is tied to the embedding."""
     from ..config import parameter_count
 
     q = QuantConfig.parse(quantization)
@@ -361,6 +362,8 @@ def weight_bytes(config: JambaConfig, quantization, dtype_size: int) -> int:
         elif q.mamba:
             shapes += [(2 * di, H), (H, di)]
     if q.lm_head:
+        if config.tie_word_embeddings:
+            raise ValueError("cannot quantize lm_head: it is tied to the input embedding (tie_word_embeddings)")
         shapes.append((config.vocab_size, H))
     for out_f, in_f in shapes:
         total += scheme_bytes(q.scheme, out_f, in_f) - out_f * in_f * dtype_size
