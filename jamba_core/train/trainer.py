@@ -55,19 +55,20 @@ def make_tokenizer(seed: int = 0):
     return train_tokenizer(CONFIG["vocab_size"], text=book + "\n".join(extra))
 
 
-def needle_length(step: int, steps: int) -> int:
-    f = step / steps
+def needle_length(step: int, f: float) -> int:
+    """The needle haystack length at training progress ``f`` in [0, 1)."""
     choices = [256] if f < 0.15 else [256, 512] if f < 0.4 else [256, 512, 1024] if f < 0.65 else [512, 1024, 2048]
     return random.Random(step).choice(choices)
 
 
-def batch(step: int, steps: int, seed: int, tokenizer, haystack):
-    """(ids (b, L) long, targets mask (b, L) bool, family) for one step, deterministic in (seed, step)."""
+def batch(step: int, progress: float, seed: int, tokenizer, haystack):
+    """(ids (b, L) long, targets mask (b, L) bool, family) for one step, deterministic in (seed, step,
+    progress)."""
     rng = random.Random(seed * 1_000_003 + step)
     family = rng.choices(list(MIX), weights=list(MIX.values()))[0]
     convs = []
     if family == "needle":
-        length = needle_length(step, steps)
+        length = needle_length(step, progress)
         convs = [data.needle(rng, haystack, length) for _ in range(max(1, TOKENS_PER_BATCH // length))]
     else:
         make = data.tool_call if family == "tool_call" else data.json_extraction
@@ -112,24 +113,28 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 2e-3, minutes: float
     history = []
     ops.use("train")
     model.train()
+    t_train = time.time()
     for step in range(steps):
-        scale = min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        # progress drives the cosine schedule and the needle lengths: steps done, or the time budget
+        # spent when one is given (then the run is reproducible up to where a slower machine stops)
+        progress = step / steps if minutes is None else max(step / steps, (time.time() - t_train) / (minutes * 60))
+        if progress >= 1.0:
+            print(f"stopping at step {step}: {minutes} minutes reached", flush=True)
+            break
+        scale = min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
         for group in opt.param_groups:
             group["lr"] = lr * scale
-        ids, mask, family = batch(step, steps, seed, tokenizer, haystack)
+        ids, mask, family = batch(step, progress, seed, tokenizer, haystack)
         loss = loss_fn(model, ids, mask)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        history.append({"step": step, "loss": round(loss.item(), 4), "family": family, "tokens": int(ids.numel()),
+        history.append({"step": step, "progress": round(progress, 4), "lr": lr * scale, "loss": round(loss.item(), 4), "family": family, "tokens": int(ids.numel()),
                         "grad_norm": round(float(grad_norm), 3), "elapsed_s": round(time.time() - t0, 1)})
         if step % log_every == 0 or step == steps - 1:
             print(f"step {step}/{steps} {family:9s} L={ids.shape[1]:5d} loss {loss.item():.4f} "
                   f"gn {float(grad_norm):.2f} {time.time() - t0:.0f}s", flush=True)
-        if minutes is not None and time.time() - t0 > minutes * 60:
-            print(f"stopping at step {step}: {minutes} minutes reached", flush=True)
-            break
     model.eval()
     save(model, tokenizer, config, out)
     info = {"seed": seed, "steps_planned": steps, "steps_run": len(history), "lr": lr, "parameters": n_params,
@@ -178,7 +183,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=2400)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--minutes", type=float, default=None, help="stop early after this many minutes")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="time budget for the training loop: the schedule then runs on whichever of steps or time ends first")
     args = parser.parse_args(argv)
     info = train(args.out, args.steps, args.seed, args.lr, args.minutes)
     print(f"{info['parameters']:,} parameters, {info['steps_run']} steps, {info['train_seconds']:.0f} s -> {args.out}")
