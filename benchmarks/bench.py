@@ -531,8 +531,8 @@ def markdown(results: dict) -> str:
                          f"{r['peak_mib'] / r['estimate_total_mib']:.2f} | {r['kv_mib']:.1f} | {r['kv_exact']} | {r['cache_exact']} |")
     base = last.get("baseline_mem", {})
     if base and "rss_mib" in base:
-        lines.append(f"\nPeak RSS includes the runtime (python + torch + transformers imported: {base['rss_mib']:.0f} MiB), "
-                     "which `estimate_memory` does not count.")
+        lines.append(f"\nPeak RSS includes the runtime (python + torch + transformers imported: {base['rss_mib']:.0f} MiB); "
+                     "`estimate_memory` counts it as its `runtime` part (a measured constant, `RUNTIME_BYTES`).")
     for dtype in ("float32", "bfloat16"):
         pts = sorted((r["tokens"], r["peak_mib"]) for r in rows if r["phase"] == "prefill" and r["system"] == "ours" and r["dtype"] == dtype)
         big = [p for p in pts if p[0] >= 8192]

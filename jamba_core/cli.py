@@ -103,7 +103,7 @@ def cmd_info(args) -> int:
     print(f"KV cache per 1K tokens ({args.dtype}): {per_1k / 2**20:.2f} MiB")
     weights = args.dtype + (f", {args.quantization} weights" if args.quantization else "")
     print(f"at {args.context:,} tokens x batch {args.batch} ({weights}):")
-    for part in ("weights", "kv_cache", "mamba_state", "activations"):
+    for part in ("weights", "kv_cache", "mamba_state", "activations", "runtime"):
         print(f"  {part:12s} {getattr(est, part) / 2**30:10.3f} GiB")
     print(f"  {'total':12s} {est.total / 2**30:10.3f} GiB")
     if args.fits is not None:
@@ -191,7 +191,11 @@ def main(argv=None) -> int:
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(func=func)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as err:  # bad input: a message, not a traceback
+        print(f"jamba-local {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -228,3 +228,21 @@ def test_incremental_detokenization_equals_decoding_everything(tiny_engine):
             detok = _Detokenizer(decode)
             for k in range(1, len(ids) + 1):
                 assert detok.text(ids[:k]) == decode(ids[:k])
+
+
+def test_cli_reports_a_missing_checkpoint_as_an_error_message(capsys):
+    from jamba_core.cli import main
+
+    assert main(["info", "--model", "/no/such/folder"]) == 2
+    err = capsys.readouterr().err
+    assert "error" in err and "/no/such/folder" in err and "Traceback" not in err
+
+
+def test_memory_estimate_counts_the_runtime_once_and_can_leave_it_out():
+    from jamba_core.memory import RUNTIME_BYTES
+    from jamba_core.testing import make_config
+
+    config = make_config("tiny")
+    with_rt, without = estimate_memory(config, 4096, 1, "float32"), estimate_memory(config, 4096, 1, "float32", runtime_bytes=0)
+    assert with_rt.runtime == RUNTIME_BYTES and without.runtime == 0
+    assert with_rt.total - without.total == RUNTIME_BYTES
