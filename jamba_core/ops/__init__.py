@@ -8,6 +8,11 @@ Backends: ``"reference"`` and ``"cpu"`` (C++ kernels compiled on first use, `cpu
 ``"cpu"`` when a C++ compiler is found (if the build then fails, its ops run the reference, with one
 warning), else ``"reference"``; ``JAMBA_LOCAL_OPS=reference`` (or ``cpu``) chooses explicitly.
 An op that a backend lacks runs its reference composition.
+
+CUDA tensors: where a CUDA device is present and triton imports, ``"triton"`` (`triton_kernels.py`:
+Triton kernels, and mamba-ssm / causal-conv1d where installed) is registered and runs every op on CUDA
+tensors whatever backend is active, except ``"reference"``, which stays the oracle everywhere
+(`backend_for`). On a CPU-only machine triton is never imported.
 """
 
 from __future__ import annotations
@@ -54,6 +59,18 @@ def using(name: str):
         use(previous)
 
 
+def backend_for(device) -> str:
+    """The backend that runs ops on tensors of ``device``: the active one, except that CUDA tensors run
+    ``"triton"`` when it is registered and the active backend is not ``"reference"``."""
+    if torch.device(device).type == "cuda" and "triton" in _BACKENDS and _active["name"] != "reference":
+        return "triton"
+    return _active["name"]
+
+
+def _module(t: torch.Tensor):
+    return _BACKENDS[backend_for(t.device)] if t.is_cuda else _active["module"]
+
+
 def _default_backend() -> str:
     chosen = os.environ.get("JAMBA_LOCAL_OPS")
     if chosen:
@@ -61,18 +78,19 @@ def _default_backend() -> str:
     return "cpu" if cpu.can_build() else "reference"
 
 
-def _op(name: str):
-    return getattr(_active["module"], name, None)
+def _op(name: str, t: torch.Tensor):
+    return getattr(_module(t), name, None)
 
 
 # -- the ops ---------------------------------------------------------------------------------------
 def selective_scan(x, delta, A, B, C, D, z, state, delta_bias=None, delta_softplus=False):
     """`reference.selective_scan`; with ``delta_bias`` / ``delta_softplus``, ``delta`` is the raw dt
     projection and ``softplus(delta + delta_bias)`` (in fp32) is the step size, fused where the backend can."""
-    fn = _active["module"].selective_scan
+    module = _module(x)
+    fn = module.selective_scan
     if delta_bias is None and not delta_softplus:
         return fn(x, delta, A, B, C, D, z, state)
-    if getattr(_active["module"], "SCAN_FUSES_DELTA", False):
+    if getattr(module, "SCAN_FUSES_DELTA", False):
         return fn(x, delta, A, B, C, D, z, state, delta_bias=delta_bias, delta_softplus=delta_softplus)
     delta = delta.float()
     if delta_bias is not None:
@@ -82,26 +100,34 @@ def selective_scan(x, delta, A, B, C, D, z, state, delta_bias=None, delta_softpl
     return fn(x, delta, A, B, C, D, z, state)
 
 
-def selective_state_update(*args, **kwargs):
-    return _active["module"].selective_state_update(*args, **kwargs)
+def selective_state_update(x, *args, **kwargs):
+    return _module(x).selective_state_update(x, *args, **kwargs)
 
 
-def causal_conv1d(*args, **kwargs):
-    return _active["module"].causal_conv1d(*args, **kwargs)
+def causal_conv1d(x, *args, **kwargs):
+    return _module(x).causal_conv1d(x, *args, **kwargs)
 
 
 def causal_conv1d_silu(x, weight, bias, conv_state):
     """``silu(causal_conv1d(x, weight, bias, conv_state))``; shapes as `reference.causal_conv1d`."""
-    fn = _op("causal_conv1d_silu")
+    fn = _op("causal_conv1d_silu", x)
     if fn is not None:
         return fn(x, weight, bias, conv_state)
-    return F.silu(_active["module"].causal_conv1d(x, weight, bias, conv_state))
+    return F.silu(_module(x).causal_conv1d(x, weight, bias, conv_state))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``."""
-    fn = _op("linear")
+    fn = _op("linear", x)
     return fn(x, weight, bias) if fn is not None else F.linear(x, weight, bias)
+
+
+def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+    """``(x @ weight.T) * scale`` (x ``(M, K)`` float, weight ``(N, K)`` int8, scale ``(N,)`` fp32 -> ``(M, N)``
+    in x's dtype) by the backend for x's device, or None where it has no int8 kernel (`Int8Linear` then
+    runs its own paths)."""
+    fn = _op("int8_matmul", x)
+    return None if fn is None else fn(x, weight, scale)
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -113,7 +139,7 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    fn = _op("rms_norm")
+    fn = _op("rms_norm", x)
     return fn(x, weight, eps) if fn is not None else rms_norm_reference(x, weight, eps)
 
 
@@ -128,7 +154,7 @@ def mamba_decode_step(xz, conv_wT, conv_b, x_proj_weight, dt_norm_weight, b_norm
     ssm_state as in `jamba_core.cache.MambaState`, updated in place. Returns y ``(b, d_in)`` fp32 (gated
     by ``silu(z)``, before out_proj).
     """
-    fn = _op("mamba_decode_step")
+    fn = _op("mamba_decode_step", xz)
     if fn is None:
         return None
     return fn(xz, conv_wT, conv_b, x_proj_weight, dt_norm_weight, b_norm_weight, c_norm_weight, eps,
@@ -136,3 +162,10 @@ def mamba_decode_step(xz, conv_wT, conv_b, x_proj_weight, dt_norm_weight, b_norm
 
 
 use(_default_backend())
+if torch.cuda.is_available():  # never imports triton on a CPU-only machine
+    try:
+        from . import triton_kernels
+    except Exception:  # no triton, or one that cannot load: CUDA tensors run the reference ops
+        pass
+    else:
+        register("triton", triton_kernels)

@@ -5,7 +5,9 @@ Each row ``i`` of a weight ``W (out, in)`` is stored as ``q[i] = round(W[i] / s[
 This is the scheme AI21 and vLLM use for Jamba's experts ("ExpertsInt8"): per-row absmax keeps the
 error of each output independent of the other rows' outliers, and needs no calibration data.
 
-The matmul is ``y = (x @ q.T) * s``: the scale factors out of the sum over ``in``. Two paths (`kernel_path`):
+The matmul is ``y = (x @ q.T) * s``: the scale factors out of the sum over ``in``. On CUDA with triton,
+``"triton"``: `jamba_core.ops.int8_matmul`'s kernel (int8 tiles dequantized in the kernel, fp32
+accumulation). On CPU two paths (`kernel_path`):
 - ``"int8pack"``, for fewer than `GEMM_ROWS` rows (decode, and the few tokens an expert gets): PyTorch's
   weight-only int8 CPU kernel ``aten._weight_int8pack_mm``, which streams the int8 matrix once; decode is
   bound by memory bandwidth, so it reads a quarter of fp32's bytes.
@@ -22,6 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .. import ops
 
 # Rows quantized at a time: bounds the fp32 temporaries of `quantize_rows` for any matrix size.
 _CHUNK_ELEMENTS = 1 << 22
@@ -60,8 +64,12 @@ TILE_ELEMENTS = 1 << 20
 
 def kernel_path(device: torch.device | str = "cpu", in_features: int = 0, rows: int = 1) -> str:
     """Which matmul `Int8Linear` runs for ``rows`` input rows of width ``in_features`` on ``device``:
-    ``"int8pack"`` (``aten._weight_int8pack_mm`` with bf16 activations) or ``"dequant-gemm"``."""
-    ok = _int8pack_mm is not None and torch.device(device).type == "cpu" and in_features % KERNEL_IN_MULTIPLE == 0
+    ``"triton"`` (CUDA, `jamba_core.ops.int8_matmul`), ``"int8pack"`` (``aten._weight_int8pack_mm`` with
+    bf16 activations) or ``"dequant-gemm"``."""
+    device = torch.device(device)
+    if device.type == "cuda" and ops.backend_for(device) == "triton":
+        return "triton"
+    ok = _int8pack_mm is not None and device.type == "cpu" and in_features % KERNEL_IN_MULTIPLE == 0
     return "int8pack" if ok and 0 < rows < GEMM_ROWS else "dequant-gemm"
 
 
@@ -110,7 +118,10 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)  # (T, in)
-        if kernel_path(x.device, self.in_features, x2.shape[0]) == "int8pack":
+        path = kernel_path(x.device, self.in_features, x2.shape[0])
+        if path == "triton":
+            y = ops.int8_matmul(x2, self.weight, self.scale)
+        elif path == "int8pack":
             # the kernel wants 2-D activations with a contiguous last dim, and scales in their dtype
             y = _int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.weight, self._bf16_scale()).to(x.dtype)
         else:
