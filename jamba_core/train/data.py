@@ -1,8 +1,11 @@
 """Synthetic chat data for the small trained Jamba, rendered with the real template (`render_chat`).
 
-Three task families, each a conversation whose assistant turns are the training targets:
+Four task families, each a conversation whose assistant turns are the training targets:
 
 - needle retrieval over real-text haystacks (`jamba_core.eval.ruler`'s tasks, ``split="train"`` keys);
+- recall: many needles in a short haystack and a question about several of them, so that every sample
+  has many answer tokens that need a lookup (multi-query associative recall, Arora et al. 2023, "Zoology",
+  the task that separates attention from pure state-space layers);
 - tool calls: random tools (name, description, JSON-schema parameters) in the system message, a user
   request that names the arguments, the call in the checkpoint's ``<tool_calls>`` format, the tool's
   result, then an answer that quotes it;
@@ -148,6 +151,23 @@ def needle(rng: random.Random, haystack, length: int, split: str = "train") -> C
     task = rng.choices(ruler.TASKS, weights=(4, 2, 2, 1))[0]
     sample = ruler.make_sample(task, length, rng.uniform(0, 100), rng.randrange(2**31), haystack, split=split)
     return Conversation(task, [{"role": "user", "content": sample.prompt}, {"role": "assistant", "content": sample.target}])
+
+
+def recall(rng: random.Random, haystack, split: str = "train") -> Conversation:
+    """4-12 needles in the RULER format spread through 64-512 tokens of the book, then a question about
+    2-6 of their keys; the answer lists their values in the order asked."""
+    words = haystack.key_words(split)
+    n = rng.randint(4, 12)
+    keys = list(dict.fromkeys("-".join(rng.sample(words, 2)) for _ in range(n)))
+    values = [str(rng.randint(1_000_000, 9_999_999)) for _ in keys]
+    pieces = haystack.cut(rng.choice((64, 128, 256, 512)), rng.randrange(len(haystack.ids))).split(". ")
+    for k, v in zip(keys, values):
+        pieces.insert(rng.randrange(len(pieces) + 1), f"One of the special magic numbers for {k} is: {v}")
+    asked = rng.sample(range(len(keys)), rng.randint(2, min(6, len(keys))))
+    prompt = (ruler._NIAH_INSTRUCTION + "\n" + ". ".join(pieces) + "\n"
+              + f"What are the special magic numbers for {', '.join(keys[i] for i in asked)} mentioned in the provided text?")
+    return Conversation("recall", [{"role": "user", "content": prompt},
+                                   {"role": "assistant", "content": ", ".join(values[i] for i in asked)}])
 
 
 # -- tokens ----------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ the loss at every step) and ``loss.png``.
 
 The model is our own `JambaForCausalLM` (the same modules that serve it) with the ops backend
 ``"train"`` (`jamba_core.train.scan`: a selective scan with a backward pass). Loss: next-token
-cross-entropy on the assistant turns only. Needle lengths grow over training (256 tokens, then up to
+cross-entropy on the assistant turns, and at weight `PROMPT_LOSS_WEIGHT` on the other tokens. Needle lengths grow over training (256 tokens, then up to
 512, 1024, and 2048 in the last third); tool-call and JSON batches are mixed in throughout.
 """
 
@@ -38,7 +38,10 @@ CONFIG = dict(vocab_size=4096, hidden_size=192, intermediate_size=384, num_hidde
               num_key_value_heads=3, attn_layer_period=3, attn_layer_offset=1, num_experts=4, num_experts_per_tok=2,
               expert_layer_period=2, expert_layer_offset=1, mamba_d_state=16, mamba_d_conv=4, mamba_expand=2)
 TOKENS_PER_BATCH = 4096
-MIX = {"needle": 0.6, "tool_call": 0.25, "json": 0.15}
+MIX = {"needle": 0.35, "recall": 0.3, "tool_call": 0.2, "json": 0.15}
+# weight of the other tokens' next-token loss (prompt, haystack, template) beside the assistant turns' 1:
+# a dense signal for copying (a tool name read again, a key asked again) that the sparse answers lack
+PROMPT_LOSS_WEIGHT = 0.1
 
 
 def make_tokenizer(seed: int = 0):
@@ -57,19 +60,24 @@ def make_tokenizer(seed: int = 0):
 
 def needle_length(step: int, f: float) -> int:
     """The needle haystack length at training progress ``f`` in [0, 1)."""
-    choices = [256] if f < 0.15 else [256, 512] if f < 0.4 else [256, 512, 1024] if f < 0.65 else [512, 1024, 2048]
+    choices = [256] if f < 0.2 else [256, 512] if f < 0.45 else [256, 512, 1024] if f < 0.7 else [512, 1024, 2048]
     return random.Random(step).choice(choices)
 
 
 def batch(step: int, progress: float, seed: int, tokenizer, haystack):
-    """(ids (b, L) long, targets mask (b, L) bool, family) for one step, deterministic in (seed, step,
-    progress)."""
+    """(ids (b, L) long, assistant-token mask (b, L) bool, real-token mask (b, L) bool, family) for one
+    step, deterministic in (seed, step, progress)."""
     rng = random.Random(seed * 1_000_003 + step)
     family = rng.choices(list(MIX), weights=list(MIX.values()))[0]
     convs = []
     if family == "needle":
         length = needle_length(step, progress)
         convs = [data.needle(rng, haystack, length) for _ in range(max(1, TOKENS_PER_BATCH // length))]
+    elif family == "recall":
+        total = 0
+        while total < TOKENS_PER_BATCH:
+            convs.append(data.recall(rng, haystack))
+            total += len(convs[-1].messages[0]["content"]) // 3 + 60
     else:
         make = data.tool_call if family == "tool_call" else data.json_extraction
         total = 0
@@ -80,16 +88,21 @@ def batch(step: int, progress: float, seed: int, tokenizer, haystack):
     L = max(len(ids) for ids, _ in encoded)
     ids = torch.full((len(encoded), L), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros(len(encoded), L, dtype=torch.bool)
+    real = torch.zeros(len(encoded), L, dtype=torch.bool)
     for i, (x, m) in enumerate(encoded):  # right padding: causal, so padding never reaches real tokens
         ids[i, : len(x)] = torch.tensor(x)
         mask[i, : len(m)] = torch.tensor(m, dtype=torch.bool)
-    return ids, mask, family
+        real[i, : len(x)] = True
+    return ids, mask, real, family
 
 
-def loss_fn(model, ids, mask):
+def loss_fn(model, ids, mask, real):
+    """(weighted loss to train on, mean loss on the assistant tokens alone)."""
     logits = model(ids[:, :-1])  # position t predicts token t+1
-    target = mask[:, 1:]
-    return F.cross_entropy(logits[target].float(), ids[:, 1:][target])
+    real, answer = real[:, 1:], mask[:, 1:]
+    nll = F.cross_entropy(logits[real].float(), ids[:, 1:][real], reduction="none")
+    w = torch.where(answer[real], 1.0, PROMPT_LOSS_WEIGHT)
+    return (nll * w).sum() / w.sum(), nll[answer[real]].mean()
 
 
 def train(out: Path, steps: int, seed: int = 0, lr: float = 2e-3, minutes: float | None = None, log_every: int = 20) -> dict:
@@ -124,10 +137,10 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 2e-3, minutes: float
         scale = min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
         for group in opt.param_groups:
             group["lr"] = lr * scale
-        ids, mask, family = batch(step, progress, seed, tokenizer, haystack)
-        loss = loss_fn(model, ids, mask)
+        ids, mask, real, family = batch(step, progress, seed, tokenizer, haystack)
+        objective, loss = loss_fn(model, ids, mask, real)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        objective.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         history.append({"step": step, "progress": round(progress, 4), "lr": lr * scale, "loss": round(loss.item(), 4), "family": family, "tokens": int(ids.numel()),
@@ -138,7 +151,7 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 2e-3, minutes: float
     model.eval()
     save(model, tokenizer, config, out)
     info = {"seed": seed, "steps_planned": steps, "steps_run": len(history), "lr": lr, "parameters": n_params,
-            "tokens_per_batch": TOKENS_PER_BATCH, "mix": MIX, "config": CONFIG, "train_seconds": round(time.time() - t0, 1),
+            "tokens_per_batch": TOKENS_PER_BATCH, "mix": MIX, "prompt_loss_weight": PROMPT_LOSS_WEIGHT, "config": CONFIG, "train_seconds": round(time.time() - t0, 1),
             "torch_threads": torch.get_num_threads(), "history": history}
     (out / "training.json").write_text(json.dumps(info))
     plot_loss(history, out / "loss.png")
