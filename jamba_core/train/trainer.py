@@ -38,7 +38,7 @@ CONFIG = dict(vocab_size=4096, hidden_size=192, intermediate_size=384, num_hidde
               num_key_value_heads=3, attn_layer_period=3, attn_layer_offset=1, num_experts=4, num_experts_per_tok=2,
               expert_layer_period=2, expert_layer_offset=1, mamba_d_state=16, mamba_d_conv=4, mamba_expand=2)
 TOKENS_PER_BATCH = 4096
-MIX = {"needle": 0.35, "recall": 0.3, "tool_call": 0.2, "json": 0.15}
+MIX = {"needle": 0.3, "recall": 0.4, "tool_call": 0.2, "json": 0.1}
 # weight of the other tokens' next-token loss (prompt, haystack, template) beside the assistant turns' 1:
 # a dense signal for copying (a tool name read again, a key asked again) that the sparse answers lack
 PROMPT_LOSS_WEIGHT = 0.1
@@ -105,7 +105,7 @@ def loss_fn(model, ids, mask, real):
     return (nll * w).sum() / w.sum(), nll[answer[real]].mean()
 
 
-def train(out: Path, steps: int, seed: int = 0, lr: float = 2e-3, minutes: float | None = None, log_every: int = 20) -> dict:
+def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float | None = None, log_every: int = 20) -> dict:
     torch.manual_seed(seed)
     t0 = time.time()
     tokenizer = make_tokenizer(seed)
@@ -195,7 +195,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("checkpoints/jamba-tiny-chat"))
     parser.add_argument("--steps", type=int, default=2400)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--minutes", type=float, default=None,
                         help="time budget for the training loop: the schedule then runs on whichever of steps or time ends first")
     args = parser.parse_args(argv)
