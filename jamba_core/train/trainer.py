@@ -105,18 +105,32 @@ def loss_fn(model, ids, mask, real):
     return (nll * w).sum() / w.sum(), nll[answer[real]].mean()
 
 
-def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float | None = None, log_every: int = 20) -> dict:
+def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float | None = None, log_every: int = 20,
+          init: Path | None = None) -> dict:
+    """Train and save to ``out``; ``init`` continues from a checkpoint folder this function wrote (its
+    weights and tokenizer; the optimizer state starts fresh and the data continues at new seeds)."""
     torch.manual_seed(seed)
     t0 = time.time()
-    tokenizer = make_tokenizer(seed)
-    eom = tokenizer.convert_tokens_to_ids("<|eom|>")
-    config = make_config("tiny", **CONFIG, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=[tokenizer.eos_token_id, eom])
-    config.architectures = ["JambaForCausalLM"]
-    model = JambaForCausalLM(config)
-    weights = random_weights(config, seed)
-    weights["lm_head.weight"] = torch.randn(config.vocab_size, config.hidden_size, generator=torch.Generator().manual_seed(seed)) * config.initializer_range
-    model.load_state_dict(weights)
+    if init is not None:
+        from safetensors.torch import load_file
+
+        from ..config import load_config
+        from ..loading import weight_files
+        from ..tokenizer import load_tokenizer
+
+        tokenizer, config = load_tokenizer(init), load_config(init)
+        model = JambaForCausalLM(config)
+        model.load_state_dict({k: v for f in weight_files(Path(init)) for k, v in load_file(str(f)).items()})
+    else:
+        tokenizer = make_tokenizer(seed)
+        eom = tokenizer.convert_tokens_to_ids("<|eom|>")
+        config = make_config("tiny", **CONFIG, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                             eos_token_id=[tokenizer.eos_token_id, eom])
+        config.architectures = ["JambaForCausalLM"]
+        model = JambaForCausalLM(config)
+        weights = random_weights(config, seed)
+        weights["lm_head.weight"] = torch.randn(config.vocab_size, config.hidden_size, generator=torch.Generator().manual_seed(seed)) * config.initializer_range
+        model.load_state_dict(weights)
     n_params = sum(p.numel() for p in model.parameters())
     haystack = ruler.Haystack(tokenizer)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
@@ -150,7 +164,7 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
                   f"gn {float(grad_norm):.2f} {time.time() - t0:.0f}s", flush=True)
     model.eval()
     save(model, tokenizer, config, out)
-    info = {"seed": seed, "steps_planned": steps, "steps_run": len(history), "lr": lr, "parameters": n_params,
+    info = {"init": None if init is None else str(init), "seed": seed, "steps_planned": steps, "steps_run": len(history), "lr": lr, "parameters": n_params,
             "tokens_per_batch": TOKENS_PER_BATCH, "mix": MIX, "prompt_loss_weight": PROMPT_LOSS_WEIGHT, "config": CONFIG, "train_seconds": round(time.time() - t0, 1),
             "torch_threads": torch.get_num_threads(), "history": history}
     (out / "training.json").write_text(json.dumps(info))
@@ -196,9 +210,10 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=2400)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--init", type=Path, default=None, help="continue from this checkpoint folder (use another --seed)")
     parser.add_argument("--minutes", type=float, default=None,
                         help="time budget for the training loop: the schedule then runs on whichever of steps or time ends first")
     args = parser.parse_args(argv)
-    info = train(args.out, args.steps, args.seed, args.lr, args.minutes)
+    info = train(args.out, args.steps, args.seed, args.lr, args.minutes, init=args.init)
     print(f"{info['parameters']:,} parameters, {info['steps_run']} steps, {info['train_seconds']:.0f} s -> {args.out}")
     return 0
