@@ -4,6 +4,12 @@ from pathlib import Path
 import pytest
 import torch
 
+# Triton reads TRITON_INTERPRET when its modules load, and other packages (xgrammar, bitsandbytes) import
+# it before tests/test_triton_kernels.py runs: without a GPU its kernels run in the interpreter, so set it
+# for the whole session, first (importing torch does not import triton).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 SHARED = Path(os.environ.get("JAMBA_LOCAL_SHARED", Path(__file__).resolve().parents[2] / "shared"))
