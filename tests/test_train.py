@@ -41,7 +41,7 @@ def test_training_scan_refuses_a_nonzero_state():
                             torch.randn(1, 3, 4), torch.ones(2), torch.randn(1, 2, 3), torch.ones(1, 2, 4))
 
 
-def test_train_and_test_splits_share_no_tool_or_value_words():
+def test_train_and_test_splits_share_no_tool_or_value_words(shared_dir):
     assert not set(data.words("train")) & set(data.words("test"))
     tool = data.tool_call(random.Random(1), "test")
     names = {t["function"]["name"] for t in tool.tools}
@@ -49,7 +49,7 @@ def test_train_and_test_splits_share_no_tool_or_value_words():
     assert all(part not in train_words for name in names for part in name.split("_") if part not in data.VERBS)
 
 
-def test_only_assistant_turns_are_training_targets(tiny_engine):
+def test_only_assistant_turns_are_training_targets(tiny_engine, shared_dir):
     tok = tiny_engine.tokenizer
     conv = data.tool_call(random.Random(3))
     ids, mask = data.encode(tok, conv)
@@ -61,7 +61,7 @@ def test_only_assistant_turns_are_training_targets(tiny_engine):
     assert conv.messages[1 if conv.messages[0]["role"] == "system" else 0]["content"] not in target
 
 
-def test_recall_answers_each_asked_key_with_its_needles_value_in_order(tiny_engine):
+def test_recall_answers_each_asked_key_with_its_needles_value_in_order(tiny_engine, shared_dir):
     from jamba_core.eval.ruler import Haystack
 
     conv = data.recall(random.Random(7), Haystack(tiny_engine.tokenizer))
