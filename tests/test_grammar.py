@@ -363,3 +363,30 @@ def test_json_schema_answer_finishes_within_the_token_budget_on_random_weights(t
                       response_format={"type": "json_schema", "json_schema": {"name": "book", "schema": schema}})
         assert result.finish_reason == "stop", result.text
         jsonschema.validate(json.loads(result.content), schema)
+
+
+@pytest.mark.parametrize("kind", ["number", "integer"])
+def test_a_number_the_model_keeps_extending_still_ends_within_the_budget(tok, vocab, stops, kind):
+    """A model that prefers digits (random weights often do) would write one JSON number for ever; where a
+    brace may not close yet (a required key follows), the closing window ends the number with a comma."""
+    schema = {"type": "object", "properties": {"a": {"type": kind}, "b": {"type": kind}, "c": {"type": "string"}},
+              "required": ["a", "b", "c"]}
+    digits = torch.zeros(vocab)
+    for token, i in tok.get_vocab().items():
+        if token.strip("Ġ▁ ").isdigit():
+            digits[i] = 20.0
+    budget = 60
+    for seed in range(20):
+        constraint = response_format_constraint(tok, {"type": "json_schema", "json_schema": {"name": "r", "schema": schema}},
+                                                vocab_size=vocab, stop_token_ids=stops)
+        gen, ids = torch.Generator().manual_seed(seed), []
+        for step in range(budget):
+            constraint.remaining_tokens = budget - step
+            logits = torch.randn(vocab, generator=gen) + digits
+            constraint.mask_logits(logits)
+            ids.append(int(torch.argmax(logits)))
+            constraint.accept(ids[-1])
+            if constraint.is_terminated():
+                break
+        assert constraint.is_terminated(), tok.decode(ids)
+        jsonschema.validate(json.loads(decode(tok, ids, stops)), schema)

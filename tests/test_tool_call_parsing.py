@@ -183,6 +183,24 @@ def test_stray_closing_marker_never_reaches_content():
     assert parse_output("a</tool_call>b", "hermes").content == "ab"
 
 
+@pytest.mark.parametrize("call_format", FORMATS)
+def test_without_tools_a_call_block_is_content_and_citations_still_parse(call_format):
+    """No tools offered (or tool_choice="none"): what looks like a call is the model's text, kept whole."""
+    open_, close = CALL_MARKERS[call_format]
+    text = f'See {open_}[{{"name": "f", "arguments": {{}}}}]{close} here<citations>[0]</citations>'
+    for cuts in ([], [3, 9, 17, 30]):
+        parser = StreamingToolCallParser(call_format, tool_calls=False)
+        events, last = [], 0
+        for cut in [*cuts, len(text)]:
+            events += parser.feed(text[last:cut])
+            last = cut
+        events += parser.finish()
+        parsed = parser.result()
+        assert parsed.tool_calls == [] and parsed.invalid_tool_calls == []
+        assert parsed.content == text.split("<citations>")[0] and parsed.citations == [0]
+        assert not any(isinstance(e, (ToolCallChunk, InvalidToolCall)) for e in events)
+
+
 def test_partial_marker_at_the_end_is_content():
     assert parse_output("x < y and <tool_c").content == "x < y and <tool_c"
 

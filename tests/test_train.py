@@ -1,6 +1,7 @@
 """The training path: its scan (forward and gradients) against the plain recurrence, and its data."""
 
 import random
+import re
 
 import pytest
 import torch
@@ -61,13 +62,17 @@ def test_only_assistant_turns_are_training_targets(tiny_engine, shared_dir):
     assert conv.messages[1 if conv.messages[0]["role"] == "system" else 0]["content"] not in target
 
 
-def test_recall_answers_each_asked_key_with_its_needles_value_in_order(tiny_engine, shared_dir):
+@pytest.mark.parametrize("context", [0, 64, 512])
+def test_recall_restates_each_asked_needle_in_order(tiny_engine, shared_dir, context):
     from jamba_core.eval.ruler import Haystack
 
-    conv = data.recall(random.Random(7), Haystack(tiny_engine.tokenizer))
-    prompt, answer = conv.messages[0]["content"], conv.messages[1]["content"]
-    asked = prompt.rsplit("What are the special magic numbers for ", 1)[1].split(" mentioned")[0].split(", ")
-    pairs = [item.split(": ") for item in answer.split(", ")]
-    assert [k for k, _ in pairs] == asked and len(asked) >= 2
-    for key, value in pairs:
-        assert f"One of the special magic numbers for {key} is: {value}" in prompt
+    for seed in range(5):
+        conv = data.recall(random.Random(seed), Haystack(tiny_engine.tokenizer), context=context)
+        prompt, answer = conv.messages[0]["content"], conv.messages[1]["content"]
+        question = prompt.rsplit("\n", 1)[1]
+        pairs = re.findall(r"The special magic number for (\S+) is: (\d+)\.", answer)
+        assert " ".join(f"The special magic number for {k} is: {v}." for k, v in pairs) == answer
+        asked = re.findall(r"[a-z]+-[a-z]+", question)
+        assert [k for k, _ in pairs] == asked and len(asked) >= 1
+        for key, value in pairs:  # every answer is worded as its needle
+            assert f"One of the special magic numbers for {key} is: {value}" in prompt

@@ -75,7 +75,7 @@ def chat_stream(engine: Engine, messages: list[dict], *, tools=None, tool_choice
     _validate_tool_choice(tools, tool_choice)
     constraint = _constraint(engine, tools, tool_choice, response_format, parallel_tool_calls)
     fmt = call_format(engine)
-    parser = StreamingToolCallParser(fmt)
+    parser = StreamingToolCallParser(fmt, tool_calls=bool(tools) and tool_choice != "none")
     pieces, last = [], None
     for chunk in engine.stream(messages, tools=tools, documents=documents, response_format=response_format,
                                citations=citations, constraint=constraint, **generation):

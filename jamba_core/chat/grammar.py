@@ -83,20 +83,21 @@ class _Context:
     _ban_tensors: dict = field(default_factory=dict)
     _closing: dict = field(default_factory=dict)
 
-    def closing_ids(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens that only close JSON, in two tiers: those opening with a quote (``"``, ``"}``, ...:
-        inside a string they end it) and those of braces and brackets only (``}``, ``\n]``, ...: they
-        end an object or array, and are plain text inside a string, so they come second). What a
-        budget running out prefers (see `GrammarConstraint.remaining_tokens`)."""
+    def closing_ids(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Tokens that only close JSON, in three tiers: those opening with a quote (``"``, ``"}``, ...:
+        inside a string they end it); those of braces and brackets only (``}``, ``\n]``, ...: they end
+        an object or array, and are plain text inside a string, so they come second); and those opening
+        with a comma (``,``, ``, "``: they end a number or literal where the object still needs a
+        required key, which a brace may not close yet, so a number cannot run on digit by digit). What
+        a budget running out prefers (see `GrammarConstraint.remaining_tokens`)."""
         if device not in self._closing:
-            quote, brace = [], []
+            tiers: tuple[list[int], list[int], list[int]] = ([], [], [])
             for i, raw in enumerate(self.info.decoded_vocab[: self.token_count]):
                 body = raw.strip()
-                if not body or i in self.never_text or body.strip(b'"}]'):
+                if not body or i in self.never_text or body.strip(b'"}],'):
                     continue
-                (quote if body.startswith(b'"') else brace).append(i)
-            self._closing[device] = (torch.tensor(quote, dtype=torch.long, device=device),
-                                     torch.tensor(brace, dtype=torch.long, device=device))
+                tiers[0 if body.startswith(b'"') else 2 if body.startswith(b",") else 1].append(i)
+            self._closing[device] = tuple(torch.tensor(t, dtype=torch.long, device=device) for t in tiers)
         return self._closing[device]
 
     def utf8_ban_tensor(self, lead: int, device: torch.device) -> torch.Tensor:
@@ -215,8 +216,8 @@ class GrammarConstraint:
     Built by `tool_choice_constraint` and `response_format_constraint`; one instance per generation.
 
     Budget: the engine sets ``remaining_tokens`` before each step. Within the last ``closing_window``
-    tokens, where the grammar allows a token that only closes (a quote, brace or bracket) or ends the
-    step, only those are allowed, so a call or JSON answer completes within ``max_new_tokens`` instead
+    tokens, where the grammar allows a token that only closes (a quote, brace or bracket), ends a value
+    (a comma) or ends the step, only those are allowed, so a call or JSON answer completes within ``max_new_tokens`` instead
     of being cut off mid-string. Earlier steps are untouched.
     """
 
@@ -280,8 +281,8 @@ class GrammarConstraint:
             self._prefer_closing(logits)
 
     def _prefer_closing(self, logits: torch.Tensor) -> None:
-        """Keep only the first tier the grammar allows: the step's exits, quote-first closers, then
-        brace/bracket closers; when it allows none of them, leave the mask as it is."""
+        """Keep only the first tier the grammar allows: the step's exits, quote-first closers,
+        brace/bracket closers, then comma-first ones; when it allows none of them, leave the mask."""
         exits = torch.tensor(sorted(self._steps[self._at].next), dtype=torch.long, device=logits.device)
         for ids in (exits, *self._ctx.closing_ids(logits.device)):
             ids = ids[ids < logits.shape[-1]]

@@ -213,11 +213,14 @@ class StreamingToolCallParser:
     built from the events (with the ids they announced) once `finish` was called.
     """
 
-    def __init__(self, call_format: str = "jamba"):
+    def __init__(self, call_format: str = "jamba", tool_calls: bool = True):
+        """``tool_calls=False``: no tools were offered (or ``tool_choice="none"``), so call markers are
+        plain content, never a call (OpenAI-style APIs return no calls then; citations still parse)."""
         _check_format(call_format)
         self.call_format = call_format
         self._open, self._close = CALL_MARKERS[call_format]
-        self._text_markers = (self._open, CITATIONS_OPEN, self._close)
+        self._tool_calls = tool_calls
+        self._text_markers = (self._open, CITATIONS_OPEN, self._close) if tool_calls else (CITATIONS_OPEN,)
         self._buf = ""
         self._state = "text"  # "text" | "calls" | "citations"
         self._started = False  # content seen a non-whitespace character
@@ -345,7 +348,7 @@ class StreamingToolCallParser:
 
     def _scan_citations(self, events: list[Event], final: bool) -> None:
         buf = self._buf
-        close, reopen = buf.find(CITATIONS_CLOSE), buf.find(self._open)
+        close, reopen = buf.find(CITATIONS_CLOSE), buf.find(self._open) if self._tool_calls else -1
         if close >= 0 and (reopen < 0 or close < reopen):
             body = "".join(self._body) + buf[:close]
             ids = _parse_citations(body)
@@ -360,7 +363,7 @@ class StreamingToolCallParser:
             self._buf = buf[reopen + len(self._open):]
             self._start_block()
         else:
-            keep = 0 if final else _partial_marker_suffix(buf, (CITATIONS_CLOSE, self._open))
+            keep = 0 if final else _partial_marker_suffix(buf, (CITATIONS_CLOSE, self._open) if self._tool_calls else (CITATIONS_CLOSE,))
             self._body.append(buf[:len(buf) - keep])
             self._buf = buf[len(buf) - keep:]
 

@@ -30,6 +30,11 @@ _NIAH_QUESTION = "What is the special magic number for {key} mentioned in the pr
 _NIAH_QUESTION_ALL = "What are all the special magic numbers for {key} mentioned in the provided text?"
 _VT_INSTRUCTION = "Memorize and track the chain(s) of variable assignment hidden in the following text."
 _VT_QUESTION = "Find all variables that are assigned the value {value} in the text above."
+# RULER appends an answer prefix that restates the question; the training targets are that prefix and
+# the answer, so the reply repeats the needle's own words before each value
+_NIAH_ANSWER = "The special magic number for {key} is: {value}."
+_NIAH_ANSWER_ALL = "The special magic numbers for {key} are: {values}."
+_VT_ANSWER = "The variables assigned the value {value} are: {names}."
 
 _HEADROOM = 40         # tokens left under `length` for the chat template and the reply
 _NEEDLES = 4           # needles per multi-key / multi-value sample; also the variables per VT chain
@@ -47,7 +52,8 @@ class Sample:
         answers: every string that must appear in the model's reply.
         length: the requested context length in tokens; the prompt is 0.9-1.0 of it.
         depth: 0..100, percent position of the queried needle in the haystack.
-        target: the ideal reply, the answers joined by ", " (the training target).
+        target: the ideal reply (the training target): RULER's answer prefix, which restates the
+            question, with the answers.
     """
 
     task: str
@@ -146,7 +152,7 @@ def _distinct(draw: Callable[[], str], n: int) -> list[str]:
 
 
 def _parts(task: str, depth: float, rng: random.Random, words: list[str]):
-    """(instruction, [(depth, sentence)], question, answers) of one sample, before the haystack is cut."""
+    """(instruction, [(depth, sentence)], question, answers, target) of one sample, before the haystack is cut."""
     def key():
         return "-".join(rng.sample(words, 2))
 
@@ -156,11 +162,13 @@ def _parts(task: str, depth: float, rng: random.Random, words: list[str]):
         if task == "niah_multivalue":
             k = key()
             needles = [(d, _NIAH_NEEDLE.format(key=k, value=v)) for d, v in zip(_spread(depth, n), values)]
-            return _NIAH_INSTRUCTION, needles, _NIAH_QUESTION_ALL.format(key=k), values
+            target = _NIAH_ANSWER_ALL.format(key=k, values=", ".join(values))
+            return _NIAH_INSTRUCTION, needles, _NIAH_QUESTION_ALL.format(key=k), values, target
         keys = _distinct(key, n)  # keys[0] is queried; the others are distractors at random depths
         depths = [depth] + [rng.uniform(0, 100) for _ in range(n - 1)]
         needles = [(d, _NIAH_NEEDLE.format(key=k, value=v)) for d, k, v in zip(depths, keys, values)]
-        return _NIAH_INSTRUCTION, needles, _NIAH_QUESTION.format(key=keys[0]), values[:1]
+        target = _NIAH_ANSWER.format(key=keys[0], value=values[0])
+        return _NIAH_INSTRUCTION, needles, _NIAH_QUESTION.format(key=keys[0]), values[:1], target
     if task == "variable_tracking":
         names = _distinct(lambda: "".join(rng.choices("ABCDEFGHIJKLMNOPQRSTUVWXYZ", k=5)), 2 * _NEEDLES)
         value, other = _distinct(lambda: _number(rng, 5), 2)
@@ -171,7 +179,8 @@ def _parts(task: str, depth: float, rng: random.Random, words: list[str]):
         queried, distractor = names[:_NEEDLES], names[_NEEDLES:]
         needles = list(zip(_spread(depth, _NEEDLES), chain(queried, value)))
         needles += list(zip(sorted(rng.uniform(0, 100) for _ in range(_NEEDLES)), chain(distractor, other)))
-        return _VT_INSTRUCTION, needles, _VT_QUESTION.format(value=value), queried
+        target = _VT_ANSWER.format(value=value, names=", ".join(f"VAR {v}" for v in queried))
+        return _VT_INSTRUCTION, needles, _VT_QUESTION.format(value=value), queried, target
     raise ValueError(f"task must be one of {TASKS}, got {task!r}")
 
 
@@ -194,7 +203,7 @@ def make_sample(task: str, length: int, depth: float, seed: int, haystack: Hayst
     if not 0 <= depth <= 100:
         raise ValueError(f"depth must be within 0..100, got {depth}")
     rng = random.Random(f"{split}:{task}:{seed}")
-    instruction, needles, question, answers = _parts(task, depth, rng, haystack.key_words(split))
+    instruction, needles, question, answers, target = _parts(task, depth, rng, haystack.key_words(split))
     offset = rng.randrange(len(haystack.ids))
 
     def render(n_tokens: int) -> str:
@@ -212,7 +221,7 @@ def make_sample(task: str, length: int, depth: float, seed: int, haystack: Hayst
     else:
         raise RuntimeError(f"could not fit a {task} prompt into {length} tokens")
     return Sample(task=task, prompt=prompt, answers=list(answers), length=length, depth=float(depth),
-                  target=", ".join(answers))
+                  target=target)
 
 
 def score(reply: str, answers: list[str]) -> float:

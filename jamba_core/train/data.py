@@ -153,23 +153,26 @@ def needle(rng: random.Random, haystack, length: int, split: str = "train") -> C
     return Conversation(task, [{"role": "user", "content": sample.prompt}, {"role": "assistant", "content": sample.target}])
 
 
-def recall(rng: random.Random, haystack, split: str = "train") -> Conversation:
-    """4-12 needles in the RULER format spread through 64-512 tokens of the book, then a question about
-    most of their keys; the answer gives ``key: value`` for each key in the order asked, so every value
-    is one lookup right after its key (the dense form of multi-query associative recall: with one answer
-    per sample a first training run learned no lookup at all in 700 steps)."""
+def recall(rng: random.Random, haystack, context: int = 128, split: str = "train") -> Conversation:
+    """2-12 needles in the RULER format spread through ``context`` tokens of the book (0 for needles
+    alone), then a question about most of their keys. The answer restates each needle, in the order
+    asked, as RULER's answer prefix does (``The special magic number for K is: V.``), so every value
+    follows the same words as in its needle: one lookup (an induction copy) per value, many per sample.
+    This is the dense form of multi-query associative recall (Arora et al. 2023, "Zoology"): with one
+    answer per sample, or answers worded unlike the needles, earlier runs learned no lookup at all."""
     words = haystack.key_words(split)
-    n = rng.randint(4, 12)
+    n = rng.randint(2, 12)
     keys = list(dict.fromkeys("-".join(rng.sample(words, 2)) for _ in range(n)))
     values = [str(rng.randint(1_000_000, 9_999_999)) for _ in keys]
-    pieces = haystack.cut(rng.choice((64, 128, 256, 512)), rng.randrange(len(haystack.ids))).split(". ")
+    pieces = haystack.cut(context, rng.randrange(len(haystack.ids))).split(". ") if context > 0 else []
     for k, v in zip(keys, values):
-        pieces.insert(rng.randrange(len(pieces) + 1), f"One of the special magic numbers for {k} is: {v}")
-    asked = rng.sample(range(len(keys)), rng.randint(max(2, len(keys) // 2), len(keys)))
-    prompt = (ruler._NIAH_INSTRUCTION + "\n" + ". ".join(pieces) + ".\n"
-              + f"What are the special magic numbers for {', '.join(keys[i] for i in asked)} mentioned in the provided text?")
-    return Conversation("recall", [{"role": "user", "content": prompt},
-                                   {"role": "assistant", "content": ", ".join(f"{keys[i]}: {values[i]}" for i in asked)}])
+        pieces.insert(rng.randrange(len(pieces) + 1), ruler._NIAH_NEEDLE.format(key=k, value=v).rstrip("."))
+    asked = rng.sample(range(len(keys)), rng.randint(max(1, len(keys) // 2), len(keys)))
+    question = (ruler._NIAH_QUESTION.format(key=keys[asked[0]]) if len(asked) == 1 else
+                f"What are the special magic numbers for {', '.join(keys[i] for i in asked)} mentioned in the provided text?")
+    prompt = ruler._NIAH_INSTRUCTION + "\n" + ". ".join(pieces) + ".\n" + question
+    answer = " ".join(ruler._NIAH_ANSWER.format(key=keys[i], value=values[i]) for i in asked)
+    return Conversation("recall", [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}])
 
 
 # -- tokens ----------------------------------------------------------------------------------------

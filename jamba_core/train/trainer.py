@@ -7,8 +7,8 @@ the loss at every step) and ``loss.png``.
 
 The model is our own `JambaForCausalLM` (the same modules that serve it) with the ops backend
 ``"train"`` (`jamba_core.train.scan`: a selective scan with a backward pass). Loss: next-token
-cross-entropy on the assistant turns, and at weight `PROMPT_LOSS_WEIGHT` on the other tokens. Needle lengths grow over training (256 tokens, then up to
-512, 1024, and 2048 in the last third); tool-call and JSON batches are mixed in throughout.
+cross-entropy on the assistant turns, and at weight `PROMPT_LOSS_WEIGHT` on the other tokens. The data follow `CURRICULUM`: dense short lookups first,
+then longer recall and needles up to 2,048 tokens; tool-call and JSON batches are mixed in throughout.
 """
 
 from __future__ import annotations
@@ -37,8 +37,16 @@ ops.register("train", scan)
 CONFIG = dict(vocab_size=4096, hidden_size=192, intermediate_size=384, num_hidden_layers=6, num_attention_heads=6,
               num_key_value_heads=3, attn_layer_period=3, attn_layer_offset=1, num_experts=4, num_experts_per_tok=2,
               expert_layer_period=2, expert_layer_offset=1, mamba_d_state=16, mamba_d_conv=4, mamba_expand=2)
-TOKENS_PER_BATCH = 4096
-MIX = {"needle": 0.3, "recall": 0.4, "tool_call": 0.2, "json": 0.1}
+# The curriculum, by training progress (the fraction of steps or minutes spent): (until, tokens per
+# batch, mix of task families, recall context lengths, needle lengths). Dense short lookups first, in
+# small batches (more updates): copying must form before long haystacks can teach anything (with long
+# sparse needles from the start, a 55-minute run learned the formats and no lookup); then longer recall
+# and RULER needles up to 2K tokens; tool calls and JSON throughout.
+CURRICULUM = (
+    (0.35, 1024, {"recall": 0.6, "tool_call": 0.25, "json": 0.15}, (0, 0, 16, 32, 64), ()),
+    (0.65, 2048, {"recall": 0.35, "needle": 0.25, "tool_call": 0.28, "json": 0.12}, (32, 64, 128, 256, 512), (256, 512, 1024)),
+    (1.00, 2048, {"recall": 0.2, "needle": 0.35, "tool_call": 0.3, "json": 0.15}, (128, 256, 512, 1024), (512, 1024, 2048)),
+)
 # weight of the other tokens' next-token loss (prompt, haystack, template) beside the assistant turns' 1:
 # a dense signal for copying (a tool name read again, a key asked again) that the sparse answers lack
 PROMPT_LOSS_WEIGHT = 0.1
@@ -58,30 +66,31 @@ def make_tokenizer(seed: int = 0):
     return train_tokenizer(CONFIG["vocab_size"], text=book + "\n".join(extra))
 
 
-def needle_length(step: int, f: float) -> int:
-    """The needle haystack length at training progress ``f`` in [0, 1)."""
-    choices = [256] if f < 0.2 else [256, 512] if f < 0.45 else [256, 512, 1024] if f < 0.7 else [512, 1024, 2048]
-    return random.Random(step).choice(choices)
+def phase(progress: float):
+    """(tokens per batch, mix, recall context lengths, needle lengths) of the `CURRICULUM` phase at
+    ``progress`` in [0, 1)."""
+    return next(p[1:] for p in CURRICULUM if progress < p[0])
 
 
 def batch(step: int, progress: float, seed: int, tokenizer, haystack):
     """(ids (b, L) long, assistant-token mask (b, L) bool, real-token mask (b, L) bool, family) for one
     step, deterministic in (seed, step, progress)."""
     rng = random.Random(seed * 1_000_003 + step)
-    family = rng.choices(list(MIX), weights=list(MIX.values()))[0]
+    tokens, mix, contexts, lengths = phase(progress)
+    family = rng.choices(list(mix), weights=list(mix.values()))[0]
     convs = []
     if family == "needle":
-        length = needle_length(step, progress)
-        convs = [data.needle(rng, haystack, length) for _ in range(max(1, TOKENS_PER_BATCH // length))]
+        length = rng.choice(lengths)
+        convs = [data.needle(rng, haystack, length) for _ in range(max(1, tokens // length))]
     elif family == "recall":
-        total = 0
-        while total < TOKENS_PER_BATCH:
-            convs.append(data.recall(rng, haystack))
-            total += len(convs[-1].messages[0]["content"]) // 3 + 60
+        context, total = rng.choice(contexts), 0  # one context length per batch: little padding
+        while total < tokens:
+            convs.append(data.recall(rng, haystack, context))
+            total += context + 200
     else:
         make = data.tool_call if family == "tool_call" else data.json_extraction
         total = 0
-        while total < TOKENS_PER_BATCH // 2:
+        while total < tokens // 2:
             convs.append(make(rng))
             total += len(convs[-1].messages[0]["content"]) // 3 + 200
     encoded = [data.encode(tokenizer, c) for c in convs]
@@ -165,7 +174,7 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
     model.eval()
     save(model, tokenizer, config, out)
     info = {"init": None if init is None else str(init), "seed": seed, "steps_planned": steps, "steps_run": len(history), "lr": lr, "parameters": n_params,
-            "tokens_per_batch": TOKENS_PER_BATCH, "mix": MIX, "prompt_loss_weight": PROMPT_LOSS_WEIGHT, "config": CONFIG, "train_seconds": round(time.time() - t0, 1),
+            "curriculum": CURRICULUM, "prompt_loss_weight": PROMPT_LOSS_WEIGHT, "config": CONFIG, "train_seconds": round(time.time() - t0, 1),
             "torch_threads": torch.get_num_threads(), "history": history}
     (out / "training.json").write_text(json.dumps(info))
     plot_loss(history, out / "loss.png")
@@ -187,7 +196,7 @@ def plot_loss(history: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for family in MIX:
+    for family in ("recall", "needle", "tool_call", "json"):
         pts = [(h["step"], h["loss"]) for h in history if h["family"] == family]
         if pts:
             xs, ys = zip(*pts)
