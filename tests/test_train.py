@@ -76,3 +76,11 @@ def test_recall_restates_each_asked_needle_in_order(tiny_engine, shared_dir, con
         assert [k for k, _ in pairs] == asked and len(asked) >= 1
         for key, value in pairs:  # every answer is worded as its needle
             assert f"One of the special magic numbers for {key} is: {value}" in prompt
+
+
+def test_repeat_answers_with_the_prompts_sequence_verbatim(shared_dir):
+    for seed in range(20):
+        conv = data.repeat(random.Random(seed))
+        prompt, answer = conv.messages[0]["content"], conv.messages[1]["content"]
+        assert prompt.endswith(answer) and 4 <= len(re.split(r",? ", answer)) <= 40
+        assert data.repeat(random.Random(seed)).messages == conv.messages  # seeded

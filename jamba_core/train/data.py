@@ -146,6 +146,20 @@ def json_extraction(rng: random.Random, split: str = "train") -> Conversation:
     return Conversation("json", messages, response_format={"type": "json_schema", "json_schema": {"name": schema["title"], "schema": schema}})
 
 
+# -- copying ---------------------------------------------------------------------------------------
+def repeat(rng: random.Random, max_items: int = 40, split: str = "train") -> Conversation:
+    """A random sequence of book words and numbers to repeat verbatim: every answer token is a copy of
+    the token that followed the same one in the prompt (the induction pattern, Olsson et al. 2022), the
+    mechanism that the lookups of the other tasks build on, here with the densest possible signal.
+    ``max_items``: the longest sequence, in words and numbers (at least 4)."""
+    vocab = words(split)
+    items = [str(rng.randint(0, 10 ** rng.randint(1, 7))) if rng.random() < 0.3 else rng.choice(vocab)
+             for _ in range(rng.randint(4, max_items))]
+    text = rng.choice((" ", ", ", " ")).join(items)
+    ask = rng.choice(("Repeat this exactly: ", "Copy the following text: ", "Say it back: ", ""))
+    return Conversation("repeat", [{"role": "user", "content": ask + text}, {"role": "assistant", "content": text}])
+
+
 # -- needles ---------------------------------------------------------------------------------------
 def needle(rng: random.Random, haystack, length: int, split: str = "train") -> Conversation:
     task = rng.choices(ruler.TASKS, weights=(4, 2, 2, 1))[0]
