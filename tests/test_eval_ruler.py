@@ -146,3 +146,21 @@ def test_cli_eval_runs_on_tiny_checkpoint(tiny_checkpoint, shared_dir, tmp_path,
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["model"]["model"] == str(tiny_checkpoint) and len(results["cells"]) == 1
     assert (tmp_path / "heatmap.png").stat().st_size > 0 and "| niah_single | 256 |" in capsys.readouterr().out
+
+
+def test_report_of_a_long_stage_run_for_some_tasks_only(tmp_path):
+    """A long-context stage adds lengths for a few tasks (`benchmarks.trained_eval --long`): the other
+    tasks get no row there, and the heat map leaves those cells blank."""
+    cells = [{"task": t, "length": n, "depth": d, "accuracy": 1.0, "latency_s": 0.1, "prompt_tokens": n, "samples": []}
+             for t in ("niah_single", "niah_multikey") for n in (1024,) for d in (0.0, 50.0)]
+    cells += [{"task": "niah_single", "length": 65536, "depth": 50.0, "accuracy": 0.0, "latency_s": 30.0,
+               "prompt_tokens": 65000, "samples": []}]
+    means = [{"task": "niah_single", "length": 1024, "accuracy": 1.0}, {"task": "niah_multikey", "length": 1024, "accuracy": 1.0},
+             {"task": "niah_single", "length": 65536, "accuracy": 0.0}]
+    results = {"model": {"class": "X"}, "split": "test", "seed": 0, "max_new_tokens": 32, "tasks": ["niah_single", "niah_multikey"],
+               "lengths": [1024, 65536], "depths": [0.0, 50.0], "samples_per_cell": 1, "cells": cells, "means": means}
+    paths = write_report(results, tmp_path)
+    rows = [line for line in paths["markdown"].read_text().splitlines() if line.startswith("| niah")]
+    assert rows == ["| niah_single | 1024 | 1.00 | 1.00 | 1.00 |", "| niah_single | 65536 |  | 0.00 | 0.00 |",
+                    "| niah_multikey | 1024 | 1.00 | 1.00 | 1.00 |"]
+    assert paths["heatmap"].stat().st_size > 0

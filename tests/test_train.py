@@ -84,3 +84,26 @@ def test_repeat_answers_with_the_prompts_sequence_verbatim(shared_dir):
         prompt, answer = conv.messages[0]["content"], conv.messages[1]["content"]
         assert prompt.endswith(answer) and 4 <= len(re.split(r",? ", answer)) <= 40
         assert data.repeat(random.Random(seed)).messages == conv.messages  # seeded
+
+
+def test_curriculum_phases_cover_training_and_every_family_makes_batches(tiny_engine, shared_dir):
+    from jamba_core.eval.ruler import Haystack
+    from jamba_core.train import trainer
+
+    ends = [p["until"] for p in trainer.CURRICULUM]
+    assert ends == sorted(ends) and ends[-1] == 1.0
+    haystack, seen = Haystack(tiny_engine.tokenizer), set()
+    for p in trainer.CURRICULUM:
+        assert abs(sum(p["mix"].values()) - 1.0) < 1e-9
+        assert ("needle" in p["mix"]) == bool(p["needle_lengths"])
+    assert max(trainer.CURRICULUM[-1]["needle_lengths"]) == 2048  # the training lengths, up to 2K
+    for step in range(200):
+        progress = (step % 4) / 4 + 0.1
+        ids, mask, real, family = trainer.batch(step, progress, 0, tiny_engine.tokenizer, haystack)
+        assert family in trainer.phase(progress)["mix"]
+        assert ids.shape == mask.shape == real.shape and mask.any() and not (mask & ~real).any()
+        assert ids.numel() <= 3 * trainer.phase(progress)["tokens"] + 4096  # about the phase's batch size
+        seen.add(family)
+        if seen == {"repeat", "recall", "needle", "tool_call", "json"}:
+            break
+    assert seen == {"repeat", "recall", "needle", "tool_call", "json"}

@@ -23,8 +23,11 @@ def _markdown(results: dict) -> str:
              "|---|---:|" + "---:|" * (len(depths) + 1)]
     for task in results["tasks"]:
         for length, row in zip(results["lengths"], accuracy_grid(results, task)):
+            if all(a is None for a in row):
+                continue  # a length run for other tasks only (a long-context stage)
             values = " | ".join("" if a is None else f"{a:.2f}" for a in row)
-            lines.append(f"| {task} | {length} | {values} | {means[(task, length)]:.2f} |")
+            mean = means.get((task, length))
+            lines.append(f"| {task} | {length} | {values} | {'' if mean is None else f'{mean:.2f}'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -42,7 +45,8 @@ def _heatmap(results: dict, path: Path) -> None:
         image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
         for i, row in enumerate(grid):
             for j, a in enumerate(row):
-                ax.text(j, i, f"{a:.2f}", ha="center", va="center", fontsize=8)
+                if a == a:  # not a missing cell (nan)
+                    ax.text(j, i, f"{a:.2f}", ha="center", va="center", fontsize=8)
         ax.set_xticks(range(len(depths)), [f"{d:g}" for d in depths])
         ax.set_yticks(range(len(lengths)), [str(n) for n in lengths])
         ax.set(title=task, xlabel="depth (%)")
