@@ -95,13 +95,20 @@ def make_checkpoint(path: str | Path, preset: str = "tiny", seed: int = 0, **con
     ``config_overrides`` are `JambaConfig` fields. The tokenizer is trained on real text (see
     `jamba_core.tokenizer.train_tokenizer`) with at most ``vocab_size`` entries; the model's vocabulary
     may be larger, as real checkpoints pad theirs. Reuses an existing folder made with the same
-    arguments.
+    arguments and rewrites one made with others.
+
+    Raises:
+        FileExistsError: ``path`` holds a checkpoint this function did not make (a ``config.json`` or
+            safetensors file and no stamp): a real or trained checkpoint is never overwritten.
     """
     path = Path(path)
     stamp = {"preset": preset, "seed": seed, "overrides": config_overrides, "version": 1}
     stamp_file = path / "jamba_local_checkpoint.json"
     if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp and (path / "model.safetensors").is_file():
         return path
+    if not stamp_file.is_file() and ((path / "config.json").is_file() or any(path.glob("*.safetensors"))):
+        raise FileExistsError(f"{path} holds a checkpoint that make_checkpoint did not make; refusing to overwrite it "
+                              "with random weights (choose another folder)")
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer(vocab_size=min(config_overrides.get("vocab_size", PRESETS.get(preset, {}).get("vocab_size", 4096)), 65536))
     eom = tokenizer.convert_tokens_to_ids("<|eom|>")

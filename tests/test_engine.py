@@ -246,3 +246,18 @@ def test_memory_estimate_counts_the_runtime_once_and_can_leave_it_out():
     with_rt, without = estimate_memory(config, 4096, 1, "float32"), estimate_memory(config, 4096, 1, "float32", runtime_bytes=0)
     assert with_rt.runtime == RUNTIME_BYTES and without.runtime == 0
     assert with_rt.total - without.total == RUNTIME_BYTES
+
+
+def test_make_checkpoint_never_overwrites_a_checkpoint_it_did_not_make(tmp_path):
+    """`benchmarks.quant_accuracy --checkpoint checkpoints/jamba-tiny-chat` once replaced the trained
+    checkpoint with random bench-small weights: a folder without make_checkpoint's stamp is refused."""
+    folder = tmp_path / "trained"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"weights")
+    with pytest.raises(FileExistsError, match="did not make"):
+        make_checkpoint(folder, preset="tiny")
+    assert (folder / "model.safetensors").read_bytes() == b"weights"
+    made = make_checkpoint(tmp_path / "made", preset="tiny")  # its own folders are reused and rewritten
+    assert make_checkpoint(made, preset="tiny") == made
+    assert make_checkpoint(made, preset="tiny", seed=1) == made
