@@ -107,3 +107,18 @@ def test_curriculum_phases_cover_training_and_every_family_makes_batches(tiny_en
         if seen == {"repeat", "recall", "needle", "tool_call", "json"}:
             break
     assert seen == {"repeat", "recall", "needle", "tool_call", "json"}
+
+
+def test_a_continued_run_can_start_later_in_the_curriculum(tmp_path, shared_dir):
+    from jamba_core.testing import TRAINED_CHECKPOINT
+    from jamba_core.train import trainer
+
+    if not (TRAINED_CHECKPOINT / "model.safetensors").is_file():
+        pytest.skip("no trained checkpoint in this tree")
+    with pytest.raises(ValueError, match="curriculum_from"):
+        trainer.train(tmp_path / "x", steps=1, init=TRAINED_CHECKPOINT, curriculum_from=1.0)
+    info = trainer.train(tmp_path / "out", steps=3, seed=5, init=TRAINED_CHECKPOINT, curriculum_from=0.8, log_every=100)
+    last = trainer.CURRICULUM[-1]["mix"]
+    assert info["curriculum_from"] == 0.8 and len(info["history"]) == 3
+    assert all(h["family"] in last for h in info["history"])
+    assert (tmp_path / "out" / "model.safetensors").is_file() and (tmp_path / "out" / "loss.png").is_file()

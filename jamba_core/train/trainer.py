@@ -128,9 +128,13 @@ def loss_fn(model, ids, mask, real):
 
 
 def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float | None = None, log_every: int = 20,
-          init: Path | None = None) -> dict:
+          init: Path | None = None, curriculum_from: float = 0.0) -> dict:
     """Train and save to ``out``; ``init`` continues from a checkpoint folder this function wrote (its
-    weights and tokenizer; the optimizer state starts fresh and the data continues at new seeds)."""
+    weights and tokenizer; the optimizer state starts fresh and the data continues at new seeds).
+    ``curriculum_from`` in [0, 1): the `CURRICULUM` progress the data start at (a continued run can skip
+    the phases its checkpoint has learned); the learning-rate schedule still spans the whole run."""
+    if not 0.0 <= curriculum_from < 1.0:
+        raise ValueError(f"curriculum_from must be within [0, 1), got {curriculum_from}")
     torch.manual_seed(seed)
     t0 = time.time()
     if init is not None:
@@ -173,7 +177,7 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
         scale = min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
         for group in opt.param_groups:
             group["lr"] = lr * scale
-        ids, mask, real, family = batch(step, progress, seed, tokenizer, haystack)
+        ids, mask, real, family = batch(step, curriculum_from + (1 - curriculum_from) * progress, seed, tokenizer, haystack)
         objective, loss = loss_fn(model, ids, mask, real)
         opt.zero_grad(set_to_none=True)
         objective.backward()
@@ -186,7 +190,7 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
                   f"gn {float(grad_norm):.2f} {time.time() - t0:.0f}s", flush=True)
     model.eval()
     save(model, tokenizer, config, out)
-    info = {"init": None if init is None else str(init), "seed": seed, "steps_planned": steps, "steps_run": len(history), "lr": lr, "parameters": n_params,
+    info = {"init": None if init is None else str(init), "curriculum_from": curriculum_from, "seed": seed, "steps_planned": steps, "steps_run": len(history), "lr": lr, "parameters": n_params,
             "curriculum": CURRICULUM, "prompt_loss_weight": PROMPT_LOSS_WEIGHT, "config": CONFIG, "train_seconds": round(time.time() - t0, 1),
             "torch_threads": torch.get_num_threads(), "history": history}
     (out / "training.json").write_text(json.dumps(info))
@@ -235,7 +239,9 @@ def main(argv=None) -> int:
     parser.add_argument("--init", type=Path, default=None, help="continue from this checkpoint folder (use another --seed)")
     parser.add_argument("--minutes", type=float, default=None,
                         help="time budget for the training loop: the schedule then runs on whichever of steps or time ends first")
+    parser.add_argument("--curriculum-from", type=float, default=0.0,
+                        help="curriculum progress (0..1) the data start at, e.g. 0.45 to skip the copying phases on --init")
     args = parser.parse_args(argv)
-    info = train(args.out, args.steps, args.seed, args.lr, args.minutes, init=args.init)
+    info = train(args.out, args.steps, args.seed, args.lr, args.minutes, init=args.init, curriculum_from=args.curriculum_from)
     print(f"{info['parameters']:,} parameters, {info['steps_run']} steps, {info['train_seconds']:.0f} s -> {args.out}")
     return 0
