@@ -138,15 +138,12 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
     torch.manual_seed(seed)
     t0 = time.time()
     if init is not None:
-        from safetensors.torch import load_file
-
         from ..config import load_config
-        from ..loading import weight_files
+        from ..loading import load_model
         from ..tokenizer import load_tokenizer
 
         tokenizer, config = load_tokenizer(init), load_config(init)
-        model = JambaForCausalLM(config)
-        model.load_state_dict({k: v for f in weight_files(Path(init)) for k, v in load_file(str(f)).items()})
+        model = load_model(Path(init), config, progress=False)  # the serving loader: errors name the file
     else:
         tokenizer = make_tokenizer(seed)
         eom = tokenizer.convert_tokens_to_ids("<|eom|>")
@@ -213,7 +210,7 @@ def plot_loss(history: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for family in ("repeat", "recall", "needle", "tool_call", "json"):
+    for family in dict.fromkeys(f for p in CURRICULUM for f in p["mix"]):
         pts = [(h["step"], h["loss"]) for h in history if h["family"] == family]
         if pts:
             xs, ys = zip(*pts)
