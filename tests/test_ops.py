@@ -163,6 +163,21 @@ def test_linear_matches_torch(rows, N, K, dtype, bias):
 
 
 @needs_cpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,N,K", [(1, 100, 37), (1, 4099, 512), (3, 64, 1024), (5, 7, 16), (31, 50, 40), (2, 33, 15)])
+def test_int8_matmul_matches_the_dequantized_fp32_product(rows, N, K, dtype):
+    g = torch.Generator().manual_seed(rows * N + K)
+    x = torch.randn(rows, K, generator=g).to(dtype)
+    q = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
+    scale = torch.rand(N, generator=g) * 0.02 + 1e-3
+    expected = F.linear(x.float(), q.float() * scale[:, None])  # exact products, fp32 sums
+    got = cpu.int8_matmul(x, q, scale)
+    assert got.shape == (rows, N) and got.dtype == dtype
+    assert rel(got, expected) <= (FP32_REL if dtype == torch.float32 else BF16_REL)
+    assert cpu.int8_matmul(torch.randn(cpu.MAX_INT8_GEMV_ROWS + 1, K).to(dtype), q, scale) is None  # prefill: not this kernel
+
+
+@needs_cpu
 @pytest.mark.parametrize("dtype,wdtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                                           (torch.float32, torch.bfloat16),  # the fp32 residual stream, bf16 weights
                                           (torch.bfloat16, torch.float32)])

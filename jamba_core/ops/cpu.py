@@ -56,6 +56,7 @@ _SIGNATURES = {
     "jl_scan": [_c, _c, _i, _i, _i, _i, _p, _i, _i, _p, _i, _i, _p, _i, _i, _p, _c, _p, _p, _p, _p, _p, _p, _c],
     "jl_conv": [_c, _i, _i, _i, _i, _p, _i, _i, _p, _p, _p, _p, _c, _c],
     "jl_gemv": [_c, _i, _i, _i, _p, _i, _p, _p, _p, _c],
+    "jl_gemv_i8": [_c, _i, _i, _i, _p, _i, _p, _p, _p, _c],
     "jl_rmsnorm": [_c, _c, _i, _i, _p, _i, _p, _f, _p, _c],
     "jl_mamba_decode": [_c, _i, _i, _i, _i, _i, _p, _i, _p, _p, _p, _p, _p, _p, _p, _f, _p, _p, _p, _p, _p, _p, _c],
 }
@@ -273,6 +274,29 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     y = torch.empty(rows, N, dtype=x.dtype)
     lib.jl_gemv(_DT[x.dtype], rows, N, K, _ptr(x2), x2.stride(0), _ptr(weight), _ptr(bias), _ptr(y), _threads(rows * N * K))
     return y.view(*x.shape[:-1], N)
+
+
+# int8_matmul with at most this many rows goes through the int8 GEMV kernel (decode, and the few tokens an
+# expert gets); from here on `jamba_core.quant.int8`'s tiled dequantize + GEMM is faster
+MAX_INT8_GEMV_ROWS = 31
+
+
+def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+    """``(x @ weight.T) * scale`` (x ``(M, K)`` fp32 / bf16, weight ``(N, K)`` int8, scale ``(N,)`` fp32 ->
+    ``(M, N)`` in x's dtype, fp32 accumulation) for up to `MAX_INT8_GEMV_ROWS` rows; None otherwise (the
+    caller runs its own path). Reads the int8 matrix once."""
+    lib = _lib()
+    M, K = x.shape
+    if (lib is None or M == 0 or M > MAX_INT8_GEMV_ROWS or not _supported(x) or weight.dtype != torch.int8
+            or scale.dtype != torch.float32 or not weight.is_contiguous() or not scale.is_contiguous()
+            or weight.device.type != "cpu" or x.requires_grad):
+        return None
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    N = weight.shape[0]
+    y = torch.empty(M, N, dtype=x.dtype)
+    lib.jl_gemv_i8(_DT[x.dtype], M, N, K, _ptr(x), x.stride(0), _ptr(weight), _ptr(scale), _ptr(y), _threads(M * N * K))
+    return y
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

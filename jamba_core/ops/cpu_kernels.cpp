@@ -143,6 +143,14 @@ inline void store(bf16* p, vf v, int n) {
 
 inline float to_f(float x) { return x; }
 inline float to_f(bf16 x) { return bf16_to_f(x); }
+// int8 weights (jamba_core.quant.int8): full vectors only
+typedef int8_t vb __attribute__((vector_size(16)));
+inline vf load(const int8_t* p, int) {
+    vb q;
+    std::memcpy(&q, p, sizeof q);
+    return __builtin_convertvector(q, vf);
+}
+inline float to_f(int8_t x) { return float(x); }
 
 // Round a value to the storage dtype T and back (what torch does when an intermediate is held in T).
 template <typename T> inline float rnd(float x) { return x; }
@@ -272,8 +280,11 @@ void conv(int64_t b, int64_t L, int64_t d, int64_t K, const T* x, int64_t sxb, i
 // ---------------------------------------------------------------------------------------------
 // y (M, N) = x (M, K) W^T (N, K) + bias, fp32 accumulation, for few rows M (decode): a
 // bandwidth-bound pass over W, 4 rows of W at a time, split across threads by rows of W.
-template <typename T>
-void gemv(int64_t M, int64_t N, int64_t K, const T* x, int64_t sx, const T* w, const T* bias, T* y, int nthreads) {
+// TW = int8_t: weight-only int8 with one fp32 scale per row (jamba_core.quant.int8); the scale factors
+// out of the sum, y[m, n] = scale[n] * sum_k x[m, k] w[n, k], and the int8 matrix streams once.
+template <typename T, typename TW>
+void gemv(int64_t M, int64_t N, int64_t K, const T* x, int64_t sx, const TW* w, const T* bias, const float* scale, T* y,
+          int nthreads) {
     float* xf = new float[M * K];
     for (int64_t m = 0; m < M; ++m)
         for (int64_t k = 0; k < K; ++k) xf[m * K + k] = to_f(x[m * sx + k]);
@@ -294,6 +305,7 @@ void gemv(int64_t M, int64_t N, int64_t K, const T* x, int64_t sx, const T* w, c
             for (int r = 0; r < nr; ++r) {
                 for (int64_t k = K16; k < K; ++k) tail[r] += to_f(w[(n0 + r) * K + k]) * xm[k];
                 float s = hsum(acc[r]) + tail[r];
+                if (scale) s *= scale[n0 + r];
                 if (bias) s += to_f(bias[n0 + r]);
                 if constexpr (sizeof(T) == 2) y[m * N + n0 + r] = f_to_bf16(s);
                 else y[m * N + n0 + r] = s;
@@ -491,9 +503,17 @@ void jl_gemv(int dtype, int64_t M, int64_t N, int64_t K, const void* x, int64_t 
     if (dtype == 1 && K % 2 == 0)
         gemv_bf16_pairs(M, N, K, (const bf16*)x, sx, (const bf16*)w, (const bf16*)bias, (bf16*)y, nthreads);
     else if (dtype == 1)
-        gemv<bf16>(M, N, K, (const bf16*)x, sx, (const bf16*)w, (const bf16*)bias, (bf16*)y, nthreads);
+        gemv<bf16, bf16>(M, N, K, (const bf16*)x, sx, (const bf16*)w, (const bf16*)bias, nullptr, (bf16*)y, nthreads);
     else
-        gemv<float>(M, N, K, (const float*)x, sx, (const float*)w, (const float*)bias, (float*)y, nthreads);
+        gemv<float, float>(M, N, K, (const float*)x, sx, (const float*)w, (const float*)bias, nullptr, (float*)y, nthreads);
+}
+
+void jl_gemv_i8(int dtype, int64_t M, int64_t N, int64_t K, const void* x, int64_t sx, const int8_t* w, const float* scale,
+                void* y, int nthreads) {
+    if (dtype == 1)
+        gemv<bf16, int8_t>(M, N, K, (const bf16*)x, sx, w, nullptr, scale, (bf16*)y, nthreads);
+    else
+        gemv<float, int8_t>(M, N, K, (const float*)x, sx, w, nullptr, scale, (float*)y, nthreads);
 }
 
 void jl_rmsnorm(int dtype, int wdtype, int64_t rows, int64_t n, const void* x, int64_t sx, const void* w, float eps,

@@ -7,10 +7,14 @@ error of each output independent of the other rows' outliers, and needs no calib
 
 The matmul is ``y = (x @ q.T) * s``: the scale factors out of the sum over ``in``. On CUDA with triton,
 ``"triton"``: `jamba_core.ops.int8_matmul`'s kernel (int8 tiles dequantized in the kernel, fp32
-accumulation). On CPU two paths (`kernel_path`):
-- ``"int8pack"``, for fewer than `GEMM_ROWS` rows (decode, and the few tokens an expert gets): PyTorch's
-  weight-only int8 CPU kernel ``aten._weight_int8pack_mm``, which streams the int8 matrix once; decode is
-  bound by memory bandwidth, so it reads a quarter of fp32's bytes.
+accumulation). On CPU (`kernel_path`):
+- ``"gemv"``, for fewer than `GEMM_ROWS` rows (decode, and the few tokens an expert gets) with the
+  ``"cpu"`` ops backend: `jamba_core.ops.cpu.int8_matmul`, a C++ kernel that streams the int8 matrix
+  once and accumulates in fp32 with the activations as they are (fp32 or bf16); decode is bound by memory
+  bandwidth, so it reads a quarter of fp32's bytes.
+- ``"int8pack"``, the same rows where that kernel is not built: PyTorch's weight-only int8 CPU kernel
+  ``aten._weight_int8pack_mm`` with bf16 activations (measured on bench-small decode: about 5x slower
+  than the C++ kernel, and it rounds fp32 activations to bf16).
 - ``"dequant-gemm"``, for `GEMM_ROWS` rows and more (prefill): tiles of `TILE_ELEMENTS` weights cast to
   the compute dtype (exact: |q| <= 127) and a GEMM per tile, the scales applied to the output. The int8
   kernel works row by row (its time grows linearly with the rows, at about fp32 GEMV speed), so a GEMM is
@@ -64,13 +68,17 @@ TILE_ELEMENTS = 1 << 20
 
 def kernel_path(device: torch.device | str = "cpu", in_features: int = 0, rows: int = 1) -> str:
     """Which matmul `Int8Linear` runs for ``rows`` input rows of width ``in_features`` on ``device``:
-    ``"triton"`` (CUDA, `jamba_core.ops.int8_matmul`), ``"int8pack"`` (``aten._weight_int8pack_mm`` with
-    bf16 activations) or ``"dequant-gemm"``."""
+    ``"triton"`` (CUDA, `jamba_core.ops.int8_matmul`), ``"gemv"`` (the C++ kernel,
+    `jamba_core.ops.cpu.int8_matmul`), ``"int8pack"`` (``aten._weight_int8pack_mm`` with bf16 activations)
+    or ``"dequant-gemm"``."""
     device = torch.device(device)
     if device.type == "cuda" and ops.backend_for(device) == "triton":
         return "triton"
-    ok = _int8pack_mm is not None and device.type == "cpu" and in_features % KERNEL_IN_MULTIPLE == 0
-    return "int8pack" if ok and 0 < rows < GEMM_ROWS else "dequant-gemm"
+    if device.type != "cpu" or not 0 < rows < GEMM_ROWS:
+        return "dequant-gemm"
+    if ops.backend_for(device) == "cpu" and ops.cpu.available():
+        return "gemv"
+    return "int8pack" if _int8pack_mm is not None and in_features % KERNEL_IN_MULTIPLE == 0 else "dequant-gemm"
 
 
 class Int8Linear(nn.Module):
@@ -79,11 +87,11 @@ class Int8Linear(nn.Module):
     Buffers: ``weight (out, in)`` int8, ``scale (out,)`` fp32; ``bias (out,)`` a parameter in the compute
     dtype, or None. ``forward(x (..., in)) -> (..., out)`` in ``x``'s dtype.
 
-    Few rows (decode) run ``aten._weight_int8pack_mm``; many rows (prefill) a tiled GEMM in ``x``'s dtype
-    (`kernel_path`). On torch 2.13 the int8 kernel is vectorised for bf16 activations only (its fp32 and
-    fp16 paths are 10-20x slower than fp32 ``F.linear``), so fp32 inputs go through it in bf16 and the
-    result comes back in fp32: the rounding that adds (relative 2^-9 per activation) is an order below
-    the int8 weight error.
+    Few rows (decode) run an int8 GEMV kernel; many rows (prefill) a tiled GEMM in ``x``'s dtype
+    (`kernel_path`). Where the C++ kernel is not built, few rows run ``aten._weight_int8pack_mm``: on
+    torch 2.13 it is vectorised for bf16 activations only (its fp32 and fp16 paths are 10-20x slower than
+    fp32 ``F.linear``), so fp32 inputs go through it in bf16 and the result comes back in fp32: the
+    rounding that adds (relative 2^-9 per activation) is an order below the int8 weight error.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype = torch.float32, device=None):
@@ -119,12 +127,11 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)  # (T, in)
         path = kernel_path(x.device, self.in_features, x2.shape[0])
-        if path == "triton":
-            y = ops.int8_matmul(x2, self.weight, self.scale)
-        elif path == "int8pack":
+        y = ops.int8_matmul(x2, self.weight, self.scale) if path in ("triton", "gemv") else None
+        if y is None and path != "dequant-gemm" and _int8pack_mm is not None and self.in_features % KERNEL_IN_MULTIPLE == 0:
             # the kernel wants 2-D activations with a contiguous last dim, and scales in their dtype
             y = _int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.weight, self._bf16_scale()).to(x.dtype)
-        else:
+        if y is None:
             y = self._dequant_gemm(x2)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
