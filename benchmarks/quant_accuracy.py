@@ -19,9 +19,11 @@ format, and transformers' ``JambaForCausalLM`` in fp32 (the reference implementa
     python -m benchmarks.quant_accuracy                  # everything (about 10 minutes on 2 cores)
     python -m benchmarks.quant_accuracy --skip-speed     # accuracy and memory only
     python -m benchmarks.quant_accuracy --preset tiny    # the tiny test model: a quick check of the script
+    python -m benchmarks.quant_accuracy --model checkpoints/jamba-tiny-chat --skip-speed   # a trained checkpoint
 
 Writes ``quant_accuracy.json`` and ``quant_accuracy.md`` into ``--out`` (``quant_accuracy-{preset}.*`` for a
-preset other than bench-small, so a quick run never replaces the published figures).
+preset other than bench-small, ``quant_accuracy-{folder name}.*`` for ``--model``, so a quick run never
+replaces the published figures).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--preset", default="bench-small", help="the random-weight model measured (a jamba_core.testing preset: "
                    "bench-small, or tiny for a quick check of the script)")
     p.add_argument("--checkpoint", default=None, help="its checkpoint folder (made if absent; default .checkpoints/PRESET)")
+    p.add_argument("--model", default=None, help="measure this existing checkpoint folder instead of a preset (never written to)")
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument("--positions", type=int, default=1024, help="text positions for the accuracy figures")
     p.add_argument("--prompt-tokens", type=int, default=256, help="prompt before decoding, speed section")
@@ -75,8 +78,15 @@ def main(argv=None) -> int:
         return 0
     from jamba_core.testing import make_checkpoint
 
-    args.checkpoint = str(args.checkpoint or CHECKPOINTS / args.preset)
-    make_checkpoint(args.checkpoint, preset=args.preset)
+    if args.model:  # an existing checkpoint, e.g. the trained one: its weights are what is measured
+        if args.checkpoint:
+            raise SystemExit("give --model or --checkpoint, not both")
+        if not (Path(args.model) / "config.json").is_file():
+            raise SystemExit(f"{Path(args.model) / 'config.json'} not found: --model takes a checkpoint folder")
+        args.checkpoint, args.preset = str(args.model), Path(args.model).resolve().name
+    else:
+        args.checkpoint = str(args.checkpoint or CHECKPOINTS / args.preset)
+        make_checkpoint(args.checkpoint, preset=args.preset)
     results = run(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
