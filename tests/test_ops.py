@@ -235,6 +235,46 @@ def test_fused_decode_step_matches_separate_ops(dtype, overrides):
     assert rel(states["cpu"].conv, states["reference"].conv) <= bound
 
 
+# -- the fused feed-forward decode, through the modules ----------------------------------------------
+@needs_cpu
+@pytest.mark.parametrize("weights", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("moe", [True, False])
+def test_fused_feed_forward_decode_matches_the_modules_ops(weights, tokens, moe):
+    """MoE (router, top-2 of 5 experts) and dense MLP on a few tokens: the one-call kernel against the
+    modules' own ops on the reference backend. Odd widths (hidden 40, intermediate 70) leave tails in
+    every row block. int8: the reference runs torch's int8 kernel with bf16 activations, hence its bound."""
+    from jamba_core.model.moe import MLP, SparseMoE
+    from jamba_core.quant import quantize_model
+    from jamba_core.testing import make_config
+
+    config = make_config("tiny", hidden_size=40, intermediate_size=70, num_experts=5, num_experts_per_tok=2)
+    torch.manual_seed(tokens)
+    module = SparseMoE(config) if moe else MLP(40, 70)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.3)
+    dtype = torch.bfloat16 if weights == "bfloat16" else torch.float32
+    module = module.to(dtype).requires_grad_(False)
+    if weights == "int8":
+        wrapper, layer = torch.nn.Module(), torch.nn.Module()  # quantize_model targets "*.feed_forward.*_proj"
+        wrapper.layer, layer.feed_forward = layer, module
+        quantize_model(wrapper, "int8")
+        assert type(module.experts[0].gate_proj if moe else module.gate_proj).__name__ == "Int8Linear"
+    x = torch.randn(tokens, 1, 40, generator=torch.Generator().manual_seed(7)).to(dtype)
+    with torch.inference_mode():
+        with ops.using("reference"):
+            expected = module(x)
+        with ops.using("cpu"):
+            got = module(x)
+            experts = [m.decode_weights() for m in (module.experts if moe else [module])]
+            direct = cpu.ffn_decode(x[:, 0], module.router.weight if moe else None, experts, 2 if moe else 1)
+    assert direct is not None and torch.equal(direct, got[:, 0])  # the module ran the kernel
+    assert got.shape == expected.shape and got.dtype == expected.dtype
+    bound = {"float32": FP32_REL, "bfloat16": BF16_REL, "int8": BF16_REL}[weights]
+    assert rel(got, expected) <= bound
+
+
 # -- fallback --------------------------------------------------------------------------------------
 def test_a_failed_build_falls_back_to_the_reference(monkeypatch, caplog):
     monkeypatch.setattr(cpu, "_state", {"lib": None, "error": None, "tried": False})

@@ -10,3 +10,7 @@ class Linear(nn.Linear):
 
     def forward(self, x):
         return ops.linear(x, self.weight, self.bias)
+
+    def decode_weights(self):
+        """``(weight, None)`` for the fused decode kernels (`jamba_core.ops.ffn_decode`), or None with a bias."""
+        return (self.weight, None) if self.bias is None else None

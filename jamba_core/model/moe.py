@@ -2,6 +2,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
 from .linear import Linear
 
 
@@ -15,7 +16,28 @@ class MLP(nn.Module):
         self.down_proj = Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() <= 8 * x.shape[-1]:  # decode: one kernel call where the backend has one
+            y = _ffn_decode(x, None, [self], 1)
+            if y is not None:
+                return y
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def decode_weights(self):
+        """``((gate_w, gate_scale), (up_w, up_scale), (down_w, down_scale))`` for `jamba_core.ops.ffn_decode`,
+        or None when a projection has no such form (a bias, a bitsandbytes module)."""
+        mats = tuple(getattr(p, "decode_weights", lambda: None)() for p in (self.gate_proj, self.up_proj, self.down_proj))
+        return None if None in mats else mats
+
+
+def _ffn_decode(x: torch.Tensor, router_weight, mlps, top_k: int) -> torch.Tensor | None:
+    """`ops.ffn_decode` on ``x (..., hidden)`` (None when a module or the backend cannot take it)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return None
+    experts = [m.decode_weights() for m in mlps]
+    if None in experts:
+        return None
+    y = ops.ffn_decode(x.reshape(-1, x.shape[-1]), router_weight, experts, top_k)
+    return None if y is None else y.view(x.shape)
 
 
 class SparseMoE(nn.Module):
@@ -35,6 +57,11 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (T, hidden)
+        if x.shape[0] <= 8:  # decode: router, top-k and the k experts in one kernel call where the backend has one
+            router = getattr(self.router, "decode_weights", lambda: None)()
+            y = None if router is None or router[1] is not None else _ffn_decode(x, router[0], self.experts, self.top_k)
+            if y is not None:
+                return y.view(shape)
         probs = F.softmax(self.router(x), dim=-1, dtype=torch.float32)  # (T, E)
         weights, chosen = torch.topk(probs, self.top_k, dim=-1)  # (T, k)
         weights = weights.to(x.dtype)

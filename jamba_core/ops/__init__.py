@@ -143,6 +143,22 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return fn(x, weight, eps) if fn is not None else rms_norm_reference(x, weight, eps)
 
 
+def ffn_decode(x: torch.Tensor, router_weight: torch.Tensor | None, experts, top_k: int) -> torch.Tensor | None:
+    """The feed-forward of a few tokens (decode) fused, or None when the active backend has none or the
+    inputs do not fit it (the module then runs its own ops, which are the reference: `model.moe`).
+
+    x ``(T, hidden)`` in the compute dtype. ``experts``: per expert ``((gate_w, gate_scale), (up_w,
+    up_scale), (down_w, down_scale))``, weights ``(intermediate, hidden)`` / ``(hidden, intermediate)`` in
+    x's dtype with scale None, or int8 with fp32 row scales (`jamba_core.quant.int8`). ``router_weight``
+    ``(experts, hidden)``: the MoE (softmax over the router's logits in fp32, the ``top_k`` most probable
+    experts weighted by their probability, not renormalised: transformers' ``JambaSparseMoeBlock``);
+    None: one expert, the dense SwiGLU MLP ``down(silu(gate(x)) * up(x))``. Returns ``(T, hidden)`` in
+    x's dtype.
+    """
+    fn = _op("ffn_decode", x)
+    return None if fn is None else fn(x, router_weight, experts, top_k)
+
+
 def mamba_decode_step(xz, conv_wT, conv_b, x_proj_weight, dt_norm_weight, b_norm_weight, c_norm_weight, eps,
                       dt_proj_weight, dt_bias, A, D, conv_state, ssm_state):
     """The Mamba mixer between in_proj and out_proj for one token, fused, or None when the active

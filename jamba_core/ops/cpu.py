@@ -57,6 +57,7 @@ _SIGNATURES = {
     "jl_conv": [_c, _i, _i, _i, _i, _p, _i, _i, _p, _p, _p, _p, _c, _c],
     "jl_gemv": [_c, _i, _i, _i, _p, _i, _p, _p, _p, _c],
     "jl_gemv_i8": [_c, _i, _i, _i, _p, _i, _p, _p, _p, _c],
+    "jl_ffn_decode": [_c, _c, _i, _i, _i, _i, _i, _p, _i, _p, _p, _p, _p, _p, _p, _p, _p, _c],
     "jl_rmsnorm": [_c, _c, _i, _i, _p, _i, _p, _f, _p, _c],
     "jl_mamba_decode": [_c, _i, _i, _i, _i, _i, _p, _i, _p, _p, _p, _p, _p, _p, _p, _f, _p, _p, _p, _p, _p, _p, _c],
 }
@@ -297,6 +298,39 @@ def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> t
     y = torch.empty(M, N, dtype=x.dtype)
     lib.jl_gemv_i8(_DT[x.dtype], M, N, K, _ptr(x), x.stride(0), _ptr(weight), _ptr(scale), _ptr(y), _threads(M * N * K))
     return y
+
+
+# ffn_decode takes at most this many tokens (decode batches); more run the module's own ops
+MAX_FFN_DECODE_ROWS = 8
+_WT = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
+
+
+def ffn_decode(x: torch.Tensor, router_weight: torch.Tensor | None, experts, top_k: int) -> torch.Tensor | None:
+    """The feed-forward of a few tokens in one kernel call (see `jamba_core.ops.ffn_decode`); None when
+    the inputs do not fit the kernel (the caller then runs its modules)."""
+    lib = _lib()
+    T, H = x.shape
+    mats = [m for e in experts for m in e]  # (weight, scale) of gate, up, down per expert
+    wt = mats[0][0].dtype if mats else None
+    if (lib is None or T == 0 or T > MAX_FFN_DECODE_ROWS or not _supported(x) or x.stride(1) != 1 or wt not in _WT
+            or (wt != torch.int8 and wt != x.dtype) or x.requires_grad
+            or (router_weight is not None and (router_weight.dtype != x.dtype or not router_weight.is_contiguous()))
+            or any(w.dtype != wt or not w.is_contiguous() or w.device.type != "cpu"
+                   or (wt == torch.int8) != (sc is not None and sc.dtype == torch.float32 and sc.is_contiguous()) for w, sc in mats)):
+        return None
+    E = len(experts)
+    I = experts[0][0][0].shape[0]
+
+    def pointers(j: int, scales: bool):
+        return (ctypes.c_void_p * E)(*[e[j][1 if scales else 0].data_ptr() for e in experts])
+
+    int8 = wt == torch.int8
+    out = torch.empty(T, H, dtype=x.dtype)
+    lib.jl_ffn_decode(_DT[x.dtype], _WT[wt], T, H, I, E, top_k, _ptr(x), x.stride(0), _ptr(router_weight),
+                      pointers(0, False), pointers(0, True) if int8 else None, pointers(1, False),
+                      pointers(1, True) if int8 else None, pointers(2, False), pointers(2, True) if int8 else None,
+                      _ptr(out), _threads(2 * H * I))
+    return out
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -12,6 +12,7 @@
 // dtype codes: 0 = fp32, 1 = bf16. Threads: OpenMP pragmas (sharing the libgomp that torch loaded; ignored,
 // so serial, when the compiler has no OpenMP).
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -280,35 +281,48 @@ void conv(int64_t b, int64_t L, int64_t d, int64_t K, const T* x, int64_t sxb, i
 // ---------------------------------------------------------------------------------------------
 // y (M, N) = x (M, K) W^T (N, K) + bias, fp32 accumulation, for few rows M (decode): a
 // bandwidth-bound pass over W, 4 rows of W at a time, split across threads by rows of W.
-// TW = int8_t: weight-only int8 with one fp32 scale per row (jamba_core.quant.int8); the scale factors
-// out of the sum, y[m, n] = scale[n] * sum_k x[m, k] w[n, k], and the int8 matrix streams once.
+// out[r] = sum_k x[k] w[r K + k] for the nr <= 4 rows at w, in fp32 (4 rows share each load of x).
+template <typename TW>
+inline void dot_rows(const float* x, const TW* w, int64_t K, int nr, float* out) {
+    const int64_t K16 = K / W * W;
+    vf acc[4] = {vf{}, vf{}, vf{}, vf{}};
+    for (int64_t k = 0; k < K16; k += W) {
+        const vf xv = load(x + k, W);
+        for (int r = 0; r < nr; ++r) acc[r] += load(w + r * K + k, W) * xv;
+    }
+    for (int r = 0; r < nr; ++r) {
+        float s = hsum(acc[r]);
+        for (int64_t k = K16; k < K; ++k) s += to_f(w[r * K + k]) * x[k];
+        out[r] = s;
+    }
+}
+
+template <typename T> inline void put(T* p, float v) {
+    if constexpr (sizeof(T) == 2) *p = f_to_bf16(v);
+    else *p = v;
+}
+
+// y = x W^T (+ bias) for M rows. TW = int8_t: weight-only int8 with one fp32 scale per row
+// (jamba_core.quant.int8); the scale factors out of the sum, y[m, n] = scale[n] * sum_k x[m, k] w[n, k],
+// and the int8 matrix streams once.
 template <typename T, typename TW>
 void gemv(int64_t M, int64_t N, int64_t K, const T* x, int64_t sx, const TW* w, const T* bias, const float* scale, T* y,
           int nthreads) {
     float* xf = new float[M * K];
     for (int64_t m = 0; m < M; ++m)
         for (int64_t k = 0; k < K; ++k) xf[m * K + k] = to_f(x[m * sx + k]);
-    const int64_t K16 = K / W * W;
     const int64_t nrb = (N + 3) / 4;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t rb = 0; rb < nrb; ++rb) {
         const int64_t n0 = rb * 4;
         const int nr = int(N - n0 < 4 ? N - n0 : 4);
         for (int64_t m = 0; m < M; ++m) {
-            const float* xm = xf + m * K;
-            vf acc[4] = {vf{}, vf{}, vf{}, vf{}};
-            float tail[4] = {0, 0, 0, 0};
-            for (int64_t k = 0; k < K16; k += W) {
-                const vf xv = load(xm + k, W);
-                for (int r = 0; r < nr; ++r) acc[r] += load(w + (n0 + r) * K + k, W) * xv;
-            }
+            float s[4];
+            dot_rows(xf + m * K, w + n0 * K, K, nr, s);
             for (int r = 0; r < nr; ++r) {
-                for (int64_t k = K16; k < K; ++k) tail[r] += to_f(w[(n0 + r) * K + k]) * xm[k];
-                float s = hsum(acc[r]) + tail[r];
-                if (scale) s *= scale[n0 + r];
-                if (bias) s += to_f(bias[n0 + r]);
-                if constexpr (sizeof(T) == 2) y[m * N + n0 + r] = f_to_bf16(s);
-                else y[m * N + n0 + r] = s;
+                if (scale) s[r] *= scale[n0 + r];
+                if (bias) s[r] += to_f(bias[n0 + r]);
+                put(y + m * N + n0 + r, s[r]);
             }
         }
     }
@@ -357,6 +371,82 @@ void gemv_bf16_pairs(int64_t M, int64_t N, int64_t K, const bf16* x, int64_t sx,
     }
     delete[] xe;
     delete[] xo;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The feed-forward of a few tokens (decode), fused (model.moe): the SwiGLU MLP down(silu(gate x) * up x),
+// or the MoE: router logits, softmax over the experts in fp32, the top-k experts' MLPs weighted by their
+// probabilities, not renormalised (Jamba paper, section 2; transformers' JambaSparseMoeBlock). Sums in
+// fp32; gate, up, silu and their product rounded to T as torch's ops in T round them; the k experts'
+// outputs summed in fp32. Weights TW: T, or int8 with fp32 row scales (sg / su / sd non-null).
+// One parallel region per expert: its gate and up rows, a barrier, its down rows.
+template <typename T, typename TW>
+void mlp_accumulate(int64_t H, int64_t I, const float* x, const TW* wg, const float* sg, const TW* wu, const float* su,
+                    const TW* wd, const float* sd, float weight, float* h, float* y, int nthreads) {
+    const int64_t nrb_i = (I + 3) / 4, nrb_h = (H + 3) / 4;
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t rb = 0; rb < nrb_i; ++rb) {
+            const int64_t n0 = rb * 4;
+            const int nr = int(I - n0 < 4 ? I - n0 : 4);
+            float g[4], u[4];
+            dot_rows(x, wg + n0 * H, H, nr, g);
+            dot_rows(x, wu + n0 * H, H, nr, u);
+            for (int r = 0; r < nr; ++r) {
+                const float gv = rnd<T>(sg ? g[r] * sg[n0 + r] : g[r]), uv = rnd<T>(su ? u[r] * su[n0 + r] : u[r]);
+                h[n0 + r] = rnd<T>(rnd<T>(gv / (1.0f + std::exp(-gv))) * uv);
+            }
+        }
+#pragma omp for schedule(static)
+        for (int64_t rb = 0; rb < nrb_h; ++rb) {
+            const int64_t n0 = rb * 4;
+            const int nr = int(H - n0 < 4 ? H - n0 : 4);
+            float d[4];
+            dot_rows(h, wd + n0 * I, I, nr, d);
+            for (int r = 0; r < nr; ++r) y[n0 + r] += weight * rnd<T>(sd ? d[r] * sd[n0 + r] : d[r]);
+        }
+    }
+}
+
+template <typename T, typename TW>
+void ffn_decode(int64_t ntok, int64_t H, int64_t I, int64_t E, int64_t topk, const T* x, int64_t sx, const T* router,
+                const TW* const* wg, const float* const* sg, const TW* const* wu, const float* const* su,
+                const TW* const* wd, const float* const* sd, T* out, int nthreads) {
+    float* xf = new float[H];
+    float* h = new float[I];
+    float* y = new float[H];
+    float* p = new float[E];
+    for (int64_t t = 0; t < ntok; ++t) {
+        for (int64_t k = 0; k < H; ++k) xf[k] = to_f(x[t * sx + k]);
+        for (int64_t k = 0; k < H; ++k) y[k] = 0.0f;
+        if (!router) {
+            mlp_accumulate<T, TW>(H, I, xf, wg[0], sg ? sg[0] : nullptr, wu[0], su ? su[0] : nullptr, wd[0],
+                                  sd ? sd[0] : nullptr, 1.0f, h, y, nthreads);
+        } else {
+            float top = -INFINITY, total = 0.0f;
+            for (int64_t e = 0; e < E; e += 4) {
+                const int nr = int(E - e < 4 ? E - e : 4);
+                dot_rows(xf, router + e * H, H, nr, p + e);
+            }
+            for (int64_t e = 0; e < E; ++e) top = std::max(top, p[e] = rnd<T>(p[e]));
+            for (int64_t e = 0; e < E; ++e) total += (p[e] = std::exp(p[e] - top));
+            for (int64_t e = 0; e < E; ++e) p[e] /= total;
+            for (int64_t j = 0; j < topk; ++j) {  // the largest remaining probability; ties to the lower index
+                int64_t best = 0;
+                for (int64_t e = 1; e < E; ++e)
+                    if (p[e] > p[best]) best = e;
+                mlp_accumulate<T, TW>(H, I, xf, wg[best], sg ? sg[best] : nullptr, wu[best], su ? su[best] : nullptr,
+                                      wd[best], sd ? sd[best] : nullptr, rnd<T>(p[best]), h, y, nthreads);
+                p[best] = -1.0f;
+            }
+        }
+        for (int64_t k = 0; k < H; ++k) put(out + t * H + k, y[k]);
+    }
+    delete[] xf;
+    delete[] h;
+    delete[] y;
+    delete[] p;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -514,6 +604,19 @@ void jl_gemv_i8(int dtype, int64_t M, int64_t N, int64_t K, const void* x, int64
         gemv<bf16, int8_t>(M, N, K, (const bf16*)x, sx, w, nullptr, scale, (bf16*)y, nthreads);
     else
         gemv<float, int8_t>(M, N, K, (const float*)x, sx, w, nullptr, scale, (float*)y, nthreads);
+}
+
+// wtype: 0 = fp32, 1 = bf16 (the activations' dtype), 2 = int8 with row scales; router null: a dense MLP
+void jl_ffn_decode(int dtype, int wtype, int64_t ntok, int64_t H, int64_t I, int64_t E, int64_t topk, const void* x,
+                   int64_t sx, const void* router, const void* const* wg, const float* const* sg, const void* const* wu,
+                   const float* const* su, const void* const* wd, const float* const* sd, void* out, int nthreads) {
+#define JL_FFN(T, TW) ffn_decode<T, TW>(ntok, H, I, E, topk, (const T*)x, sx, (const T*)router, (const TW* const*)wg, sg, \
+                                        (const TW* const*)wu, su, (const TW* const*)wd, sd, (T*)out, nthreads)
+    if (dtype == 1 && wtype == 2) JL_FFN(bf16, int8_t);
+    else if (dtype == 1) JL_FFN(bf16, bf16);
+    else if (wtype == 2) JL_FFN(float, int8_t);
+    else JL_FFN(float, float);
+#undef JL_FFN
 }
 
 void jl_rmsnorm(int dtype, int wdtype, int64_t rows, int64_t n, const void* x, int64_t sx, const void* w, float eps,

@@ -136,6 +136,10 @@ class Int8Linear(nn.Module):
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
+    def decode_weights(self):
+        """``(weight, scale)`` for the fused decode kernels (`jamba_core.ops.ffn_decode`), or None with a bias."""
+        return (self.weight, self.scale) if self.bias is None else None
+
     def _dequant_gemm(self, x2: torch.Tensor) -> torch.Tensor:
         """``(x2 @ weight.T) * scale`` with the int8 rows cast to ``x2``'s dtype a tile at a time."""
         rows = max(1, TILE_ELEMENTS // self.in_features)
