@@ -269,7 +269,8 @@ def test_mask_handles_reduced_precision_and_unpadded_logits(tok, stops):
         logits = torch.zeros(len(tok), dtype=dtype)
         constraint.mask_logits(logits)
         allowed = torch.isfinite(logits).nonzero().flatten().tolist()
-        assert allowed and all(tok.decode([i]).strip() in ("{", "") for i in allowed)
+        # every allowed first token opens the object (a tokenizer may merge "{" with what follows, e.g. '{"')
+        assert allowed and all(tok.decode([i]).strip()[:1] in ("{", "") for i in allowed)
 
 
 def accepts(tok, constraint, text):
