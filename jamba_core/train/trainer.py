@@ -50,9 +50,9 @@ CURRICULUM = (
          recall_contexts=(0,), needle_lengths=()),
     dict(until=0.45, tokens=1024, mix={"repeat": 0.3, "recall": 0.45, "tool_call": 0.15, "json": 0.1}, repeat_items=40,
          recall_contexts=(0, 0, 16, 32, 64), needle_lengths=()),
-    dict(until=0.75, tokens=2048, mix={"repeat": 0.1, "recall": 0.3, "needle": 0.25, "tool_call": 0.25, "json": 0.1}, repeat_items=40,
+    dict(until=0.75, tokens=2048, mix={"repeat": 0.1, "recall": 0.25, "needle": 0.2, "tool_call": 0.35, "json": 0.1}, repeat_items=40,
          recall_contexts=(32, 64, 128, 256, 512), needle_lengths=(256, 512, 1024)),
-    dict(until=1.00, tokens=2048, mix={"repeat": 0.05, "recall": 0.2, "needle": 0.35, "tool_call": 0.28, "json": 0.12}, repeat_items=40,
+    dict(until=1.00, tokens=2048, mix={"repeat": 0.1, "recall": 0.12, "needle": 0.28, "tool_call": 0.38, "json": 0.12}, repeat_items=40,
          recall_contexts=(128, 256, 512, 1024), needle_lengths=(512, 1024, 2048)),
 )
 # weight of the other tokens' next-token loss (prompt, haystack, template) beside the assistant turns' 1:
@@ -101,11 +101,13 @@ def batch(step: int, progress: float, seed: int, tokenizer, haystack):
             convs.append(data.repeat(rng, max_items=p["repeat_items"]))
             total += len(convs[-1].messages[0]["content"]) // 2 + 40
     else:
-        make = data.tool_call if family == "tool_call" else data.json_extraction
         total = 0
         while total < tokens // 2:
-            convs.append(make(rng))
-            total += len(convs[-1].messages[0]["content"]) // 3 + 200
+            if family == "tool_call":  # several rounds per conversation: more call tokens per sample
+                convs.append(data.tool_call(rng, rounds=rng.choice((1, 2, 3))))
+            else:
+                convs.append(data.json_extraction(rng))
+            total += sum(len(m["content"]) for m in convs[-1].messages) // 3 + 150 * len(convs[-1].messages) // 4
     encoded = [data.encode(tokenizer, c) for c in convs]
     L = max(len(ids) for ids, _ in encoded)
     ids = torch.full((len(encoded), L), tokenizer.pad_token_id, dtype=torch.long)
@@ -187,7 +189,11 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
                   f"gn {float(grad_norm):.2f} {time.time() - t0:.0f}s", flush=True)
     model.eval()
     save(model, tokenizer, config, out)
-    info = {"init": None if init is None else str(init), "curriculum_from": curriculum_from, "seed": seed, "steps_planned": steps, "steps_run": len(history), "lr": lr, "parameters": n_params,
+    earlier = []  # the runs that made ``init``, newest last, without their per-step history
+    if init is not None and (Path(init) / "training.json").exists():
+        prior = json.loads((Path(init) / "training.json").read_text())
+        earlier = prior.pop("earlier_runs", []) + [{k: v for k, v in prior.items() if k != "history"}]
+    info = {"earlier_runs": earlier, "init": None if init is None else str(init), "curriculum_from": curriculum_from, "seed": seed, "steps_planned": steps, "steps_run": len(history), "lr": lr, "parameters": n_params,
             "curriculum": CURRICULUM, "prompt_loss_weight": PROMPT_LOSS_WEIGHT, "config": CONFIG, "train_seconds": round(time.time() - t0, 1),
             "torch_threads": torch.get_num_threads(), "history": history}
     (out / "training.json").write_text(json.dumps(info))
