@@ -293,20 +293,26 @@ void conv(int64_t b, int64_t L, int64_t d, int64_t K, const T* x, int64_t sxb, i
 // ---------------------------------------------------------------------------------------------
 // y (M, N) = x (M, K) W^T (N, K) + bias, fp32 accumulation, for few rows M (decode): a
 // bandwidth-bound pass over W, 4 rows of W at a time, split across threads by rows of W.
-// out[r] = sum_k x[k] w[r K + k] for the nr <= RB rows at w, in fp32 (RB rows share each load of x, and
-// stream side by side).
+// out[r] = sum_k x[k] w[r K + k] for the nr <= RB rows at w, in fp32: one row after the other (the
+// weights are read as one sequential stream, which the hardware prefetcher follows best), four
+// accumulators per row (independent FMA chains); x stays in L1.
 constexpr int RB = 8;
 template <typename TW>
 inline void dot_rows(const float* x, const TW* w, int64_t K, int nr, float* out) {
-    const int64_t K16 = K / W * W;
-    vf acc[RB] = {};
-    for (int64_t k = 0; k < K16; k += W) {
-        const vf xv = load(x + k, W);
-        for (int r = 0; r < nr; ++r) acc[r] += load(w + r * K + k, W) * xv;
-    }
+    const int64_t K64 = K / (4 * W) * (4 * W), K16 = K / W * W;
     for (int r = 0; r < nr; ++r) {
-        float s = hsum(acc[r]);
-        for (int64_t k = K16; k < K; ++k) s += to_f(w[r * K + k]) * x[k];
+        const TW* wr = w + r * K;
+        vf a0 = vf{}, a1 = vf{}, a2 = vf{}, a3 = vf{};
+        int64_t k = 0;
+        for (; k < K64; k += 4 * W) {
+            a0 += load(wr + k, W) * load(x + k, W);
+            a1 += load(wr + k + W, W) * load(x + k + W, W);
+            a2 += load(wr + k + 2 * W, W) * load(x + k + 2 * W, W);
+            a3 += load(wr + k + 3 * W, W) * load(x + k + 3 * W, W);
+        }
+        for (; k < K16; k += W) a0 += load(wr + k, W) * load(x + k, W);
+        float s = hsum((a0 + a1) + (a2 + a3));
+        for (; k < K; ++k) s += to_f(wr[k]) * x[k];
         out[r] = s;
     }
 }
