@@ -81,8 +81,10 @@ def run(model: Path, name: str, args, out: Path) -> dict:
 def summary(figures: dict, training: dict | None) -> str:
     lines = ["# Trained small Jamba: evaluation", ""]
     if training:
-        lines += [f"Parameters: {training['parameters']:,}; training: {training['steps_run']} steps, "
-                  f"{training['train_seconds'] / 60:.0f} min on {training['torch_threads']} CPU threads (seed {training['seed']}).", ""]
+        runs = [*training.get("earlier_runs", []), training]  # a continued checkpoint: every run that made it
+        each = ", ".join(f"{r['steps_run']} steps in {r['train_seconds'] / 60:.0f} min (seed {r['seed']})" for r in runs)
+        lines += [f"Parameters: {training['parameters']:,}; training on {training['torch_threads']} CPU threads: "
+                  f"{sum(r['train_seconds'] for r in runs) / 60:.0f} min in all, {len(runs)} run(s): {each}.", ""]
     names = list(figures)
     lines += ["## Needle retrieval and variable tracking (mean over depths)", "",
               "| task | length | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names)]

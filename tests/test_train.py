@@ -1,5 +1,6 @@
 """The training path: its scan (forward and gradients) against the plain recurrence, and its data."""
 
+import json
 import random
 import re
 
@@ -122,3 +123,7 @@ def test_a_continued_run_can_start_later_in_the_curriculum(tmp_path, shared_dir)
     assert info["curriculum_from"] == 0.8 and len(info["history"]) == 3
     assert all(h["family"] in last for h in info["history"])
     assert (tmp_path / "out" / "model.safetensors").is_file() and (tmp_path / "out" / "loss.png").is_file()
+    # the runs that made the checkpoint come along, oldest first, with their per-step losses (the plot shows them)
+    prior = json.loads((TRAINED_CHECKPOINT / "training.json").read_text())
+    assert info["earlier_runs"] == prior.pop("earlier_runs", []) + [prior]
+    assert all(run["history"] for run in info["earlier_runs"])

@@ -189,15 +189,15 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
                   f"gn {float(grad_norm):.2f} {time.time() - t0:.0f}s", flush=True)
     model.eval()
     save(model, tokenizer, config, out)
-    earlier = []  # the runs that made ``init``, newest last, without their per-step history
+    earlier = []  # the runs that made ``init``, oldest first, each with its per-step history
     if init is not None and (Path(init) / "training.json").exists():
         prior = json.loads((Path(init) / "training.json").read_text())
-        earlier = prior.pop("earlier_runs", []) + [{k: v for k, v in prior.items() if k != "history"}]
+        earlier = prior.pop("earlier_runs", []) + [prior]
     info = {"earlier_runs": earlier, "init": None if init is None else str(init), "curriculum_from": curriculum_from, "seed": seed, "steps_planned": steps, "steps_run": len(history), "lr": lr, "parameters": n_params,
             "curriculum": CURRICULUM, "prompt_loss_weight": PROMPT_LOSS_WEIGHT, "config": CONFIG, "train_seconds": round(time.time() - t0, 1),
             "torch_threads": torch.get_num_threads(), "history": history}
     (out / "training.json").write_text(json.dumps(info))
-    plot_loss(history, out / "loss.png")
+    plot_loss([*earlier, info], out / "loss.png")
     return info
 
 
@@ -209,14 +209,23 @@ def save(model, tokenizer, config, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def plot_loss(history: list[dict], path: Path) -> None:
+def plot_loss(runs: list[dict], path: Path) -> None:
+    """The loss of each task family against the step, over ``runs`` (training.json dicts, oldest first:
+    a checkpoint continued from others shows their steps before its own, a dotted line at each start)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for family in dict.fromkeys(f for p in CURRICULUM for f in p["mix"]):
+    history, starts = [], []
+    for run in runs:
+        offset = history[-1]["step"] + 1 if history else 0
+        starts.append(offset)
+        history += [{**h, "step": h["step"] + offset} for h in run.get("history", [])]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for s in starts[1:]:
+        ax.axvline(s, color="gray", linestyle=":", linewidth=1)
+    for family in dict.fromkeys(h["family"] for h in history):
         pts = [(h["step"], h["loss"]) for h in history if h["family"] == family]
         if pts:
             xs, ys = zip(*pts)
@@ -224,7 +233,7 @@ def plot_loss(history: list[dict], path: Path) -> None:
             smooth = [sum(ys[max(0, i - k + 1): i + 1]) / len(ys[max(0, i - k + 1): i + 1]) for i in range(len(ys))]
             ax.plot(xs, smooth, label=family)
     ax.set_yscale("log")
-    ax.set_xlabel("step")
+    ax.set_xlabel("step" + (f" (runs start at the dotted lines: {len(runs)} runs)" if len(runs) > 1 else ""))
     ax.set_ylabel("loss on assistant tokens (running mean)")
     ax.legend()
     ax.grid(alpha=0.3)
