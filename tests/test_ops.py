@@ -270,6 +270,16 @@ def test_fused_feed_forward_decode_matches_the_modules_ops(weights, tokens, moe)
             experts = [m.decode_weights() for m in (module.experts if moe else [module])]
             direct = cpu.ffn_decode(x[:, 0], module.router.weight if moe else None, experts, 2 if moe else 1)
     assert direct is not None and torch.equal(direct, got[:, 0])  # the module ran the kernel
+    if weights != "int8":  # trainable weights: autograd must see the ops, so the module does not take the kernel
+        module.requires_grad_(True)
+        with ops.using("cpu"):
+            y = module(x)
+        y.float().sum().backward()
+        if moe:  # the router, and the experts the tokens were routed to
+            assert module.router.weight.grad is not None
+            assert any(e.gate_proj.weight.grad is not None for e in module.experts)
+        else:
+            assert module.gate_proj.weight.grad is not None
     assert got.shape == expected.shape and got.dtype == expected.dtype
     bound = {"float32": FP32_REL, "bfloat16": BF16_REL, "int8": BF16_REL}[weights]
     assert rel(got, expected) <= bound

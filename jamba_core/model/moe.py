@@ -30,8 +30,10 @@ class MLP(nn.Module):
 
 
 def _ffn_decode(x: torch.Tensor, router_weight, mlps, top_k: int) -> torch.Tensor | None:
-    """`ops.ffn_decode` on ``x (..., hidden)`` (None when a module or the backend cannot take it)."""
-    if torch.is_grad_enabled() and x.requires_grad:
+    """`ops.ffn_decode` on ``x (..., hidden)`` (None when a module or the backend cannot take it, or when
+    autograd must see the ops: the kernel has no backward)."""
+    if torch.is_grad_enabled() and (x.requires_grad or (router_weight is not None and router_weight.requires_grad)
+                                    or any(p.requires_grad for m in mlps for p in m.parameters())):
         return None
     experts = [m.decode_weights() for m in mlps]
     if None in experts:
@@ -67,8 +69,8 @@ class SparseMoE(nn.Module):
         weights = weights.to(x.dtype)
         if x.shape[0] == 1:  # decode: k experts, no grouping needed
             out = torch.zeros_like(x)
-            for w, e in zip(weights[0].tolist(), chosen[0].tolist()):
-                out += w * self.experts[e](x)
+            for j, e in enumerate(chosen[0].tolist()):  # the weight as a tensor: autograd reaches the router
+                out += weights[0, j] * self.experts[e](x)
             return out.view(shape)
         flat = chosen.flatten()  # (T*k,)
         order = torch.argsort(flat, stable=True)  # (T*k,) slots grouped by expert

@@ -320,6 +320,9 @@ def ffn_decode(x: torch.Tensor, router_weight: torch.Tensor | None, experts, top
         return None
     E = len(experts)
     I = experts[0][0][0].shape[0]
+    if (any(g.shape != (I, H) or u.shape != (I, H) or d.shape != (H, I) for (g, _), (u, _), (d, _) in experts)
+            or (router_weight is not None and router_weight.shape != (E, H)) or not 1 <= top_k <= E):
+        return None
 
     def pointers(j: int, scales: bool):
         return (ctypes.c_void_p * E)(*[e[j][1 if scales else 0].data_ptr() for e in experts])
