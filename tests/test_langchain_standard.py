@@ -167,6 +167,10 @@ class TestChatJambaStandard(ChatModelIntegrationTests):
     test_json_mode = _needs_capable_model(
         _BASE.test_json_mode,
         "JSON mode allows any object; the keys 'setup' and 'punchline' are asked for in the prompt only")
+    test_bind_runnables_as_tools = _needs_capable_model(
+        _BASE.test_bind_runnables_as_tools,
+        "the schema allows an empty 'answer_style'; the test wants a non-empty one, which random weights give only "
+        "by chance (they do with the Moby-Dick tokenizer, not with the fallback one)")
 
 
 # -- ChatJamba's own promises, beyond the standard suite, on the same checkpoint ----------------------------
