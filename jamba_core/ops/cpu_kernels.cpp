@@ -371,18 +371,15 @@ void gemv_bf16_pairs(int64_t M, int64_t N, int64_t K, const bf16* x, int64_t sx,
         for (int64_t m = 0; m < M; ++m) {
             const float* e = xe + m * H;
             const float* o = xo + m * H;
-            vf acc[4] = {vf{}, vf{}, vf{}, vf{}};
-            for (int64_t k = 0; k < H16; k += W) {
-                const vf ev = load(e + k, W), ov = load(o + k, W);
-                for (int r = 0; r < nr; ++r) {
-                    vu u;
-                    std::memcpy(&u, w + (n0 + r) * K + 2 * k, sizeof u);
-                    acc[r] += (vf)(u << 16) * ev + (vf)(u & 0xffff0000u) * ov;
-                }
-            }
-            for (int r = 0; r < nr; ++r) {
-                float s = hsum(acc[r]);
+            for (int r = 0; r < nr; ++r) {  // row after row: one sequential stream (see dot_rows)
                 const bf16* wr = w + (n0 + r) * K;
+                vf acc[2] = {vf{}, vf{}};
+                for (int64_t k = 0; k < H16; k += W) {
+                    vu u;
+                    std::memcpy(&u, wr + 2 * k, sizeof u);
+                    acc[(k / W) & 1] += (vf)(u << 16) * load(e + k, W) + (vf)(u & 0xffff0000u) * load(o + k, W);
+                }
+                float s = hsum(acc[0] + acc[1]);
                 for (int64_t k = H16; k < H; ++k) s += bf16_to_f(wr[2 * k]) * e[k] + bf16_to_f(wr[2 * k + 1]) * o[k];
                 if (bias) s += bf16_to_f(bias[n0 + r]);
                 y[m * N + n0 + r] = f_to_bf16(s);
