@@ -5,6 +5,9 @@ from torch import nn
 from .. import ops
 from .linear import Linear
 
+# up to this many tokens the feed-forward tries the fused decode kernel (`ops.ffn_decode`) first
+DECODE_TOKENS = 8
+
 
 class MLP(nn.Module):
     """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))`` (transformers' ``JambaMLP``)."""
@@ -16,7 +19,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() <= 8 * x.shape[-1]:  # decode: one kernel call where the backend has one
+        if x.numel() <= DECODE_TOKENS * x.shape[-1]:  # decode: one kernel call where the backend has one
             y = _ffn_decode(x, None, [self], 1)
             if y is not None:
                 return y
@@ -59,7 +62,7 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (T, hidden)
-        if x.shape[0] <= 8:  # decode: router, top-k and the k experts in one kernel call where the backend has one
+        if x.shape[0] <= DECODE_TOKENS:  # decode: router, top-k and the k experts in one kernel call where the backend has one
             router = getattr(self.router, "decode_weights", lambda: None)()
             y = None if router is None or router[1] is not None else _ffn_decode(x, router[0], self.experts, self.top_k)
             if y is not None:

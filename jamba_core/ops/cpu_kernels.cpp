@@ -292,7 +292,7 @@ void conv(int64_t b, int64_t L, int64_t d, int64_t K, const T* x, int64_t sxb, i
 
 // ---------------------------------------------------------------------------------------------
 // y (M, N) = x (M, K) W^T (N, K) + bias, fp32 accumulation, for few rows M (decode): a
-// bandwidth-bound pass over W, 4 rows of W at a time, split across threads by rows of W.
+// bandwidth-bound pass over W, split across threads in blocks of RB rows of W.
 // out[r] = sum_k x[k] w[r K + k] for the nr <= RB rows at w, in fp32: one row after the other (the
 // weights are read as one sequential stream, which the hardware prefetcher follows best), four
 // accumulators per row (independent FMA chains); x stays in L1.
