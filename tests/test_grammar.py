@@ -335,6 +335,9 @@ BUDGET_TOOLS = [
 ]
 
 
+BUDGET_SCHEMAS = {t["name"]: t["parameters"] for t in normalize_tools(BUDGET_TOOLS)}
+
+
 @pytest.mark.parametrize("tool_choice", ["get_weather", "any"])
 def test_forced_call_finishes_within_the_token_budget_on_random_weights(tiny_engine, tool_choice):
     """Random weights never choose a closing quote; the constraint closes the output as the budget runs
@@ -343,7 +346,6 @@ def test_forced_call_finishes_within_the_token_budget_on_random_weights(tiny_eng
 
     from jamba_core.chat import chat
 
-    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in BUDGET_TOOLS}
     for seed in range(20):
         result = chat(tiny_engine, [{"role": "user", "content": "Weather in Paris for 3 days?"}], tools=BUDGET_TOOLS,
                       tool_choice=tool_choice, parallel_tool_calls=False, max_new_tokens=96, temperature=1.0, seed=seed)
@@ -351,7 +353,7 @@ def test_forced_call_finishes_within_the_token_budget_on_random_weights(tiny_eng
         assert len(result.tool_calls) == 1
         call = result.tool_calls[0]
         assert tool_choice == "any" or call["name"] == tool_choice
-        jsonschema.validate(call["args"], schemas[call["name"]])
+        jsonschema.validate(call["args"], BUDGET_SCHEMAS[call["name"]])
 
 
 def test_json_schema_answer_finishes_within_the_token_budget_on_random_weights(tiny_engine):
@@ -394,3 +396,31 @@ def test_a_number_the_model_keeps_extending_still_ends_within_the_budget(tok, vo
                 break
         assert constraint.is_terminated(), tok.decode(ids)
         jsonschema.validate(json.loads(decode(tok, ids, stops)), schema)
+
+
+@pytest.mark.parametrize("call_format", ["jamba", "hermes"])
+def test_a_model_that_keeps_adding_calls_still_ends_within_the_budget(tok, vocab, stops, call_format):
+    """A model that prefers commas would open call after call; in the closing window no comma may open
+    another one while the array can still end (through a bare newline where the vocabulary has no
+    ``\\n]``), so the output holds only complete calls."""
+    commas = torch.zeros(vocab)
+    for token, i in tok.get_vocab().items():
+        if "," in token:
+            commas[i] = 20.0
+    budget = 80
+    for seed in range(20):
+        constraint = tool_choice_constraint(tok, BUDGET_TOOLS, "any", call_format=call_format, vocab_size=vocab, stop_token_ids=stops)
+        gen, ids = torch.Generator().manual_seed(seed), []
+        for step in range(budget):
+            constraint.remaining_tokens = budget - step
+            logits = torch.randn(vocab, generator=gen) + commas
+            constraint.mask_logits(logits)
+            ids.append(int(torch.argmax(logits)))
+            constraint.accept(ids[-1])
+            if constraint.is_terminated():
+                break
+        assert constraint.is_terminated(), tok.decode(ids)
+        parsed = parse_output(decode(tok, ids, stops), call_format)
+        assert parsed.tool_calls and not parsed.invalid_tool_calls, parsed
+        for call in parsed.tool_calls:
+            jsonschema.validate(call["args"], BUDGET_SCHEMAS[call["name"]])

@@ -83,20 +83,24 @@ class _Context:
     _ban_tensors: dict = field(default_factory=dict)
     _closing: dict = field(default_factory=dict)
 
-    def closing_ids(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Tokens that only close JSON, in three tiers: those opening with a quote (``"``, ``"}``, ...:
-        inside a string they end it); those of braces and brackets only (``}``, ``\n]``, ...: they end
-        an object or array, and are plain text inside a string, so they come second); and those opening
-        with a comma (``,``, ``, "``: they end a number or literal where the object still needs a
-        required key, which a brace may not close yet, so a number cannot run on digit by digit). What
-        a budget running out prefers (see `GrammarConstraint.remaining_tokens`)."""
+    def closing_ids(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """Tokens that only close JSON, in the tiers a budget running out prefers (see
+        `GrammarConstraint.remaining_tokens`): those opening with a quote (``"``, ``"}``, ...: inside a
+        string they end it); those of braces and brackets only (``}``, ``\n]``, ...: they end an object
+        or array, and are plain text inside a string, so they come second); those holding a comma (``,``,
+        ``"},``: they end a number or literal where the object still needs a required key, which a brace
+        may not close yet, but they also open another call or array item, so they come last); and, apart,
+        whitespace alone (``\n``: where the vocabulary has no ``\n]``, the way to an array's end)."""
         if device not in self._closing:
-            tiers: tuple[list[int], list[int], list[int]] = ([], [], [])
+            tiers: tuple[list[int], ...] = ([], [], [], [])
             for i, raw in enumerate(self.info.decoded_vocab[: self.token_count]):
                 body = raw.strip()
-                if not body or i in self.never_text or body.strip(b'"}],'):
+                if i in self.never_text or (body and body.strip(b'"}],')):
                     continue
-                tiers[0 if body.startswith(b'"') else 2 if body.startswith(b",") else 1].append(i)
+                if body:
+                    tiers[2 if b"," in body else 0 if body.startswith(b'"') else 1].append(i)
+                elif raw:
+                    tiers[3].append(i)
             self._closing[device] = tuple(torch.tensor(t, dtype=torch.long, device=device) for t in tiers)
         return self._closing[device]
 
@@ -210,18 +214,37 @@ class _GrammarStep:
     next: dict[int, int]
 
 
+def _allowed(logits: torch.Tensor, ids: torch.Tensor) -> bool:
+    """Whether any of ``ids`` has a finite logit."""
+    return bool(torch.isfinite(logits.index_select(-1, ids[ids < logits.shape[-1]])).any())
+
+
+def _keep_only(logits: torch.Tensor, ids: torch.Tensor) -> bool:
+    """Mask every logit but those of ``ids``, in place, when one of them is finite; report whether one was."""
+    ids = ids[ids < logits.shape[-1]]
+    kept = logits.index_select(-1, ids)
+    if not torch.isfinite(kept).any():
+        return False
+    logits.fill_(float("-inf"))
+    logits.index_copy_(-1, ids, kept)
+    return True
+
+
 class GrammarConstraint:
     """A token-mask constraint: a sequence of forced-token and xgrammar steps (see the module docstring).
 
     Built by `tool_choice_constraint` and `response_format_constraint`; one instance per generation.
 
-    Budget: the engine sets ``remaining_tokens`` before each step. Within the last ``closing_window``
-    tokens, where the grammar allows a token that only closes (a quote, brace or bracket), ends a value
-    (a comma) or ends the step, only those are allowed, so a call or JSON answer completes within ``max_new_tokens`` instead
-    of being cut off mid-string. Earlier steps are untouched.
+    Budget: the engine sets ``remaining_tokens`` before each step. Within the last ``last_item_window``
+    tokens no comma opens another call, array item or key where the structure could close instead (a
+    call's fixed text alone is a dozen tokens). Within the last ``closing_window`` tokens, where the
+    grammar allows a token that only closes (a quote, brace or bracket), ends a value (a comma) or ends
+    the step, only those are allowed, so a call or JSON answer completes within ``max_new_tokens``
+    instead of being cut off mid-string. Earlier steps are untouched.
     """
 
     closing_window = 24
+    last_item_window = 64
 
     def __init__(self, ctx: _Context, steps: list[_TokenStep | _GrammarStep], stop_ids: Iterable[int]):
         self.remaining_tokens: int | None = None
@@ -277,20 +300,41 @@ class GrammarConstraint:
             logits.index_fill_(-1, ids[ids < logits.shape[-1]], float("-inf"))
         if logits.shape[-1] > self._ctx.token_count:
             logits[..., self._ctx.token_count:] = float("-inf")
-        if self.remaining_tokens is not None and self.remaining_tokens <= self.closing_window:
-            self._prefer_closing(logits)
+        if self.remaining_tokens is not None and self.remaining_tokens <= self.last_item_window:
+            self._prefer_closing(logits, strict=self.remaining_tokens <= self.closing_window)
 
-    def _prefer_closing(self, logits: torch.Tensor) -> None:
-        """Keep only the first tier the grammar allows: the step's exits, quote-first closers,
-        brace/bracket closers, then comma-first ones; when it allows none of them, leave the mask."""
+    def _prefer_closing(self, logits: torch.Tensor, strict: bool) -> None:
+        """``strict`` (the closing window): keep only the first tier the grammar allows: the step's exits,
+        quote-first closers, brace/bracket closers, a whitespace token after which one of those is allowed
+        (one token of lookahead on the matcher), then comma ones; when it allows none, leave the mask.
+        Not strict (the wider window): outside a string (no quote allowed), mask the comma tokens when a
+        brace/bracket closer, or a whitespace token leading to one, is allowed: no new call or item opens."""
         exits = torch.tensor(sorted(self._steps[self._at].next), dtype=torch.long, device=logits.device)
-        for ids in (exits, *self._ctx.closing_ids(logits.device)):
-            ids = ids[ids < logits.shape[-1]]
-            kept = logits.index_select(-1, ids)
-            if torch.isfinite(kept).any():
-                logits.fill_(float("-inf"))
-                logits.index_copy_(-1, ids, kept)
+        quote, brace, comma, space = self._ctx.closing_ids(logits.device)
+        if strict:
+            if _keep_only(logits, exits) or _keep_only(logits, quote) or _keep_only(logits, brace):
                 return
+        elif _allowed(logits, quote) or not _allowed(logits, comma):
+            return
+        elif _allowed(logits, exits) or _allowed(logits, brace):
+            logits.index_fill_(-1, comma[comma < logits.shape[-1]], float("-inf"))
+            return
+        closers = torch.cat([exits, quote, brace]).cpu()
+        space = space[space < logits.shape[-1]]
+        for w in space[torch.isfinite(logits.index_select(-1, space))].tolist():
+            if not self._matcher.accept_token(w):
+                continue
+            lookahead = _xgr().allocate_token_bitmask(1, self._ctx.vocab_size)
+            self._matcher.fill_next_token_bitmask(lookahead)
+            self._matcher.rollback(1)
+            if ((lookahead[0, closers // 32] >> (closers % 32)) & 1).any():
+                if strict:
+                    _keep_only(logits, torch.tensor([w], device=logits.device))
+                else:
+                    logits.index_fill_(-1, comma[comma < logits.shape[-1]], float("-inf"))
+                return
+        if strict:
+            _keep_only(logits, comma)
 
     def accept(self, token_id: int) -> None:
         """Advance past ``token_id``. Raises ValueError when the token was not allowed."""
