@@ -285,6 +285,87 @@ def test_fused_feed_forward_decode_matches_the_modules_ops(weights, tokens, moe)
     assert rel(got, expected) <= bound
 
 
+# -- the whole Mamba layer in one call, through the modules ---------------------------------------------
+@needs_cpu
+@pytest.mark.parametrize("weights", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("moe", [True, False])
+def test_mamba_layer_decode_matches_the_modules_bit_for_bit(monkeypatch, weights, tokens, moe):
+    """A Mamba decoder layer (MoE with top-2 of 5 experts, or a dense MLP) on one token per sequence from
+    random conv and SSM states: the one-call layer kernel against the same layer's modules on the same
+    backend (the same kernels one by one: equal outputs and states), and against the reference backend.
+    Odd widths: hidden 40, intermediate 70, d_inner 80, d_state 12, dt_rank 5."""
+    from jamba_core.cache import MambaState
+    from jamba_core.config import is_attention_layer, is_moe_layer
+    from jamba_core.model.jamba import DecoderLayer
+    from jamba_core.quant import quantize_model
+    from jamba_core.testing import make_config
+
+    config = make_config("tiny", hidden_size=40, intermediate_size=70, num_experts=5, num_experts_per_tok=2,
+                         mamba_d_state=12, mamba_dt_rank=5)
+    i = next(i for i in range(config.num_hidden_layers) if not is_attention_layer(config, i) and is_moe_layer(config, i) == moe)
+    torch.manual_seed(tokens)
+    layer = DecoderLayer(config, i)
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            p.copy_(torch.rand_like(p) + 0.5 if "norm" in name else torch.randn_like(p) * 0.3)
+    dtype = torch.bfloat16 if weights == "bfloat16" else torch.float32
+    layer = layer.to(dtype).requires_grad_(False)
+    if weights == "int8":
+        wrapper = torch.nn.Module()
+        wrapper.layer = layer
+        quantize_model(wrapper, "int8")
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(tokens, 1, 40, generator=gen)
+    state = MambaState(tokens, 80, config.mamba_d_conv, 12, dtype, "cpu")
+    state.conv.copy_(torch.randn(state.conv.shape, generator=gen))
+    state.ssm.copy_(torch.randn(state.ssm.shape, generator=gen))
+
+    def run(backend, fused=True):
+        s = MambaState(tokens, 80, config.mamba_d_conv, 12, dtype, "cpu")
+        s.conv.copy_(state.conv)
+        s.ssm.copy_(state.ssm)
+        with monkeypatch.context() as m, torch.inference_mode(), ops.using(backend):
+            if not fused:
+                m.setattr(DecoderLayer, "_fused_decode", lambda self, x, s: None)
+            return layer(x, s, None, None), s
+
+    calls = []
+    monkeypatch.setattr(cpu, "mamba_layer_decode", lambda *a, f=cpu.mamba_layer_decode: calls.append(1) or f(*a))
+    got, got_state = run("cpu")
+    assert calls, "the layer kernel did not run"
+    modules, modules_state = run("cpu", fused=False)
+    assert torch.equal(got, modules) and torch.equal(got_state.ssm, modules_state.ssm) and torch.equal(got_state.conv, modules_state.conv)
+    expected, expected_state = run("reference")
+    bound = FP32_REL if weights == "float32" else BF16_REL
+    assert rel(got, expected) <= bound and rel(got_state.ssm, expected_state.ssm) <= bound
+
+
+@needs_cpu
+def test_mamba_layer_decode_leaves_trainable_or_quantized_mamba_layers_to_the_modules():
+    from jamba_core.cache import MambaState
+    from jamba_core.model.jamba import DecoderLayer
+    from jamba_core.quant import quantize_model
+    from jamba_core.testing import make_config
+
+    config = make_config("tiny")
+    layer = DecoderLayer(config, 0)
+    assert not layer.is_attention
+    d_in = layer.mamba.d_in
+    state = MambaState(1, d_in, config.mamba_d_conv, config.mamba_d_state, torch.float32, "cpu")
+    x = torch.randn(1, 1, config.hidden_size)
+    with ops.using("cpu"):
+        assert layer._fused_decode(x, state) is None  # trainable: autograd sees the ops
+        layer.requires_grad_(False)
+        with torch.inference_mode():
+            assert layer._fused_decode(x, state) is not None
+        wrapper = torch.nn.Module()
+        wrapper.layer = layer
+        quantize_model(wrapper, "int8+mamba")
+        with torch.inference_mode():
+            assert layer._fused_decode(x, state) is None  # int8 Mamba projections: the modules run
+
+
 # -- fallback --------------------------------------------------------------------------------------
 def test_a_failed_build_falls_back_to_the_reference(monkeypatch, caplog):
     monkeypatch.setattr(cpu, "_state", {"lib": None, "error": None, "tried": False})

@@ -1,6 +1,7 @@
 import torch
 from torch import nn
 
+from .. import ops
 from ..cache import HybridCache
 from ..config import JambaConfig, is_attention_layer, is_moe_layer
 from .attention import Attention
@@ -27,11 +28,62 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, layer_cache, mask, key_mask):
         """``x`` is the fp32 residual stream ``(b, L, hidden)``; the sublayers compute in the weight dtype."""
+        if x.shape[1] == 1 and mask is None and layer_cache is not None and not self.is_attention:
+            y = self._fused_decode(x, layer_cache)
+            if y is not None:
+                return y
         dtype = self.pre_ff_layernorm.weight.dtype
         h = self.input_layernorm(x).to(dtype)
         h = self.self_attn(h, layer_cache, key_mask) if self.is_attention else self.mamba(h, layer_cache, mask)
         x = x + h.float()
         return x + self.feed_forward(self.pre_ff_layernorm(x).to(dtype)).float()
+
+
+    def _fused_decode(self, x: torch.Tensor, state) -> torch.Tensor | None:
+        """The whole Mamba layer for one token per sequence as one kernel call (`ops.mamba_layer_decode`),
+        or None when the backend has none, the weights do not fit it, or autograd must see the ops."""
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return None
+        weights = self._decode_weights()
+        if weights is None:
+            return None
+        key = tuple(t.data_ptr() if isinstance(t, torch.Tensor) else t for t in _flat(weights))
+        cached = self.__dict__.get("_decode_plan")
+        if cached is None or cached[0] != key or cached[1] != ops.backend_for(x.device):
+            cached = self.__dict__["_decode_plan"] = (key, ops.backend_for(x.device), ops.prepare_mamba_layer(weights, x))
+        if cached[2] is None:
+            return None
+        y = ops.mamba_layer_decode(cached[2], x.view(x.shape[0], -1), state.conv, state.ssm)
+        return None if y is None else y.view(x.shape)
+
+    def _decode_weights(self) -> dict | None:
+        """This Mamba layer's tensors as `ops.prepare_mamba_layer` takes them (None: a module without that form)."""
+        m, ff = self.mamba, self.feed_forward
+        conv_wT, conv_b, dt_bias, A, D = m._decode_constants()
+        if isinstance(ff, SparseMoE):
+            router = getattr(ff.router, "decode_weights", lambda: None)()
+            if router is None or router[1] is not None:
+                return None
+            router, experts, top_k = router[0], [e.decode_weights() for e in ff.experts], ff.top_k
+        else:
+            router, experts, top_k = None, [ff.decode_weights()], 1
+        return dict(ln1=self.input_layernorm.weight, ln2=self.pre_ff_layernorm.weight, eps=self.input_layernorm.eps,
+                    in_proj=m.in_proj.weight, in_bias=getattr(m.in_proj, "bias", None), out_proj=m.out_proj.weight,
+                    out_bias=getattr(m.out_proj, "bias", None), conv_wT=conv_wT, conv_b=conv_b, x_proj=m.x_proj.weight,
+                    dt_norm=m.dt_layernorm.weight, b_norm=m.b_layernorm.weight, c_norm=m.c_layernorm.weight,
+                    eps_dt=m.dt_layernorm.eps, dt_proj=m.dt_proj.weight, dt_bias=dt_bias, A=A, D=D, router=router,
+                    experts=experts, top_k=top_k)
+
+
+def _flat(weights: dict):
+    """Every tensor (and number) of a `DecoderLayer._decode_weights` dict, in a fixed order."""
+    for value in weights.values():
+        if isinstance(value, list):
+            for expert in value:
+                for pair in expert or (None,):
+                    yield from pair or (None,)
+        else:
+            yield value
 
 
 class JambaModel(nn.Module):

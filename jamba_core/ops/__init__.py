@@ -177,6 +177,33 @@ def mamba_decode_step(xz, conv_wT, conv_b, x_proj_weight, dt_norm_weight, b_norm
               dt_proj_weight, dt_bias, A, D, conv_state, ssm_state)
 
 
+def prepare_mamba_layer(weights: dict, like: torch.Tensor):
+    """Check a Mamba decoder layer's weights once for `mamba_layer_decode`; returns an opaque plan for the
+    backend that runs ``like``'s device, or None when that backend has no layer kernel or the weights do
+    not fit it. ``weights``: ``ln1``, ``ln2`` (the two RMSNorm weights, ``eps``), ``in_proj`` / ``out_proj``
+    and ``in_bias`` / ``out_bias`` (None without), the mixer's tensors as `mamba_decode_step` takes them
+    (``conv_wT``, ``conv_b``, ``x_proj``, ``dt_norm``, ``b_norm``, ``c_norm``, ``eps_dt``, ``dt_proj``,
+    ``dt_bias``, ``A``, ``D``), and the feed-forward as `ffn_decode` takes it (``router`` or None for a
+    dense MLP, ``experts``, ``top_k``)."""
+    module = _module(like)
+    fn = getattr(module, "prepare_mamba_layer", None)
+    plan = None if fn is None else fn(weights)
+    return None if plan is None else (module, plan)
+
+
+def mamba_layer_decode(prepared, x: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor | None:
+    """A whole Mamba decoder layer for one token per sequence (``x + mixer(norm1(x))``, then ``+
+    feed_forward(norm2(.))``: `jamba_core.model.jamba.DecoderLayer`) in one call, from a plan of
+    `prepare_mamba_layer`; the same result as the modules' ops bit for bit. ``x`` ``(b, hidden)`` fp32 (the
+    residual stream); the states as in `jamba_core.cache.MambaState`, updated in place. Returns the new
+    residual stream ``(b, hidden)`` fp32, or None when the backend changed since the plan or the inputs do
+    not fit (the modules then run)."""
+    module, plan = prepared
+    if module is not _module(x):
+        return None
+    return module.mamba_layer_decode(plan, x, conv_state, ssm_state)
+
+
 use(_default_backend())
 if torch.cuda.is_available():  # never imports triton on a CPU-only machine
     try:

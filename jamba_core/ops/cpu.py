@@ -25,6 +25,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -60,6 +61,7 @@ _SIGNATURES = {
     "jl_ffn_decode": [_c, _c, _i, _i, _i, _i, _i, _p, _i, _p, _p, _p, _p, _p, _p, _p, _p, _c],
     "jl_rmsnorm": [_c, _c, _i, _i, _p, _i, _p, _f, _p, _c],
     "jl_mamba_decode": [_c, _i, _i, _i, _i, _i, _p, _i, _p, _p, _p, _p, _p, _p, _p, _f, _p, _p, _p, _p, _p, _p, _c],
+    "jl_mamba_layer_decode": [_c, _c, *[_i] * 9, _p, _p, _p, _f, *[_p] * 9, _f, *[_p] * 15, _c, _c],
 }
 
 
@@ -386,6 +388,78 @@ def mamba_decode_step(xz, conv_wT, conv_b, x_proj_weight, dt_norm_weight, b_norm
                         _ptr(dt_proj_weight), _ptr(dt_bias), _ptr(A), _ptr(D), _ptr(ssm_state), _ptr(y),
                         _threads(b * d * N // 8))  # one sequence: serial (its three barriers cost more than they save)
     return y
+
+
+# -- a whole Mamba decoder layer ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MambaLayerPlan:
+    """A Mamba decoder layer's weights checked once for `mamba_layer_decode`: the kernel's constant
+    arguments, and the tensors they point into (held, so the pointers stay valid)."""
+
+    args: tuple
+    dims: tuple  # (dtype code, H, d_in, d_state)
+    tensors: tuple
+    max_rows: int
+
+
+def prepare_mamba_layer(w: dict) -> MambaLayerPlan | None:
+    """Check a Mamba decoder layer's weights (see `jamba_core.ops.prepare_mamba_layer`) for the layer kernel;
+    None when they do not fit it (another dtype, int8 or bitsandbytes projections, a bias on an expert)."""
+    lib = _lib()
+    dt = w["ln1"].dtype
+    mats = [w[k] for k in ("ln1", "in_proj", "x_proj", "dt_norm", "b_norm", "c_norm", "dt_proj", "out_proj", "ln2")]
+    mats += [t for t in (w["in_bias"], w["out_bias"], w["router"]) if t is not None]
+    fp32 = [w[k] for k in ("conv_wT", "dt_bias", "A", "D")] + ([w["conv_b"]] if w["conv_b"] is not None else [])
+    experts = w["experts"]
+    if (lib is None or dt not in _DT or None in experts
+            or any(t.dtype != dt or not t.is_contiguous() or t.device.type != "cpu" for t in mats)
+            or any(t.dtype != torch.float32 or not t.is_contiguous() for t in fp32)
+            or w["conv_wT"].shape[0] > MAX_D_CONV):
+        return None
+    H, d = w["ln1"].shape[0], w["D"].shape[0]
+    N, R, K = w["A"].shape[1], w["dt_proj"].shape[1], w["conv_wT"].shape[0]
+    (g0, _), (u0, _), (d0, _) = experts[0]
+    wt, I, E = g0.dtype, g0.shape[0], len(experts)
+    if (w["in_proj"].shape != (2 * d, H) or w["out_proj"].shape != (H, d) or wt not in _WT or (wt != torch.int8 and wt != dt)
+            or (w["router"] is None) != (E == 1) or (w["router"] is not None and w["router"].shape != (E, H))
+            or not 1 <= w["top_k"] <= E):
+        return None
+    for e in experts:
+        for (m, sc), shape in zip(e, ((I, H), (I, H), (H, I))):
+            if (m.dtype != wt or m.shape != shape or not m.is_contiguous() or m.device.type != "cpu"
+                    or (wt == torch.int8) != (sc is not None and sc.dtype == torch.float32 and sc.is_contiguous())):
+                return None
+    int8 = wt == torch.int8
+
+    def pointers(j: int, scales: bool):
+        return (ctypes.c_void_p * E)(*[e[j][1 if scales else 0].data_ptr() for e in experts]) if int8 or not scales else None
+
+    ffn = tuple(pointers(j, sc) for j in range(3) for sc in (False, True))
+    head = (_DT[dt], _WT[wt], None, H, d, N, R, K, I, E, w["top_k"])  # None: the rows, per call
+    weights = (_ptr(w["ln1"]), float(w["eps"]), _ptr(w["in_proj"]), _ptr(w["in_bias"]))
+    mixer = (_ptr(w["conv_wT"]), _ptr(w["conv_b"]), _ptr(w["x_proj"]), _ptr(w["dt_norm"]), _ptr(w["b_norm"]),
+             _ptr(w["c_norm"]), float(w["eps_dt"]), _ptr(w["dt_proj"]), _ptr(w["dt_bias"]), _ptr(w["A"]), _ptr(w["D"]))
+    tail = (_ptr(w["out_proj"]), _ptr(w["out_bias"]), _ptr(w["ln2"]), _ptr(w["router"]), *ffn)
+    held = tuple(mats) + tuple(fp32) + tuple(t for e in experts for pair in e for t in pair if t is not None)
+    return MambaLayerPlan((head, weights, mixer, tail), (_DT[dt], H, d, N), held,
+                          min(MAX_FFN_DECODE_ROWS, MAX_GEMV_ROWS[dt]))
+
+
+def mamba_layer_decode(plan: MambaLayerPlan, x: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor | None:
+    """The layer for ``x`` ``(b, hidden)`` fp32 (one token per sequence) in one kernel call; returns the new
+    residual stream ``(b, hidden)`` fp32, or None when the inputs do not fit (the modules then run)."""
+    code, H, d, N = plan.dims
+    b = x.shape[0]
+    dt = torch.bfloat16 if code == 1 else torch.float32
+    if (b == 0 or b > plan.max_rows or x.dtype != torch.float32 or x.shape[1] != H or not x.is_contiguous()
+            or conv_state.dtype != dt or not conv_state.is_contiguous() or conv_state.shape[:2] != (b, d)
+            or ssm_state.dtype != torch.float32 or not ssm_state.is_contiguous() or ssm_state.shape != (b, d, N)):
+        return None
+    head, weights, mixer, tail = plan.args
+    out = torch.empty_like(x)
+    _lib().jl_mamba_layer_decode(*head[:2], b, *head[3:], x.data_ptr(), out.data_ptr(), *weights, conv_state.data_ptr(),
+                                 *mixer, ssm_state.data_ptr(), *tail, _threads(b * H * d), _threads(b * d * N // 8))
+    return out
 
 
 def can_build() -> bool:

@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -660,6 +661,48 @@ void jl_mamba_decode(int dtype, int64_t b, int64_t d, int64_t N, int64_t R, int6
         mamba_decode<float>(b, d, N, R, K, (const float*)xz, sxz, (float*)conv_state, wT, conv_b, (const float*)xw,
                             (const float*)dtn, (const float*)bn, (const float*)cn, eps, (const float*)dtw, dt_bias, A, D,
                             ssm, y, nthreads);
+}
+
+
+// A whole Mamba decoder layer for b sequences of one token each (model.jamba.DecoderLayer, L = 1):
+// x_out = x + out_proj(mixer(in_proj(norm1(x)))), then x_out += ffn(norm2(x_out)). The pieces are the
+// kernels above, called as the unfused path calls them, with the same roundings (norm outputs fp32, then
+// rounded to the weight dtype T; the mixer's y rounded to T before out_proj; sublayer outputs back to
+// fp32 for the residual adds), so the result is the same bit for bit. x, x_out: (b, H) fp32. Weights as
+// in jl_gemv, jl_mamba_decode and jl_ffn_decode (wtype: the feed-forward's weight type).
+void jl_mamba_layer_decode(int dtype, int wtype, int64_t b, int64_t H, int64_t d, int64_t N, int64_t R, int64_t K,
+                           int64_t I, int64_t E, int64_t topk, const float* x, float* x_out, const void* ln1, float eps,
+                           const void* w_in, const void* b_in, void* conv_state, const float* wT, const float* conv_b,
+                           const void* xw, const void* dtn, const void* bn, const void* cn, float eps_dt, const void* dtw,
+                           const float* dt_bias, const float* A, const float* D, float* ssm, const void* w_out,
+                           const void* b_out, const void* ln2, const void* router, const void* const* wg,
+                           const float* const* sg, const void* const* wu, const float* const* su, const void* const* wd,
+                           const float* const* sd, int nthreads, int mamba_threads) {
+    const int64_t es = dtype == 1 ? 2 : 4;
+    std::vector<float> nf(b * H), y(b * d);
+    std::vector<char> hn(b * H * es), xz(b * 2 * d * es), yt(b * d * es), ho(b * H * es);
+    auto to_dtype = [&](const float* src, void* dst, int64_t n) {
+        if (dtype == 1)
+            for (int64_t i = 0; i < n; ++i) ((bf16*)dst)[i] = f_to_bf16(src[i]);
+        else
+            std::memcpy(dst, src, n * sizeof(float));
+    };
+    auto add_to = [&](const float* base, const void* h, float* out) {
+        for (int64_t i = 0; i < b * H; ++i)
+            out[i] = base[i] + (dtype == 1 ? bf16_to_f(((const bf16*)h)[i]) : ((const float*)h)[i]);
+    };
+    jl_rmsnorm(0, dtype, b, H, x, H, ln1, eps, nf.data(), 1);
+    to_dtype(nf.data(), hn.data(), b * H);
+    jl_gemv(dtype, b, 2 * d, H, hn.data(), H, w_in, b_in, xz.data(), nthreads);
+    jl_mamba_decode(dtype, b, d, N, R, K, xz.data(), 2 * d, conv_state, wT, conv_b, xw, dtn, bn, cn, eps_dt, dtw, dt_bias,
+                    A, D, ssm, y.data(), mamba_threads);
+    to_dtype(y.data(), yt.data(), b * d);
+    jl_gemv(dtype, b, H, d, yt.data(), d, w_out, b_out, ho.data(), nthreads);
+    add_to(x, ho.data(), x_out);
+    jl_rmsnorm(0, dtype, b, H, x_out, H, ln2, eps, nf.data(), 1);
+    to_dtype(nf.data(), hn.data(), b * H);
+    jl_ffn_decode(dtype, wtype, b, H, I, E, topk, hn.data(), H, router, wg, sg, wu, su, wd, sd, ho.data(), nthreads);
+    add_to(x_out, ho.data(), x_out);
 }
 
 }  // extern "C"

@@ -168,6 +168,25 @@ def repeat(rng: random.Random, max_items: int = 40, split: str | None = None) ->
     return Conversation("repeat", [{"role": "user", "content": ask + text}, {"role": "assistant", "content": text}])
 
 
+def spell(rng: random.Random, max_items: int = 10) -> Conversation:
+    """Book words (the whole vocabulary; some capitalised, some joined by ``_`` as tool names are) listed
+    in prose, answered as a JSON list of strings. A word's tokens after a space differ from its tokens
+    inside quotes (`` hatchway`` is ``Ġhat ch way``, ``"hatchway"`` is ``" h atch way "``), so a tool name
+    or argument quoted from a request is a re-spelling, not a token copy: the trained checkpoint's tool
+    calls failed on exactly that for held-out words (``cheering`` -> ``weering``). This task trains the
+    mapping for every word; the tool tasks' names and values still keep to their split."""
+    vocab = _vocabulary()
+    items = []
+    for _ in range(rng.randint(1, max_items)):
+        form = rng.random()
+        w = rng.choice(vocab)
+        items.append(f"{w}_{rng.choice(vocab)}" if form < 0.3 else w.capitalize() if form < 0.4 else
+                     f"{w.capitalize()} {rng.choice(vocab)}" if form < 0.45 else w)
+    ask = rng.choice(("Write these as a JSON list of strings: ", "Quote each word: ", "JSON list: ", "Make a list of "))
+    text = rng.choice((", ", "; ", " and ")).join(items)
+    return Conversation("spell", [{"role": "user", "content": ask + text}, {"role": "assistant", "content": json.dumps(items)}])
+
+
 # -- needles ---------------------------------------------------------------------------------------
 def needle(rng: random.Random, haystack, length: int, split: str = "train") -> Conversation:
     task = rng.choices(ruler.TASKS, weights=(4, 2, 2, 1))[0]

@@ -52,7 +52,8 @@ CURRICULUM = (
          recall_contexts=(0, 0, 16, 32, 64), needle_lengths=()),
     dict(until=0.75, tokens=2048, mix={"repeat": 0.1, "recall": 0.25, "needle": 0.2, "tool_call": 0.35, "json": 0.1}, repeat_items=40,
          recall_contexts=(32, 64, 128, 256, 512), needle_lengths=(256, 512, 1024)),
-    dict(until=1.00, tokens=2048, mix={"repeat": 0.1, "recall": 0.12, "needle": 0.28, "tool_call": 0.38, "json": 0.12}, repeat_items=40,
+    dict(until=1.00, tokens=2048, mix={"repeat": 0.05, "spell": 0.12, "recall": 0.1, "needle": 0.25, "tool_call": 0.36, "json": 0.12},
+         repeat_items=40,
          recall_contexts=(128, 256, 512, 1024), needle_lengths=(512, 1024, 2048)),
 )
 # weight of the other tokens' next-token loss (prompt, haystack, template) beside the assistant turns' 1:
@@ -95,10 +96,10 @@ def batch(step: int, progress: float, seed: int, tokenizer, haystack):
         while total < tokens:
             convs.append(data.recall(rng, haystack, context))
             total += context + 200
-    elif family == "repeat":
+    elif family in ("repeat", "spell"):
         total = 0
         while total < tokens:
-            convs.append(data.repeat(rng, max_items=p["repeat_items"]))
+            convs.append(data.repeat(rng, max_items=p["repeat_items"]) if family == "repeat" else data.spell(rng))
             total += len(convs[-1].messages[0]["content"]) // 2 + 40
     else:
         total = 0
