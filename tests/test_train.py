@@ -87,12 +87,26 @@ def test_repeat_answers_with_the_prompts_sequence_verbatim(shared_dir):
         assert data.repeat(random.Random(seed)).messages == conv.messages  # seeded
 
 
+def test_spell_answers_with_the_listed_words_as_a_json_list(shared_dir):
+    import json
+
+    for seed in range(20):
+        conv = data.spell(random.Random(seed))
+        prompt, answer = conv.messages[0]["content"], conv.messages[1]["content"]
+        items = json.loads(answer)
+        assert isinstance(items, list) and 1 <= len(items) <= 10 and all(isinstance(w, str) and w for w in items)
+        assert re.sub(r", |; | and ", "|", prompt).endswith("|".join(items))  # the same words, in order
+        assert data.spell(random.Random(seed)).messages == conv.messages  # seeded
+
+
 def test_curriculum_phases_cover_training_and_every_family_makes_batches(tiny_engine, shared_dir):
     from jamba_core.eval.ruler import Haystack
     from jamba_core.train import trainer
 
     ends = [p["until"] for p in trainer.CURRICULUM]
     assert ends == sorted(ends) and ends[-1] == 1.0
+    FAMILIES = {f for p in trainer.CURRICULUM for f in p["mix"]}
+    assert FAMILIES == {"repeat", "spell", "recall", "needle", "tool_call", "json"}
     haystack, seen = Haystack(tiny_engine.tokenizer), set()
     for p in trainer.CURRICULUM:
         assert abs(sum(p["mix"].values()) - 1.0) < 1e-9
@@ -105,9 +119,9 @@ def test_curriculum_phases_cover_training_and_every_family_makes_batches(tiny_en
         assert ids.shape == mask.shape == real.shape and mask.any() and not (mask & ~real).any()
         assert ids.numel() <= 3 * trainer.phase(progress)["tokens"] + 4096  # about the phase's batch size
         seen.add(family)
-        if seen == {"repeat", "recall", "needle", "tool_call", "json"}:
+        if seen == FAMILIES:
             break
-    assert seen == {"repeat", "recall", "needle", "tool_call", "json"}
+    assert seen == FAMILIES
 
 
 def test_a_continued_run_can_start_later_in_the_curriculum(tmp_path, shared_dir):
