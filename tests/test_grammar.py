@@ -371,6 +371,21 @@ def test_json_schema_answer_finishes_within_the_token_budget_on_random_weights(t
         jsonschema.validate(json.loads(result.content), schema)
 
 
+def walk_with_budget(constraint, tok, budget: int, seed: int, bias: torch.Tensor) -> list[int]:
+    """Argmax of masked random logits plus ``bias`` (a model's preference), telling the constraint how
+    many tokens are left, until termination, which must come within ``budget`` tokens."""
+    gen, ids = torch.Generator().manual_seed(seed), []
+    for step in range(budget):
+        constraint.remaining_tokens = budget - step
+        logits = torch.randn(bias.shape[0], generator=gen) + bias
+        constraint.mask_logits(logits)
+        ids.append(int(torch.argmax(logits)))
+        constraint.accept(ids[-1])
+        if constraint.is_terminated():
+            return ids
+    raise AssertionError(f"not terminated within {budget} tokens: {tok.decode(ids)!r}")
+
+
 @pytest.mark.parametrize("kind", ["number", "integer"])
 def test_a_number_the_model_keeps_extending_still_ends_within_the_budget(tok, vocab, stops, kind):
     """A model that prefers digits (random weights often do) would write one JSON number for ever; where a
@@ -385,16 +400,7 @@ def test_a_number_the_model_keeps_extending_still_ends_within_the_budget(tok, vo
     for seed in range(20):
         constraint = response_format_constraint(tok, {"type": "json_schema", "json_schema": {"name": "r", "schema": schema}},
                                                 vocab_size=vocab, stop_token_ids=stops)
-        gen, ids = torch.Generator().manual_seed(seed), []
-        for step in range(budget):
-            constraint.remaining_tokens = budget - step
-            logits = torch.randn(vocab, generator=gen) + digits
-            constraint.mask_logits(logits)
-            ids.append(int(torch.argmax(logits)))
-            constraint.accept(ids[-1])
-            if constraint.is_terminated():
-                break
-        assert constraint.is_terminated(), tok.decode(ids)
+        ids = walk_with_budget(constraint, tok, budget, seed, bias=digits)
         jsonschema.validate(json.loads(decode(tok, ids, stops)), schema)
 
 
@@ -410,16 +416,7 @@ def test_a_model_that_keeps_adding_calls_still_ends_within_the_budget(tok, vocab
     budget = 80
     for seed in range(20):
         constraint = tool_choice_constraint(tok, BUDGET_TOOLS, "any", call_format=call_format, vocab_size=vocab, stop_token_ids=stops)
-        gen, ids = torch.Generator().manual_seed(seed), []
-        for step in range(budget):
-            constraint.remaining_tokens = budget - step
-            logits = torch.randn(vocab, generator=gen) + commas
-            constraint.mask_logits(logits)
-            ids.append(int(torch.argmax(logits)))
-            constraint.accept(ids[-1])
-            if constraint.is_terminated():
-                break
-        assert constraint.is_terminated(), tok.decode(ids)
+        ids = walk_with_budget(constraint, tok, budget, seed, bias=commas)
         parsed = parse_output(decode(tok, ids, stops), call_format)
         assert parsed.tool_calls and not parsed.invalid_tool_calls, parsed
         for call in parsed.tool_calls:
