@@ -342,7 +342,7 @@ def test_mamba_layer_decode_matches_the_modules_bit_for_bit(monkeypatch, weights
 
 
 @needs_cpu
-def test_mamba_layer_decode_leaves_trainable_or_quantized_mamba_layers_to_the_modules():
+def test_mamba_layer_decode_follows_the_layers_weights_and_leaves_autograd_and_int8_mamba_to_the_modules(monkeypatch):
     from jamba_core.cache import MambaState
     from jamba_core.model.jamba import DecoderLayer
     from jamba_core.quant import quantize_model
@@ -351,19 +351,28 @@ def test_mamba_layer_decode_leaves_trainable_or_quantized_mamba_layers_to_the_mo
     config = make_config("tiny")
     layer = DecoderLayer(config, 0)
     assert not layer.is_attention
-    d_in = layer.mamba.d_in
-    state = MambaState(1, d_in, config.mamba_d_conv, config.mamba_d_state, torch.float32, "cpu")
     x = torch.randn(1, 1, config.hidden_size)
+
+    def state():
+        return MambaState(1, layer.mamba.d_in, config.mamba_d_conv, config.mamba_d_state, torch.float32, "cpu")
+
     with ops.using("cpu"):
-        assert layer._fused_decode(x, state) is None  # trainable: autograd sees the ops
+        assert layer._fused_decode(x, state()) is None  # trainable: autograd sees the ops
         layer.requires_grad_(False)
         with torch.inference_mode():
-            assert layer._fused_decode(x, state) is not None
+            assert layer._fused_decode(x, state()) is not None
+            # weights reassigned after the plan was made: the kernel follows them
+            layer.mamba.out_proj.weight.data = torch.randn_like(layer.mamba.out_proj.weight)
+            layer.feed_forward.down_proj.weight.data = torch.randn_like(layer.feed_forward.down_proj.weight)
+            fused = layer._fused_decode(x, state())
+            with monkeypatch.context() as m:
+                m.setattr(DecoderLayer, "_fused_decode", lambda self, x, s: None)
+                assert torch.equal(fused, layer(x, state(), None, None))
         wrapper = torch.nn.Module()
         wrapper.layer = layer
         quantize_model(wrapper, "int8+mamba")
         with torch.inference_mode():
-            assert layer._fused_decode(x, state) is None  # int8 Mamba projections: the modules run
+            assert layer._fused_decode(x, state()) is None  # int8 Mamba projections: the modules run
 
 
 # -- fallback --------------------------------------------------------------------------------------
