@@ -72,6 +72,8 @@ class DecoderLayer(nn.Module):
             router, experts, top_k = router[0], [e.decode_weights() for e in ff.experts], ff.top_k
         else:
             router, experts, top_k = None, [ff.decode_weights()], 1
+        if self.input_layernorm.eps != self.pre_ff_layernorm.eps:  # the kernel takes one
+            return None
         return dict(ln1=self.input_layernorm.weight, ln2=self.pre_ff_layernorm.weight, eps=self.input_layernorm.eps,
                     in_proj=m.in_proj.weight, in_bias=getattr(m.in_proj, "bias", None), out_proj=m.out_proj.weight,
                     out_bias=getattr(m.out_proj, "bias", None), conv_wT=conv_wT, conv_b=conv_b, x_proj=m.x_proj.weight,

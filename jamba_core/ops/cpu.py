@@ -307,16 +307,14 @@ MAX_FFN_DECODE_ROWS = 8
 _WT = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 
 
-def ffn_decode(x: torch.Tensor, router_weight: torch.Tensor | None, experts, top_k: int) -> torch.Tensor | None:
-    """The feed-forward of a few tokens in one kernel call (see `jamba_core.ops.ffn_decode`); None when
-    the inputs do not fit the kernel (the caller then runs its modules)."""
-    lib = _lib()
-    T, H = x.shape
+def _ffn_operands(dtype: torch.dtype, H: int, router_weight: torch.Tensor | None, experts, top_k: int):
+    """``(weight type code, intermediate size, the six per-expert pointer arrays: gate, gate scales, up,
+    up scales, down, down scales)`` for the fused feed-forward kernels, or None when the weights do not
+    fit them (see `jamba_core.ops.ffn_decode` for their forms)."""
     mats = [m for e in experts for m in e]  # (weight, scale) of gate, up, down per expert
     wt = mats[0][0].dtype if mats else None
-    if (lib is None or T == 0 or T > MAX_FFN_DECODE_ROWS or not _supported(x) or x.stride(1) != 1 or wt not in _WT
-            or (wt != torch.int8 and wt != x.dtype) or x.requires_grad
-            or (router_weight is not None and (router_weight.dtype != x.dtype or not router_weight.is_contiguous()))
+    if (wt not in _WT or (wt != torch.int8 and wt != dtype)
+            or (router_weight is not None and (router_weight.dtype != dtype or not router_weight.is_contiguous()))
             or any(w.dtype != wt or not w.is_contiguous() or w.device.type != "cpu"
                    or (wt == torch.int8) != (sc is not None and sc.dtype == torch.float32 and sc.is_contiguous()) for w, sc in mats)):
         return None
@@ -325,15 +323,27 @@ def ffn_decode(x: torch.Tensor, router_weight: torch.Tensor | None, experts, top
     if (any(g.shape != (I, H) or u.shape != (I, H) or d.shape != (H, I) for (g, _), (u, _), (d, _) in experts)
             or (router_weight is not None and router_weight.shape != (E, H)) or not 1 <= top_k <= E):
         return None
+    int8 = wt == torch.int8
 
     def pointers(j: int, scales: bool):
-        return (ctypes.c_void_p * E)(*[e[j][1 if scales else 0].data_ptr() for e in experts])
+        return (ctypes.c_void_p * E)(*[e[j][1 if scales else 0].data_ptr() for e in experts]) if int8 or not scales else None
 
-    int8 = wt == torch.int8
+    return _WT[wt], I, tuple(pointers(j, scales) for j in range(3) for scales in (False, True))
+
+
+def ffn_decode(x: torch.Tensor, router_weight: torch.Tensor | None, experts, top_k: int) -> torch.Tensor | None:
+    """The feed-forward of a few tokens in one kernel call (see `jamba_core.ops.ffn_decode`); None when
+    the inputs do not fit the kernel (the caller then runs its modules)."""
+    lib = _lib()
+    T, H = x.shape
+    if lib is None or T == 0 or T > MAX_FFN_DECODE_ROWS or not _supported(x) or x.stride(1) != 1 or x.requires_grad:
+        return None
+    operands = _ffn_operands(x.dtype, H, router_weight, experts, top_k)
+    if operands is None:
+        return None
+    wt, I, pointers = operands
     out = torch.empty(T, H, dtype=x.dtype)
-    lib.jl_ffn_decode(_DT[x.dtype], _WT[wt], T, H, I, E, top_k, _ptr(x), x.stride(0), _ptr(router_weight),
-                      pointers(0, False), pointers(0, True) if int8 else None, pointers(1, False),
-                      pointers(1, True) if int8 else None, pointers(2, False), pointers(2, True) if int8 else None,
+    lib.jl_ffn_decode(_DT[x.dtype], wt, T, H, I, len(experts), top_k, _ptr(x), x.stride(0), _ptr(router_weight), *pointers,
                       _ptr(out), _threads(2 * H * I))
     return out
 
@@ -418,30 +428,17 @@ def prepare_mamba_layer(w: dict) -> MambaLayerPlan | None:
         return None
     H, d = w["ln1"].shape[0], w["D"].shape[0]
     N, R, K = w["A"].shape[1], w["dt_proj"].shape[1], w["conv_wT"].shape[0]
-    (g0, _), (u0, _), (d0, _) = experts[0]
-    wt, I, E = g0.dtype, g0.shape[0], len(experts)
-    if (w["in_proj"].shape != (2 * d, H) or w["out_proj"].shape != (H, d) or wt not in _WT or (wt != torch.int8 and wt != dt)
-            or (w["router"] is None) != (E == 1) or (w["router"] is not None and w["router"].shape != (E, H))
-            or not 1 <= w["top_k"] <= E):
+    operands = _ffn_operands(dt, H, w["router"], experts, w["top_k"])
+    if operands is None or w["in_proj"].shape != (2 * d, H) or w["out_proj"].shape != (H, d):
         return None
-    for e in experts:
-        for (m, sc), shape in zip(e, ((I, H), (I, H), (H, I))):
-            if (m.dtype != wt or m.shape != shape or not m.is_contiguous() or m.device.type != "cpu"
-                    or (wt == torch.int8) != (sc is not None and sc.dtype == torch.float32 and sc.is_contiguous())):
-                return None
-    int8 = wt == torch.int8
-
-    def pointers(j: int, scales: bool):
-        return (ctypes.c_void_p * E)(*[e[j][1 if scales else 0].data_ptr() for e in experts]) if int8 or not scales else None
-
-    ffn = tuple(pointers(j, sc) for j in range(3) for sc in (False, True))
-    head = (_DT[dt], _WT[wt], None, H, d, N, R, K, I, E, w["top_k"])  # None: the rows, per call
+    wt, I, ffn = operands
+    codes, sizes = (_DT[dt], wt), (H, d, N, R, K, I, len(experts), w["top_k"])
     weights = (_ptr(w["ln1"]), float(w["eps"]), _ptr(w["in_proj"]), _ptr(w["in_bias"]))
     mixer = (_ptr(w["conv_wT"]), _ptr(w["conv_b"]), _ptr(w["x_proj"]), _ptr(w["dt_norm"]), _ptr(w["b_norm"]),
              _ptr(w["c_norm"]), float(w["eps_dt"]), _ptr(w["dt_proj"]), _ptr(w["dt_bias"]), _ptr(w["A"]), _ptr(w["D"]))
     tail = (_ptr(w["out_proj"]), _ptr(w["out_bias"]), _ptr(w["ln2"]), _ptr(w["router"]), *ffn)
     held = tuple(mats) + tuple(fp32) + tuple(t for e in experts for pair in e for t in pair if t is not None)
-    return MambaLayerPlan((head, weights, mixer, tail), (_DT[dt], H, d, N), held,
+    return MambaLayerPlan((codes, sizes, weights, mixer, tail), (_DT[dt], H, d, N), held,
                           min(MAX_FFN_DECODE_ROWS, MAX_GEMV_ROWS[dt]))
 
 
@@ -455,9 +452,9 @@ def mamba_layer_decode(plan: MambaLayerPlan, x: torch.Tensor, conv_state: torch.
             or conv_state.dtype != dt or not conv_state.is_contiguous() or conv_state.shape[:2] != (b, d)
             or ssm_state.dtype != torch.float32 or not ssm_state.is_contiguous() or ssm_state.shape != (b, d, N)):
         return None
-    head, weights, mixer, tail = plan.args
+    codes, sizes, weights, mixer, tail = plan.args
     out = torch.empty_like(x)
-    _lib().jl_mamba_layer_decode(*head[:2], b, *head[3:], x.data_ptr(), out.data_ptr(), *weights, conv_state.data_ptr(),
+    _lib().jl_mamba_layer_decode(*codes, b, *sizes, x.data_ptr(), out.data_ptr(), *weights, conv_state.data_ptr(),
                                  *mixer, ssm_state.data_ptr(), *tail, _threads(b * H * d), _threads(b * d * N // 8))
     return out
 
