@@ -342,6 +342,58 @@ def test_mamba_layer_decode_matches_the_modules_bit_for_bit(monkeypatch, weights
 
 
 @needs_cpu
+@pytest.mark.parametrize("weights", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("past", [4, 700])
+def test_attention_layer_decode_matches_the_modules(monkeypatch, weights, tokens, past):
+    """An attention decoder layer (GQA: 4 query heads on 2 KV heads, head_dim 10) on one token per
+    sequence after ``past`` cached positions (700: the keys split across threads): the one-call kernel
+    against the same layer's modules (scaled_dot_product_attention), and the K/V it writes equal to theirs."""
+    from jamba_core.cache import KVCache
+    from jamba_core.config import is_attention_layer
+    from jamba_core.model.jamba import DecoderLayer
+    from jamba_core.quant import quantize_model
+    from jamba_core.testing import make_config
+
+    config = make_config("tiny", hidden_size=40, intermediate_size=70, num_attention_heads=4, num_key_value_heads=2,
+                         num_experts=5, num_experts_per_tok=2)
+    i = next(i for i in range(config.num_hidden_layers) if is_attention_layer(config, i))
+    torch.manual_seed(past + tokens)
+    layer = DecoderLayer(config, i)
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            p.copy_(torch.rand_like(p) + 0.5 if "norm" in name else torch.randn_like(p) * 0.3)
+    dtype = torch.bfloat16 if weights == "bfloat16" else torch.float32
+    layer = layer.to(dtype).requires_grad_(False)
+    if weights == "int8":
+        wrapper = torch.nn.Module()
+        wrapper.layer = layer
+        quantize_model(wrapper, "int8")
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(tokens, 1, 40, generator=gen)
+    past_k, past_v = (torch.randn(tokens, 2, past, 10, generator=gen).to(dtype) for _ in range(2))
+
+    def run(fused):
+        kv = KVCache(tokens, 2, 10, dtype, "cpu")
+        kv.update(past_k, past_v)
+        with monkeypatch.context() as m, torch.inference_mode(), ops.using("cpu"):
+            if not fused:
+                m.setattr(DecoderLayer, "_fused_decode", lambda self, x, s: None)
+            return layer(x, kv, None, None), kv
+
+    calls = []
+    monkeypatch.setattr(cpu, "attention_layer_decode", lambda *a, f=cpu.attention_layer_decode: calls.append(1) or f(*a))
+    monkeypatch.setattr(cpu, "_threads", lambda work=None: 2)  # these sizes would run serially: test the merge
+    got, got_kv = run(True)
+    assert calls, "the layer kernel did not run"
+    expected, expected_kv = run(False)
+    assert got_kv.length == expected_kv.length == past + 1
+    assert torch.equal(got_kv.k[:, :, : past + 1], expected_kv.k[:, :, : past + 1])
+    assert torch.equal(got_kv.v[:, :, : past + 1], expected_kv.v[:, :, : past + 1])
+    assert rel(got, expected) <= (FP32_REL if weights == "float32" else BF16_REL)
+
+
+@needs_cpu
 def test_mamba_layer_decode_follows_the_layers_weights_and_leaves_autograd_and_int8_mamba_to_the_modules(monkeypatch):
     from jamba_core.cache import MambaState
     from jamba_core.model.jamba import DecoderLayer

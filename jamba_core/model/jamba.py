@@ -28,7 +28,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, layer_cache, mask, key_mask):
         """``x`` is the fp32 residual stream ``(b, L, hidden)``; the sublayers compute in the weight dtype."""
-        if x.shape[1] == 1 and mask is None and layer_cache is not None and not self.is_attention:
+        if x.shape[1] == 1 and mask is None and key_mask is None and layer_cache is not None:
             y = self._fused_decode(x, layer_cache)
             if y is not None:
                 return y
@@ -39,8 +39,9 @@ class DecoderLayer(nn.Module):
         return x + self.feed_forward(self.pre_ff_layernorm(x).to(dtype)).float()
 
     def _fused_decode(self, x: torch.Tensor, state) -> torch.Tensor | None:
-        """The whole Mamba layer for one token per sequence as one kernel call (`ops.mamba_layer_decode`),
-        or None when the backend has none, the weights do not fit it, or autograd must see the ops.
+        """The whole layer for one token per sequence as one kernel call (`ops.mamba_layer_decode`,
+        `ops.attention_layer_decode`), or None when the backend has none, the weights do not fit it, or
+        autograd must see the ops.
 
         The kernel's plan is made once and kept while `_Snapshot` finds every submodule, parameter and
         buffer of the layer unreplaced and unmoved (quantizing or ``.to()`` make a new plan; values changed
@@ -49,22 +50,28 @@ class DecoderLayer(nn.Module):
         on bench-small, as much as a third of its kernels' time."""
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
             return None
-        backend, constants = ops.backend_for(x.device), self.mamba._decode_constants()
+        backend = ops.backend_for(x.device)
+        constants = None if self.is_attention else self.mamba._decode_constants()
         plan = self.__dict__.get("_decode_plan")
         if plan is None or plan[0] != backend or plan[1] is not constants or not plan[2].current():
             weights = self._decode_weights(constants)
-            prepared = None if weights is None else ops.prepare_mamba_layer(weights, x)
+            prepared = None if weights is None else ops.prepare_layer(weights, x)
             plan = self.__dict__["_decode_plan"] = (backend, constants, _Snapshot(self), prepared)
         if plan[3] is None:
             return None
-        y = ops.mamba_layer_decode(plan[3], x.view(x.shape[0], -1), state.conv, state.ssm)
+        if not self.is_attention:
+            y = ops.mamba_layer_decode(plan[3], x.view(x.shape[0], -1), state.conv, state.ssm)
+        else:
+            state.reserve(state.length + 1)
+            y = ops.attention_layer_decode(plan[3], x.view(x.shape[0], -1), state.k, state.v, state.length)
+            if y is not None:
+                state.length += 1
         return None if y is None else y.view(x.shape)
 
     def _decode_weights(self, constants) -> dict | None:
-        """This Mamba layer's tensors as `ops.prepare_mamba_layer` takes them (None: a module without that
-        form); ``constants``: the mixer's `MambaMixer._decode_constants`."""
-        m, ff = self.mamba, self.feed_forward
-        conv_wT, conv_b, dt_bias, A, D = constants
+        """This layer's tensors as `ops.prepare_layer` takes them (None: a module without that form);
+        ``constants``: the mixer's `MambaMixer._decode_constants` (None for attention)."""
+        ff = self.feed_forward
         if isinstance(ff, SparseMoE):
             router = getattr(ff.router, "decode_weights", lambda: None)()
             if router is None or router[1] is not None:
@@ -72,14 +79,23 @@ class DecoderLayer(nn.Module):
             router, experts, top_k = router[0], [e.decode_weights() for e in ff.experts], ff.top_k
         else:
             router, experts, top_k = None, [ff.decode_weights()], 1
-        if self.input_layernorm.eps != self.pre_ff_layernorm.eps:  # the kernel takes one
+        if self.input_layernorm.eps != self.pre_ff_layernorm.eps:  # the kernels take one
             return None
-        return dict(ln1=self.input_layernorm.weight, ln2=self.pre_ff_layernorm.weight, eps=self.input_layernorm.eps,
-                    in_proj=m.in_proj.weight, in_bias=getattr(m.in_proj, "bias", None), out_proj=m.out_proj.weight,
-                    out_bias=getattr(m.out_proj, "bias", None), conv_wT=conv_wT, conv_b=conv_b, x_proj=m.x_proj.weight,
-                    dt_norm=m.dt_layernorm.weight, b_norm=m.b_layernorm.weight, c_norm=m.c_layernorm.weight,
-                    eps_dt=m.dt_layernorm.eps, dt_proj=m.dt_proj.weight, dt_bias=dt_bias, A=A, D=D, router=router,
-                    experts=experts, top_k=top_k)
+        common = dict(ln1=self.input_layernorm.weight, ln2=self.pre_ff_layernorm.weight, eps=self.input_layernorm.eps,
+                      router=router, experts=experts, top_k=top_k)
+        if self.is_attention:
+            a = self.self_attn
+            if any(getattr(p, "bias", None) is not None for p in (a.q_proj, a.k_proj, a.v_proj, a.o_proj)):
+                return None
+            return dict(common, kind="attention", q_proj=a.q_proj.weight, k_proj=a.k_proj.weight, v_proj=a.v_proj.weight,
+                        o_proj=a.o_proj.weight, heads=a.n_heads, kv_heads=a.n_kv, head_dim=a.head_dim)
+        m = self.mamba
+        conv_wT, conv_b, dt_bias, A, D = constants
+        return dict(common, kind="mamba", in_proj=m.in_proj.weight, in_bias=getattr(m.in_proj, "bias", None),
+                    out_proj=m.out_proj.weight, out_bias=getattr(m.out_proj, "bias", None), conv_wT=conv_wT, conv_b=conv_b,
+                    x_proj=m.x_proj.weight, dt_norm=m.dt_layernorm.weight, b_norm=m.b_layernorm.weight,
+                    c_norm=m.c_layernorm.weight, eps_dt=m.dt_layernorm.eps, dt_proj=m.dt_proj.weight, dt_bias=dt_bias,
+                    A=A, D=D)
 
 
 class _Snapshot:

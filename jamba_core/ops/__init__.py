@@ -177,16 +177,18 @@ def mamba_decode_step(xz, conv_wT, conv_b, x_proj_weight, dt_norm_weight, b_norm
               dt_proj_weight, dt_bias, A, D, conv_state, ssm_state)
 
 
-def prepare_mamba_layer(weights: dict, like: torch.Tensor):
-    """Check a Mamba decoder layer's weights once for `mamba_layer_decode`; returns an opaque plan for the
-    backend that runs ``like``'s device, or None when that backend has no layer kernel or the weights do
-    not fit it. ``weights``: ``ln1``, ``ln2`` (the two RMSNorm weights, ``eps``), ``in_proj`` / ``out_proj``
-    and ``in_bias`` / ``out_bias`` (None without), the mixer's tensors as `mamba_decode_step` takes them
-    (``conv_wT``, ``conv_b``, ``x_proj``, ``dt_norm``, ``b_norm``, ``c_norm``, ``eps_dt``, ``dt_proj``,
-    ``dt_bias``, ``A``, ``D``), and the feed-forward as `ffn_decode` takes it (``router`` or None for a
-    dense MLP, ``experts``, ``top_k``)."""
+def prepare_layer(weights: dict, like: torch.Tensor):
+    """Check a decoder layer's weights once for `mamba_layer_decode` / `attention_layer_decode`; returns an
+    opaque plan for the backend that runs ``like``'s device, or None when that backend has no such kernel or
+    the weights do not fit it. ``weights["kind"]`` is ``"mamba"`` or ``"attention"``; both have ``ln1``,
+    ``ln2`` (the two RMSNorm weights, ``eps``) and the feed-forward as `ffn_decode` takes it (``router`` or
+    None for a dense MLP, ``experts``, ``top_k``). Mamba: ``in_proj`` / ``out_proj``, ``in_bias`` /
+    ``out_bias`` (None without), the mixer's tensors as `mamba_decode_step` takes them (``conv_wT``,
+    ``conv_b``, ``x_proj``, ``dt_norm``, ``b_norm``, ``c_norm``, ``eps_dt``, ``dt_proj``, ``dt_bias``, ``A``,
+    ``D``). Attention: ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` (no bias), ``heads``, ``kv_heads``,
+    ``head_dim``."""
     module = _module(like)
-    fn = getattr(module, "prepare_mamba_layer", None)
+    fn = getattr(module, f"prepare_{weights['kind']}_layer", None)
     plan = None if fn is None else fn(weights)
     return None if plan is None else (module, plan)
 
@@ -194,7 +196,7 @@ def prepare_mamba_layer(weights: dict, like: torch.Tensor):
 def mamba_layer_decode(prepared, x: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor | None:
     """A whole Mamba decoder layer for one token per sequence (``x + mixer(norm1(x))``, then ``+
     feed_forward(norm2(.))``: `jamba_core.model.jamba.DecoderLayer`) in one call, from a plan of
-    `prepare_mamba_layer`; the same result as the modules' ops bit for bit. ``x`` ``(b, hidden)`` fp32 (the
+    `prepare_layer`; the same result as the modules' ops bit for bit. ``x`` ``(b, hidden)`` fp32 (the
     residual stream); the states as in `jamba_core.cache.MambaState`, updated in place. Returns the new
     residual stream ``(b, hidden)`` fp32, or None when the backend changed since the plan or the inputs do
     not fit (the modules then run)."""
@@ -202,6 +204,19 @@ def mamba_layer_decode(prepared, x: torch.Tensor, conv_state: torch.Tensor, ssm_
     if module is not _module(x):
         return None
     return module.mamba_layer_decode(plan, x, conv_state, ssm_state)
+
+
+def attention_layer_decode(prepared, x: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor, pos: int) -> torch.Tensor | None:
+    """A whole attention decoder layer for one token per sequence, no padding, in one call, from a plan of
+    `prepare_layer`: this token's K, V written at ``pos`` of the stores ``(b, kv_heads, capacity,
+    head_dim)`` (`jamba_core.cache.KVStore`; the caller reserves and advances), attention over positions
+    ``0..pos`` (scores, softmax and sum in fp32: equal to ``scaled_dot_product_attention`` within float
+    rounding), o_proj, then the feed-forward half as `mamba_layer_decode`. Returns the new residual stream
+    ``(b, hidden)`` fp32, or None when the backend changed or the inputs do not fit."""
+    module, plan = prepared
+    if module is not _module(x):
+        return None
+    return module.attention_layer_decode(plan, x, k_store, v_store, pos)
 
 
 use(_default_backend())

@@ -62,6 +62,7 @@ _SIGNATURES = {
     "jl_rmsnorm": [_c, _c, _i, _i, _p, _i, _p, _f, _p, _c],
     "jl_mamba_decode": [_c, _i, _i, _i, _i, _i, _p, _i, _p, _p, _p, _p, _p, _p, _p, _f, _p, _p, _p, _p, _p, _p, _c],
     "jl_mamba_layer_decode": [_c, _c, *[_i] * 9, _p, _p, _p, _f, *[_p] * 9, _f, *[_p] * 15, _c, _c],
+    "jl_attn_layer_decode": [_c, _c, *[_i] * 9, _p, _p, _p, _f, *[_p] * 6, _i, _i, *[_p] * 8, _c],
 }
 
 
@@ -400,20 +401,20 @@ def mamba_decode_step(xz, conv_wT, conv_b, x_proj_weight, dt_norm_weight, b_norm
     return y
 
 
-# -- a whole Mamba decoder layer ------------------------------------------------------------------------
+# -- a whole decoder layer ------------------------------------------------------------------------
 @dataclass(frozen=True)
-class MambaLayerPlan:
-    """A Mamba decoder layer's weights checked once for `mamba_layer_decode`: the kernel's constant
-    arguments, and the tensors they point into (held, so the pointers stay valid)."""
+class LayerPlan:
+    """A decoder layer's weights checked once for `mamba_layer_decode` or `attention_layer_decode`: the
+    kernel's constant arguments, and the tensors they point into (held, so the pointers stay valid)."""
 
     args: tuple
-    dims: tuple  # (dtype code, H, d_in, d_state)
+    dims: tuple  # (dtype code, H, d_in, d_state) or (dtype code, H, kv_heads, head_dim)
     tensors: tuple
     max_rows: int
 
 
-def prepare_mamba_layer(w: dict) -> MambaLayerPlan | None:
-    """Check a Mamba decoder layer's weights (see `jamba_core.ops.prepare_mamba_layer`) for the layer kernel;
+def prepare_mamba_layer(w: dict) -> LayerPlan | None:
+    """Check a Mamba decoder layer's weights (see `jamba_core.ops.prepare_layer`) for the layer kernel;
     None when they do not fit it (another dtype, int8 or bitsandbytes projections, a bias on an expert)."""
     lib = _lib()
     dt = w["ln1"].dtype
@@ -438,11 +439,11 @@ def prepare_mamba_layer(w: dict) -> MambaLayerPlan | None:
              _ptr(w["c_norm"]), float(w["eps_dt"]), _ptr(w["dt_proj"]), _ptr(w["dt_bias"]), _ptr(w["A"]), _ptr(w["D"]))
     tail = (_ptr(w["out_proj"]), _ptr(w["out_bias"]), _ptr(w["ln2"]), _ptr(w["router"]), *ffn)
     held = tuple(mats) + tuple(fp32) + tuple(t for e in experts for pair in e for t in pair if t is not None)
-    return MambaLayerPlan((codes, sizes, weights, mixer, tail), (_DT[dt], H, d, N), held,
+    return LayerPlan((codes, sizes, weights, mixer, tail), (_DT[dt], H, d, N), held,
                           min(MAX_FFN_DECODE_ROWS, MAX_GEMV_ROWS[dt]))
 
 
-def mamba_layer_decode(plan: MambaLayerPlan, x: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor | None:
+def mamba_layer_decode(plan: LayerPlan, x: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor | None:
     """The layer for ``x`` ``(b, hidden)`` fp32 (one token per sequence) in one kernel call; returns the new
     residual stream ``(b, hidden)`` fp32, or None when the inputs do not fit (the modules then run)."""
     code, H, d, N = plan.dims
@@ -456,6 +457,50 @@ def mamba_layer_decode(plan: MambaLayerPlan, x: torch.Tensor, conv_state: torch.
     out = torch.empty_like(x)
     _lib().jl_mamba_layer_decode(*codes, b, *sizes, x.data_ptr(), out.data_ptr(), *weights, conv_state.data_ptr(),
                                  *mixer, ssm_state.data_ptr(), *tail, _threads(b * H * d), _threads(b * d * N // 8))
+    return out
+
+
+def prepare_attention_layer(w: dict) -> LayerPlan | None:
+    """Check an attention decoder layer's weights (see `jamba_core.ops.prepare_layer`) for the
+    layer kernel; None when they do not fit it."""
+    lib = _lib()
+    dt = w["ln1"].dtype
+    mats = [w[k] for k in ("ln1", "q_proj", "k_proj", "v_proj", "o_proj", "ln2")] + ([w["router"]] if w["router"] is not None else [])
+    if (lib is None or dt not in _DT or None in w["experts"]
+            or any(t.dtype != dt or not t.is_contiguous() or t.device.type != "cpu" for t in mats)):
+        return None
+    H, nh, nkv, hd = w["ln1"].shape[0], w["heads"], w["kv_heads"], w["head_dim"]
+    operands = _ffn_operands(dt, H, w["router"], w["experts"], w["top_k"])
+    if (operands is None or nh % nkv or w["q_proj"].shape != (nh * hd, H) or w["k_proj"].shape != (nkv * hd, H)
+            or w["v_proj"].shape != (nkv * hd, H) or w["o_proj"].shape != (H, nh * hd)):
+        return None
+    wt, I, ffn = operands
+    codes, sizes = (_DT[dt], wt), (H, nh, nkv, hd)
+    weights = (_ptr(w["ln1"]), float(w["eps"]), *(_ptr(w[k]) for k in ("q_proj", "k_proj", "v_proj", "o_proj")))
+    tail = (_ptr(w["ln2"]), _ptr(w["router"]), *ffn)
+    held = tuple(mats) + tuple(t for e in w["experts"] for pair in e for t in pair if t is not None)
+    return LayerPlan((codes, sizes, (I, len(w["experts"]), w["top_k"]), weights, tail), (_DT[dt], H, nkv, hd), held,
+                          min(MAX_FFN_DECODE_ROWS, MAX_GEMV_ROWS[dt]))
+
+
+def attention_layer_decode(plan: LayerPlan, x: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor,
+                           pos: int) -> torch.Tensor | None:
+    """The attention layer for ``x`` ``(b, hidden)`` fp32 in one kernel call: writes this token's K, V at
+    ``pos`` of the stores ``(b, kv_heads, capacity, head_dim)`` and attends over positions ``0..pos``.
+    Returns the new residual stream, or None when the inputs do not fit (the modules then run)."""
+    code, H, nkv, hd = plan.dims
+    b = x.shape[0]
+    dt = torch.bfloat16 if code == 1 else torch.float32
+    if (b == 0 or b > plan.max_rows or x.dtype != torch.float32 or x.shape[1] != H or not x.is_contiguous()
+            or any(s.dtype != dt or s.shape[:2] != (b, nkv) or s.shape[3] != hd or s.shape[2] <= pos
+                   or s.stride(3) != 1 or s.stride(2) != hd for s in (k_store, v_store))
+            or k_store.stride()[:2] != v_store.stride()[:2]):
+        return None
+    codes, sizes, ffn_sizes, weights, tail = plan.args
+    out = torch.empty_like(x)
+    _lib().jl_attn_layer_decode(*codes, b, *sizes, pos, *ffn_sizes, x.data_ptr(), out.data_ptr(), *weights,
+                                k_store.data_ptr(), v_store.data_ptr(), k_store.stride(0), k_store.stride(1), *tail,
+                                _threads(b * H * hd * sizes[1]))
     return out
 
 

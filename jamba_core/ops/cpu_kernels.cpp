@@ -17,6 +17,9 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -578,6 +581,34 @@ void mamba_decode(int64_t b, int64_t d, int64_t N, int64_t R, int64_t K, const T
     delete[] proj;
 }
 
+// Keys lo..hi-1 of one KV head for its g query heads (q: g x hd fp32), updating each query's running max
+// m, sum l and weighted sum of values acc (g x hd) as an online softmax does (Milakov & Gimelshein 2018).
+template <typename T>
+void attend_keys(const float* q, const T* k, const T* v, int64_t lo, int64_t hi, int64_t g, int64_t hd, float scale,
+                 float* m, float* l, float* acc) {
+    for (int64_t s = lo; s < hi; ++s) {
+        const T* kr = k + s * hd;
+        const T* vr = v + s * hd;
+        for (int64_t r = 0; r < g; ++r) {
+            const float* qr = q + r * hd;
+            vf a = vf{};
+            for (int64_t i = 0; i < hd; i += W) {
+                const int n = int(hd - i < W ? hd - i : W);
+                a += load(kr + i, n) * load(qr + i, n);
+            }
+            const float sc = hsum(a) * scale, mn = std::max(m[r], sc);
+            const float corr = std::exp(m[r] - mn), p = std::exp(sc - mn);
+            l[r] = l[r] * corr + p;
+            m[r] = mn;
+            float* ar = acc + r * hd;
+            for (int64_t i = 0; i < hd; i += W) {
+                const int n = int(hd - i < W ? hd - i : W);
+                store(ar + i, load(ar + i, n) * corr + load(vr + i, n) * p, n);
+            }
+        }
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -664,6 +695,32 @@ void jl_mamba_decode(int dtype, int64_t b, int64_t d, int64_t N, int64_t R, int6
 }
 
 
+// The pieces both decoder-layer kernels share: T <-> fp32 row copies, and the feed-forward half of a
+// layer, x_out += ffn(norm2(x_out)), as the unfused path runs it (norm in fp32, rounded to T).
+static void rows_to_dtype(int dtype, const float* src, void* dst, int64_t n) {
+    if (dtype == 1)
+        for (int64_t i = 0; i < n; ++i) ((bf16*)dst)[i] = f_to_bf16(src[i]);
+    else
+        std::memcpy(dst, src, n * sizeof(float));
+}
+
+static void add_rows(int dtype, const float* base, const void* h, float* out, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) out[i] = base[i] + (dtype == 1 ? bf16_to_f(((const bf16*)h)[i]) : ((const float*)h)[i]);
+}
+
+static void ffn_half(int dtype, int wtype, int64_t b, int64_t H, int64_t I, int64_t E, int64_t topk, float* x_out,
+                     const void* ln2, float eps, const void* router, const void* const* wg, const float* const* sg,
+                     const void* const* wu, const float* const* su, const void* const* wd, const float* const* sd,
+                     int nthreads) {
+    const int64_t es = dtype == 1 ? 2 : 4;
+    std::vector<float> nf(b * H);
+    std::vector<char> hn(b * H * es), ho(b * H * es);
+    jl_rmsnorm(0, dtype, b, H, x_out, H, ln2, eps, nf.data(), 1);
+    rows_to_dtype(dtype, nf.data(), hn.data(), b * H);
+    jl_ffn_decode(dtype, wtype, b, H, I, E, topk, hn.data(), H, router, wg, sg, wu, su, wd, sd, ho.data(), nthreads);
+    add_rows(dtype, x_out, ho.data(), x_out, b * H);
+}
+
 // A whole Mamba decoder layer for b sequences of one token each (model.jamba.DecoderLayer, L = 1):
 // x_out = x + out_proj(mixer(in_proj(norm1(x)))), then x_out += ffn(norm2(x_out)). The pieces are the
 // kernels above, called as the unfused path calls them, with the same roundings (norm outputs fp32, then
@@ -681,28 +738,92 @@ void jl_mamba_layer_decode(int dtype, int wtype, int64_t b, int64_t H, int64_t d
     const int64_t es = dtype == 1 ? 2 : 4;
     std::vector<float> nf(b * H), y(b * d);
     std::vector<char> hn(b * H * es), xz(b * 2 * d * es), yt(b * d * es), ho(b * H * es);
-    auto to_dtype = [&](const float* src, void* dst, int64_t n) {
-        if (dtype == 1)
-            for (int64_t i = 0; i < n; ++i) ((bf16*)dst)[i] = f_to_bf16(src[i]);
-        else
-            std::memcpy(dst, src, n * sizeof(float));
-    };
-    auto add_to = [&](const float* base, const void* h, float* out) {
-        for (int64_t i = 0; i < b * H; ++i)
-            out[i] = base[i] + (dtype == 1 ? bf16_to_f(((const bf16*)h)[i]) : ((const float*)h)[i]);
-    };
     jl_rmsnorm(0, dtype, b, H, x, H, ln1, eps, nf.data(), 1);
-    to_dtype(nf.data(), hn.data(), b * H);
+    rows_to_dtype(dtype, nf.data(), hn.data(), b * H);
     jl_gemv(dtype, b, 2 * d, H, hn.data(), H, w_in, b_in, xz.data(), nthreads);
     jl_mamba_decode(dtype, b, d, N, R, K, xz.data(), 2 * d, conv_state, wT, conv_b, xw, dtn, bn, cn, eps_dt, dtw, dt_bias,
                     A, D, ssm, y.data(), mamba_threads);
-    to_dtype(y.data(), yt.data(), b * d);
+    rows_to_dtype(dtype, y.data(), yt.data(), b * d);
     jl_gemv(dtype, b, H, d, yt.data(), d, w_out, b_out, ho.data(), nthreads);
-    add_to(x, ho.data(), x_out);
-    jl_rmsnorm(0, dtype, b, H, x_out, H, ln2, eps, nf.data(), 1);
-    to_dtype(nf.data(), hn.data(), b * H);
-    jl_ffn_decode(dtype, wtype, b, H, I, E, topk, hn.data(), H, router, wg, sg, wu, su, wd, sd, ho.data(), nthreads);
-    add_to(x_out, ho.data(), x_out);
+    add_rows(dtype, x, ho.data(), x_out, b * H);
+    ffn_half(dtype, wtype, b, H, I, E, topk, x_out, ln2, eps, router, wg, sg, wu, su, wd, sd, nthreads);
+}
+
+// A whole attention decoder layer for b sequences of one token each, no padding (model.jamba.DecoderLayer
+// and model.attention.Attention, L = 1): q, k, v GEMVs of norm1(x); k, v written at position `pos` of the
+// cache (b, kv, capacity, hd; strides sb, sh in elements); each query head attends over the pos + 1
+// cached keys of its KV head (query heads j*g .. j*g+g-1 use KV head j; scale hd^-0.5; scores, softmax and
+// the weighted sum in fp32, the keys split across threads, each with its own running max and sum, merged
+// by their log-sum-exp as flash-decoding does); output rounded to T, o_proj, residual add; then the
+// feed-forward half. Equal to scaled_dot_product_attention within float rounding, not bit for bit.
+void jl_attn_layer_decode(int dtype, int wtype, int64_t b, int64_t H, int64_t nh, int64_t nkv, int64_t hd, int64_t pos,
+                          int64_t I, int64_t E, int64_t topk, const float* x, float* x_out, const void* ln1, float eps,
+                          const void* wq, const void* wk, const void* wv, const void* wo, void* kc, void* vc,
+                          int64_t sb, int64_t sh, const void* ln2, const void* router, const void* const* wg,
+                          const float* const* sg, const void* const* wu, const float* const* su, const void* const* wd,
+                          const float* const* sd, int nthreads) {
+    const int64_t es = dtype == 1 ? 2 : 4, g = nh / nkv, S = pos + 1;
+    std::vector<float> nf(b * H), of(b * nh * hd);
+    std::vector<char> hn(b * H * es), q(b * nh * hd * es), k(b * nkv * hd * es), v(b * nkv * hd * es),
+        o(b * nh * hd * es), ho(b * H * es);
+    jl_rmsnorm(0, dtype, b, H, x, H, ln1, eps, nf.data(), 1);
+    rows_to_dtype(dtype, nf.data(), hn.data(), b * H);
+    jl_gemv(dtype, b, nh * hd, H, hn.data(), H, wq, nullptr, q.data(), nthreads);
+    jl_gemv(dtype, b, nkv * hd, H, hn.data(), H, wk, nullptr, k.data(), nthreads);
+    jl_gemv(dtype, b, nkv * hd, H, hn.data(), H, wv, nullptr, v.data(), nthreads);
+    for (int64_t bi = 0; bi < b; ++bi)
+        for (int64_t j = 0; j < nkv; ++j) {
+            const int64_t dst = (bi * sb + j * sh + pos * hd) * es, src = (bi * nkv + j) * hd * es;
+            std::memcpy((char*)kc + dst, k.data() + src, hd * es);
+            std::memcpy((char*)vc + dst, v.data() + src, hd * es);
+        }
+    const float scale = 1.0f / std::sqrt(float(hd));
+    const int nt = S < 256 ? 1 : nthreads;
+    std::vector<float> qf(g * hd), m(nt * g), l(nt * g), acc(nt * g * hd);
+    for (int64_t bi = 0; bi < b; ++bi)
+        for (int64_t j = 0; j < nkv; ++j) {
+            for (int64_t i = 0; i < g * hd; ++i) {
+                const int64_t at = (bi * nh + j * g) * hd + i;
+                qf[i] = dtype == 1 ? bf16_to_f(((const bf16*)q.data())[at]) : ((const float*)q.data())[at];
+            }
+            const int64_t base = bi * sb + j * sh;
+            std::fill(m.begin(), m.end(), -INFINITY);  // every slot: a thread the runtime did not start adds nothing
+            std::fill(l.begin(), l.end(), 0.0f);
+            std::fill(acc.begin(), acc.end(), 0.0f);
+#pragma omp parallel num_threads(nt)
+            {
+#ifdef _OPENMP
+                const int t = omp_get_thread_num(), T = omp_get_num_threads();
+#else
+                const int t = 0, T = 1;
+#endif
+                const int64_t lo = S * t / T, hi = S * (t + 1) / T;
+                float* mt = m.data() + t * g;
+                float* lt = l.data() + t * g;
+                float* at = acc.data() + t * g * hd;
+                if (dtype == 1)
+                    attend_keys(qf.data(), (const bf16*)kc + base, (const bf16*)vc + base, lo, hi, g, hd, scale, mt, lt, at);
+                else
+                    attend_keys(qf.data(), (const float*)kc + base, (const float*)vc + base, lo, hi, g, hd, scale, mt, lt, at);
+            }
+            for (int64_t r = 0; r < g; ++r) {
+                float mx = -INFINITY, total = 0.0f;
+                for (int t = 0; t < nt; ++t) mx = std::max(mx, m[t * g + r]);
+                float* out = of.data() + (bi * nh + j * g + r) * hd;
+                for (int64_t i = 0; i < hd; ++i) out[i] = 0.0f;
+                for (int t = 0; t < nt; ++t) {
+                    if (l[t * g + r] == 0.0f) continue;  // a thread with no keys
+                    const float w = std::exp(m[t * g + r] - mx);
+                    total += l[t * g + r] * w;
+                    for (int64_t i = 0; i < hd; ++i) out[i] += acc[(t * g + r) * hd + i] * w;
+                }
+                for (int64_t i = 0; i < hd; ++i) out[i] /= total;
+            }
+        }
+    rows_to_dtype(dtype, of.data(), o.data(), b * nh * hd);
+    jl_gemv(dtype, b, H, nh * hd, o.data(), nh * hd, wo, nullptr, ho.data(), nthreads);
+    add_rows(dtype, x, ho.data(), x_out, b * H);
+    ffn_half(dtype, wtype, b, H, I, E, topk, x_out, ln2, eps, router, wg, sg, wu, su, wd, sd, nthreads);
 }
 
 }  // extern "C"
