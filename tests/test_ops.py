@@ -285,7 +285,27 @@ def test_fused_feed_forward_decode_matches_the_modules_ops(weights, tokens, moe)
     assert rel(got, expected) <= bound
 
 
-# -- the whole Mamba layer in one call, through the modules ---------------------------------------------
+# -- whole decoder layers in one call, through the modules --------------------------------------------
+def random_layer(config, i: int, weights: str, seed: int):
+    """Decoder layer ``i`` with random weights (norm weights 0.5-1.5, the rest N(0, 0.3)) in ``weights``
+    ("float32", "bfloat16", or "int8": fp32 with int8 feed-forward projections), frozen; and its dtype."""
+    from jamba_core.model.jamba import DecoderLayer
+    from jamba_core.quant import quantize_model
+
+    torch.manual_seed(seed)
+    layer = DecoderLayer(config, i)
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            p.copy_(torch.rand_like(p) + 0.5 if "norm" in name else torch.randn_like(p) * 0.3)
+    dtype = torch.bfloat16 if weights == "bfloat16" else torch.float32
+    layer = layer.to(dtype).requires_grad_(False)
+    if weights == "int8":
+        wrapper = torch.nn.Module()
+        wrapper.layer = layer
+        quantize_model(wrapper, "int8")
+    return layer, dtype
+
+
 @needs_cpu
 @pytest.mark.parametrize("weights", ["float32", "bfloat16", "int8"])
 @pytest.mark.parametrize("tokens", [1, 3])
@@ -298,23 +318,12 @@ def test_mamba_layer_decode_matches_the_modules_bit_for_bit(monkeypatch, weights
     from jamba_core.cache import MambaState
     from jamba_core.config import is_attention_layer, is_moe_layer
     from jamba_core.model.jamba import DecoderLayer
-    from jamba_core.quant import quantize_model
     from jamba_core.testing import make_config
 
     config = make_config("tiny", hidden_size=40, intermediate_size=70, num_experts=5, num_experts_per_tok=2,
                          mamba_d_state=12, mamba_dt_rank=5)
     i = next(i for i in range(config.num_hidden_layers) if not is_attention_layer(config, i) and is_moe_layer(config, i) == moe)
-    torch.manual_seed(tokens)
-    layer = DecoderLayer(config, i)
-    with torch.no_grad():
-        for name, p in layer.named_parameters():
-            p.copy_(torch.rand_like(p) + 0.5 if "norm" in name else torch.randn_like(p) * 0.3)
-    dtype = torch.bfloat16 if weights == "bfloat16" else torch.float32
-    layer = layer.to(dtype).requires_grad_(False)
-    if weights == "int8":
-        wrapper = torch.nn.Module()
-        wrapper.layer = layer
-        quantize_model(wrapper, "int8")
+    layer, dtype = random_layer(config, i, weights, seed=tokens)
     gen = torch.Generator().manual_seed(11)
     x = torch.randn(tokens, 1, 40, generator=gen)
     state = MambaState(tokens, 80, config.mamba_d_conv, 12, dtype, "cpu")
@@ -352,23 +361,12 @@ def test_attention_layer_decode_matches_the_modules(monkeypatch, weights, tokens
     from jamba_core.cache import KVCache
     from jamba_core.config import is_attention_layer
     from jamba_core.model.jamba import DecoderLayer
-    from jamba_core.quant import quantize_model
     from jamba_core.testing import make_config
 
     config = make_config("tiny", hidden_size=40, intermediate_size=70, num_attention_heads=4, num_key_value_heads=2,
                          num_experts=5, num_experts_per_tok=2)
     i = next(i for i in range(config.num_hidden_layers) if is_attention_layer(config, i))
-    torch.manual_seed(past + tokens)
-    layer = DecoderLayer(config, i)
-    with torch.no_grad():
-        for name, p in layer.named_parameters():
-            p.copy_(torch.rand_like(p) + 0.5 if "norm" in name else torch.randn_like(p) * 0.3)
-    dtype = torch.bfloat16 if weights == "bfloat16" else torch.float32
-    layer = layer.to(dtype).requires_grad_(False)
-    if weights == "int8":
-        wrapper = torch.nn.Module()
-        wrapper.layer = layer
-        quantize_model(wrapper, "int8")
+    layer, dtype = random_layer(config, i, weights, seed=past + tokens)
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(tokens, 1, 40, generator=gen)
     past_k, past_v = (torch.randn(tokens, 2, past, 10, generator=gen).to(dtype) for _ in range(2))
