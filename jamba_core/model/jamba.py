@@ -28,7 +28,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, layer_cache, mask, key_mask):
         """``x`` is the fp32 residual stream ``(b, L, hidden)``; the sublayers compute in the weight dtype."""
-        if x.shape[1] == 1 and mask is None and key_mask is None and layer_cache is not None:
+        if x.shape[1] == 1 and mask is None and layer_cache is not None and (key_mask is None or not self.is_attention):
             y = self._fused_decode(x, layer_cache)
             if y is not None:
                 return y
