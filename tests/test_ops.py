@@ -288,7 +288,8 @@ def test_fused_feed_forward_decode_matches_the_modules_ops(weights, tokens, moe)
 # -- whole decoder layers in one call, through the modules --------------------------------------------
 def random_layer(config, i: int, weights: str, seed: int):
     """Decoder layer ``i`` with random weights (norm weights 0.5-1.5, the rest N(0, 0.3)) in ``weights``
-    ("float32", "bfloat16", or "int8": fp32 with int8 feed-forward projections), frozen; and its dtype."""
+    ("float32", "bfloat16", "int8": fp32 with int8 feed-forward projections, "int8+mamba": and int8 Mamba
+    in/out projections), frozen; and its dtype."""
     from jamba_core.model.jamba import DecoderLayer
     from jamba_core.quant import quantize_model
 
@@ -299,15 +300,15 @@ def random_layer(config, i: int, weights: str, seed: int):
             p.copy_(torch.rand_like(p) + 0.5 if "norm" in name else torch.randn_like(p) * 0.3)
     dtype = torch.bfloat16 if weights == "bfloat16" else torch.float32
     layer = layer.to(dtype).requires_grad_(False)
-    if weights == "int8":
+    if weights.startswith("int8"):
         wrapper = torch.nn.Module()
         wrapper.layer = layer
-        quantize_model(wrapper, "int8")
+        quantize_model(wrapper, weights)
     return layer, dtype
 
 
 @needs_cpu
-@pytest.mark.parametrize("weights", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("weights", ["float32", "bfloat16", "int8", "int8+mamba"])
 @pytest.mark.parametrize("tokens", [1, 3])
 @pytest.mark.parametrize("moe", [True, False])
 def test_mamba_layer_decode_matches_the_modules_bit_for_bit(monkeypatch, weights, tokens, moe):
@@ -392,7 +393,7 @@ def test_attention_layer_decode_matches_the_modules(monkeypatch, weights, tokens
 
 
 @needs_cpu
-def test_mamba_layer_decode_follows_the_layers_weights_and_leaves_autograd_and_int8_mamba_to_the_modules(monkeypatch):
+def test_mamba_layer_decode_follows_the_layers_weights_and_leaves_autograd_and_biased_int8_to_the_modules(monkeypatch):
     from jamba_core.cache import MambaState
     from jamba_core.model.jamba import DecoderLayer
     from jamba_core.quant import quantize_model
@@ -418,11 +419,12 @@ def test_mamba_layer_decode_follows_the_layers_weights_and_leaves_autograd_and_i
             with monkeypatch.context() as m:
                 m.setattr(DecoderLayer, "_fused_decode", lambda self, x, s: None)
                 assert torch.equal(fused, layer(x, state(), None, None))
+        layer.mamba.in_proj.bias = torch.nn.Parameter(torch.zeros(layer.mamba.in_proj.out_features), requires_grad=False)
         wrapper = torch.nn.Module()
         wrapper.layer = layer
         quantize_model(wrapper, "int8+mamba")
         with torch.inference_mode():
-            assert layer._fused_decode(x, state()) is None  # int8 Mamba projections: the modules run
+            assert layer._fused_decode(x, state()) is None  # an int8 projection with a bias: the modules run
 
 
 # -- fallback --------------------------------------------------------------------------------------

@@ -92,7 +92,9 @@ class DecoderLayer(nn.Module):
         m = self.mamba
         conv_wT, conv_b, dt_bias, A, D = constants
         return dict(common, kind="mamba", in_proj=m.in_proj.weight, in_bias=getattr(m.in_proj, "bias", None),
-                    out_proj=m.out_proj.weight, out_bias=getattr(m.out_proj, "bias", None), conv_wT=conv_wT, conv_b=conv_b,
+                    in_scale=getattr(m.in_proj, "scale", None), out_proj=m.out_proj.weight,
+                    out_bias=getattr(m.out_proj, "bias", None), out_scale=getattr(m.out_proj, "scale", None),
+                    conv_wT=conv_wT, conv_b=conv_b,
                     x_proj=m.x_proj.weight, dt_norm=m.dt_layernorm.weight, b_norm=m.b_layernorm.weight,
                     c_norm=m.c_layernorm.weight, eps_dt=m.dt_layernorm.eps, dt_proj=m.dt_proj.weight, dt_bias=dt_bias,
                     A=A, D=D)
@@ -105,12 +107,12 @@ class _Snapshot:
     def __init__(self, module: nn.Module):
         mods = list(module.modules())
         self.links = [(m._modules, name, child) for m in mods for name, child in m._modules.items()]
-        self.tensors = [(d, name, t, t.data_ptr()) for m in mods for d in (m._parameters, m._buffers)
-                        for name, t in d.items() if t is not None]
+        self.tensors = [(d, name, t, None if t is None else t.data_ptr()) for m in mods for d in (m._parameters, m._buffers)
+                        for name, t in d.items()]  # None entries too: a bias set later shows
 
     def current(self) -> bool:
         return (all(d.get(name) is child for d, name, child in self.links)
-                and all(d.get(name) is t and t.data_ptr() == ptr for d, name, t, ptr in self.tensors))
+                and all(d.get(name) is t and (t is None or t.data_ptr() == ptr) for d, name, t, ptr in self.tensors))
 
 
 class JambaModel(nn.Module):

@@ -183,7 +183,8 @@ def prepare_layer(weights: dict, like: torch.Tensor):
     the weights do not fit it. ``weights["kind"]`` is ``"mamba"`` or ``"attention"``; both have ``ln1``,
     ``ln2`` (the two RMSNorm weights, ``eps``) and the feed-forward as `ffn_decode` takes it (``router`` or
     None for a dense MLP, ``experts``, ``top_k``). Mamba: ``in_proj`` / ``out_proj``, ``in_bias`` /
-    ``out_bias`` (None without), the mixer's tensors as `mamba_decode_step` takes them (``conv_wT``,
+    ``out_bias`` (None without), ``in_scale`` / ``out_scale`` (None, or the fp32 row scales of int8
+    projections: `jamba_core.quant.int8`), the mixer's tensors as `mamba_decode_step` takes them (``conv_wT``,
     ``conv_b``, ``x_proj``, ``dt_norm``, ``b_norm``, ``c_norm``, ``eps_dt``, ``dt_proj``, ``dt_bias``, ``A``,
     ``D``). Attention: ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` (no bias), ``heads``, ``kv_heads``,
     ``head_dim``."""

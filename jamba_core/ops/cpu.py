@@ -61,7 +61,7 @@ _SIGNATURES = {
     "jl_ffn_decode": [_c, _c, _i, _i, _i, _i, _i, _p, _i, _p, _p, _p, _p, _p, _p, _p, _p, _c],
     "jl_rmsnorm": [_c, _c, _i, _i, _p, _i, _p, _f, _p, _c],
     "jl_mamba_decode": [_c, _i, _i, _i, _i, _i, _p, _i, _p, _p, _p, _p, _p, _p, _p, _f, _p, _p, _p, _p, _p, _p, _c],
-    "jl_mamba_layer_decode": [_c, _c, *[_i] * 9, _p, _p, _p, _f, *[_p] * 9, _f, *[_p] * 15, _c, _c],
+    "jl_mamba_layer_decode": [_c, _c, *[_i] * 9, _p, _p, _p, _f, *[_p] * 10, _f, *[_p] * 16, _c, _c],
     "jl_attn_layer_decode": [_c, _c, *[_i] * 9, _p, _p, _p, _f, *[_p] * 6, _i, _i, *[_p] * 8, _c],
 }
 
@@ -418,8 +418,15 @@ def prepare_mamba_layer(w: dict) -> LayerPlan | None:
     None when they do not fit it (another dtype, int8 or bitsandbytes projections, a bias on an expert)."""
     lib = _lib()
     dt = w["ln1"].dtype
-    mats = [w[k] for k in ("ln1", "in_proj", "x_proj", "dt_norm", "b_norm", "c_norm", "dt_proj", "out_proj", "ln2")]
+    mats = [w[k] for k in ("ln1", "x_proj", "dt_norm", "b_norm", "c_norm", "dt_proj", "ln2")]
     mats += [t for t in (w["in_bias"], w["out_bias"], w["router"]) if t is not None]
+    for name in ("in", "out"):  # float, or int8 with fp32 row scales and no bias (jamba_core.quant.int8)
+        weight, scale = w[f"{name}_proj"], w[f"{name}_scale"]
+        if scale is None:
+            mats.append(weight)
+        elif (lib is None or weight.dtype != torch.int8 or not weight.is_contiguous() or weight.device.type != "cpu"
+              or scale.dtype != torch.float32 or not scale.is_contiguous() or w[f"{name}_bias"] is not None):
+            return None
     fp32 = [w[k] for k in ("conv_wT", "dt_bias", "A", "D")] + ([w["conv_b"]] if w["conv_b"] is not None else [])
     experts = w["experts"]
     if (lib is None or dt not in _DT or None in experts
@@ -434,11 +441,12 @@ def prepare_mamba_layer(w: dict) -> LayerPlan | None:
         return None
     wt, I, ffn = operands
     codes, sizes = (_DT[dt], wt), (H, d, N, R, K, I, len(experts), w["top_k"])
-    weights = (_ptr(w["ln1"]), float(w["eps"]), _ptr(w["in_proj"]), _ptr(w["in_bias"]))
+    weights = (_ptr(w["ln1"]), float(w["eps"]), _ptr(w["in_proj"]), _ptr(w["in_bias"]), _ptr(w["in_scale"]))
     mixer = (_ptr(w["conv_wT"]), _ptr(w["conv_b"]), _ptr(w["x_proj"]), _ptr(w["dt_norm"]), _ptr(w["b_norm"]),
              _ptr(w["c_norm"]), float(w["eps_dt"]), _ptr(w["dt_proj"]), _ptr(w["dt_bias"]), _ptr(w["A"]), _ptr(w["D"]))
-    tail = (_ptr(w["out_proj"]), _ptr(w["out_bias"]), _ptr(w["ln2"]), _ptr(w["router"]), *ffn)
-    held = tuple(mats) + tuple(fp32) + tuple(t for e in experts for pair in e for t in pair if t is not None)
+    tail = (_ptr(w["out_proj"]), _ptr(w["out_bias"]), _ptr(w["out_scale"]), _ptr(w["ln2"]), _ptr(w["router"]), *ffn)
+    held = (tuple(mats) + tuple(fp32) + tuple(t for e in experts for pair in e for t in pair if t is not None)
+            + tuple(t for k in ("in_proj", "in_scale", "out_proj", "out_scale") if (t := w[k]) is not None))
     return LayerPlan((codes, sizes, weights, mixer, tail), (_DT[dt], H, d, N), held,
                           min(MAX_FFN_DECODE_ROWS, MAX_GEMV_ROWS[dt]))
 

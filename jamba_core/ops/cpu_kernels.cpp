@@ -726,13 +726,14 @@ static void ffn_half(int dtype, int wtype, int64_t b, int64_t H, int64_t I, int6
 // kernels above, called as the unfused path calls them, with the same roundings (norm outputs fp32, then
 // rounded to the weight dtype T; the mixer's y rounded to T before out_proj; sublayer outputs back to
 // fp32 for the residual adds), so the result is the same bit for bit. x, x_out: (b, H) fp32. Weights as
-// in jl_gemv, jl_mamba_decode and jl_ffn_decode (wtype: the feed-forward's weight type).
+// in jl_gemv, jl_mamba_decode and jl_ffn_decode (wtype: the feed-forward's weight type); s_in / s_out
+// non-null: in_proj / out_proj are int8 with those fp32 row scales (jl_gemv_i8, no bias).
 void jl_mamba_layer_decode(int dtype, int wtype, int64_t b, int64_t H, int64_t d, int64_t N, int64_t R, int64_t K,
                            int64_t I, int64_t E, int64_t topk, const float* x, float* x_out, const void* ln1, float eps,
-                           const void* w_in, const void* b_in, void* conv_state, const float* wT, const float* conv_b,
-                           const void* xw, const void* dtn, const void* bn, const void* cn, float eps_dt, const void* dtw,
-                           const float* dt_bias, const float* A, const float* D, float* ssm, const void* w_out,
-                           const void* b_out, const void* ln2, const void* router, const void* const* wg,
+                           const void* w_in, const void* b_in, const float* s_in, void* conv_state, const float* wT,
+                           const float* conv_b, const void* xw, const void* dtn, const void* bn, const void* cn, float eps_dt,
+                           const void* dtw, const float* dt_bias, const float* A, const float* D, float* ssm,
+                           const void* w_out, const void* b_out, const float* s_out, const void* ln2, const void* router, const void* const* wg,
                            const float* const* sg, const void* const* wu, const float* const* su, const void* const* wd,
                            const float* const* sd, int nthreads, int mamba_threads) {
     const int64_t es = dtype == 1 ? 2 : 4;
@@ -740,11 +741,13 @@ void jl_mamba_layer_decode(int dtype, int wtype, int64_t b, int64_t H, int64_t d
     std::vector<char> hn(b * H * es), xz(b * 2 * d * es), yt(b * d * es), ho(b * H * es);
     jl_rmsnorm(0, dtype, b, H, x, H, ln1, eps, nf.data(), 1);
     rows_to_dtype(dtype, nf.data(), hn.data(), b * H);
-    jl_gemv(dtype, b, 2 * d, H, hn.data(), H, w_in, b_in, xz.data(), nthreads);
+    if (s_in) jl_gemv_i8(dtype, b, 2 * d, H, hn.data(), H, (const int8_t*)w_in, s_in, xz.data(), nthreads);
+    else jl_gemv(dtype, b, 2 * d, H, hn.data(), H, w_in, b_in, xz.data(), nthreads);
     jl_mamba_decode(dtype, b, d, N, R, K, xz.data(), 2 * d, conv_state, wT, conv_b, xw, dtn, bn, cn, eps_dt, dtw, dt_bias,
                     A, D, ssm, y.data(), mamba_threads);
     rows_to_dtype(dtype, y.data(), yt.data(), b * d);
-    jl_gemv(dtype, b, H, d, yt.data(), d, w_out, b_out, ho.data(), nthreads);
+    if (s_out) jl_gemv_i8(dtype, b, H, d, yt.data(), d, (const int8_t*)w_out, s_out, ho.data(), nthreads);
+    else jl_gemv(dtype, b, H, d, yt.data(), d, w_out, b_out, ho.data(), nthreads);
     add_rows(dtype, x, ho.data(), x_out, b * H);
     ffn_half(dtype, wtype, b, H, I, E, topk, x_out, ln2, eps, router, wg, sg, wu, su, wd, sd, nthreads);
 }
