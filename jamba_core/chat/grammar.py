@@ -252,6 +252,7 @@ class GrammarConstraint:
         self._steps = steps
         self._stop_ids = sorted(set(int(i) for i in stop_ids))
         self._bitmask = _xgr().allocate_token_bitmask(1, ctx.vocab_size)
+        self._lookahead = _xgr().allocate_token_bitmask(1, ctx.vocab_size)  # for `_prefer_closing`
         self._ids_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._matcher = None
         self._enter(0)
@@ -324,10 +325,9 @@ class GrammarConstraint:
         for w in space[torch.isfinite(logits.index_select(-1, space))].tolist():
             if not self._matcher.accept_token(w):
                 continue
-            lookahead = _xgr().allocate_token_bitmask(1, self._ctx.vocab_size)
-            self._matcher.fill_next_token_bitmask(lookahead)
+            self._matcher.fill_next_token_bitmask(self._lookahead)
             self._matcher.rollback(1)
-            if ((lookahead[0, closers // 32] >> (closers % 32)) & 1).any():
+            if ((self._lookahead[0, closers // 32] >> (closers % 32)) & 1).any():
                 if strict:
                     _keep_only(logits, torch.tensor([w], device=logits.device))
                 else:

@@ -71,16 +71,10 @@ class DecoderLayer(nn.Module):
     def _decode_weights(self, constants) -> dict | None:
         """This layer's tensors as `ops.prepare_layer` takes them (None: a module without that form);
         ``constants``: the mixer's `MambaMixer._decode_constants` (None for attention)."""
-        ff = self.feed_forward
-        if isinstance(ff, SparseMoE):
-            router = getattr(ff.router, "decode_weights", lambda: None)()
-            if router is None or router[1] is not None:
-                return None
-            router, experts, top_k = router[0], [e.decode_weights() for e in ff.experts], ff.top_k
-        else:
-            router, experts, top_k = None, [ff.decode_weights()], 1
-        if self.input_layernorm.eps != self.pre_ff_layernorm.eps:  # the kernels take one
+        form = self.feed_forward.decode_form()
+        if form is None or self.input_layernorm.eps != self.pre_ff_layernorm.eps:  # the kernels take one eps
             return None
+        router, experts, top_k = form
         common = dict(ln1=self.input_layernorm.weight, ln2=self.pre_ff_layernorm.weight, eps=self.input_layernorm.eps,
                       router=router, experts=experts, top_k=top_k)
         if self.is_attention:

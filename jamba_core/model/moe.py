@@ -20,7 +20,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() <= DECODE_TOKENS * x.shape[-1]:  # decode: one kernel call where the backend has one
-            y = _ffn_decode(x, None, [self], 1)
+            y = _ffn_decode(x, self)
             if y is not None:
                 return y
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -31,17 +31,22 @@ class MLP(nn.Module):
         mats = tuple(getattr(p, "decode_weights", lambda: None)() for p in (self.gate_proj, self.up_proj, self.down_proj))
         return None if None in mats else mats
 
+    def decode_form(self):
+        """``(router_weight, experts, top_k)`` as `jamba_core.ops.ffn_decode` takes them (no router: the
+        dense MLP), or None when a projection has no such form."""
+        mats = self.decode_weights()
+        return None if mats is None else (None, [mats], 1)
 
-def _ffn_decode(x: torch.Tensor, router_weight, mlps, top_k: int) -> torch.Tensor | None:
-    """`ops.ffn_decode` on ``x (..., hidden)`` (None when a module or the backend cannot take it, or when
-    autograd must see the ops: the kernel has no backward)."""
-    if torch.is_grad_enabled() and (x.requires_grad or (router_weight is not None and router_weight.requires_grad)
-                                    or any(p.requires_grad for m in mlps for p in m.parameters())):
+
+def _ffn_decode(x: torch.Tensor, module) -> torch.Tensor | None:
+    """`ops.ffn_decode` of an `MLP` or `SparseMoE` on ``x (..., hidden)`` (None when the module or the
+    backend cannot take it, or when autograd must see the ops: the kernel has no backward)."""
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters())):
         return None
-    experts = [m.decode_weights() for m in mlps]
-    if None in experts:
+    form = module.decode_form()
+    if form is None:
         return None
-    y = ops.ffn_decode(x.reshape(-1, x.shape[-1]), router_weight, experts, top_k)
+    y = ops.ffn_decode(x.reshape(-1, x.shape[-1]), *form)
     return None if y is None else y.view(x.shape)
 
 
@@ -59,12 +64,20 @@ class SparseMoE(nn.Module):
         self.router = Linear(config.hidden_size, config.num_experts, bias=False)
         self.experts = nn.ModuleList(MLP(config.hidden_size, config.intermediate_size) for _ in range(config.num_experts))
 
+    def decode_form(self):
+        """``(router_weight, experts, top_k)`` as `jamba_core.ops.ffn_decode` takes them, or None when the
+        router or an expert has no such form (int8 router, a bias, a bitsandbytes module)."""
+        router = getattr(self.router, "decode_weights", lambda: None)()
+        if router is None or router[1] is not None:
+            return None
+        experts = [e.decode_weights() for e in self.experts]
+        return None if None in experts else (router[0], experts, self.top_k)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (T, hidden)
         if x.shape[0] <= DECODE_TOKENS:  # decode: router, top-k and the k experts in one kernel call where the backend has one
-            router = getattr(self.router, "decode_weights", lambda: None)()
-            y = None if router is None or router[1] is not None else _ffn_decode(x, router[0], self.experts, self.top_k)
+            y = _ffn_decode(x, self)
             if y is not None:
                 return y.view(shape)
         probs = F.softmax(self.router(x), dim=-1, dtype=torch.float32)  # (T, E)
