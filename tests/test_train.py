@@ -51,6 +51,36 @@ def test_train_and_test_splits_share_no_tool_or_value_words(shared_dir):
     assert all(part not in train_words for name in names for part in name.split("_") if part not in data.VERBS)
 
 
+def test_common_tools_never_take_the_demo_and_suite_names_and_keep_book_samples_fixed(shared_dir):
+    names, values = set(), []
+    for seed in range(400):
+        conv = data.tool_call(random.Random(seed), "train", rounds=2, style="common")
+        names |= {t["function"]["name"] for t in conv.tools}
+        for m in conv.messages:
+            if m.get("tool_calls"):
+                call = m["tool_calls"][0]["function"]
+                tool = next(t["function"] for t in conv.tools if t["function"]["name"] == call["name"])
+                assert set(call["arguments"]) == set(tool["parameters"]["required"])
+                values += list(call["arguments"].values())
+    assert not names & data.HELD_OUT_TOOL_NAMES and len(names) > 300
+    assert any(isinstance(v, int) and not isinstance(v, bool) and v < 10 for v in values)  # single digits
+    assert any(isinstance(v, str) and any(ord(c) > 0x3000 for c in v) for v in values)  # other scripts
+    # the evaluation's book-style samples draw from the rng as before: style is a keyword, not a draw
+    assert data.tool_call(random.Random(7), "test").messages == data.tool_call(random.Random(7), "test", style="book").messages
+    with pytest.raises(ValueError, match="style"):
+        data.tool_call(random.Random(0), style="fancy")
+
+
+def test_schema_less_json_mode_names_every_key_in_the_request(shared_dir):
+    for seed in range(30):
+        conv = data.json_extraction(random.Random(seed), mode="object")
+        record = json.loads(conv.messages[1]["content"])
+        assert conv.response_format == {"type": "json_object"}
+        assert all(f"'{k}'" in conv.messages[0]["content"] for k in record)
+    with pytest.raises(ValueError, match="mode"):
+        data.json_extraction(random.Random(0), mode="xml")
+
+
 def test_only_assistant_turns_are_training_targets(tiny_engine, shared_dir):
     tok = tiny_engine.tokenizer
     conv = data.tool_call(random.Random(3))

@@ -35,6 +35,27 @@ VERBS = ("get", "find", "lookup", "fetch", "compute", "convert", "search", "chec
          "update", "book", "cancel", "translate", "measure", "track", "score", "rate")
 PARAM_NAMES = ("input", "query", "city", "location", "name", "id", "amount", "unit", "date", "count", "text", "limit",
                "language", "currency", "user", "item", "size", "color", "price", "code", "value", "topic", "level")
+# Tools as applications name them (``get_weather``, ``multiply``, ``greeting_generator``): common English
+# verbs, nouns and adjectives, for `tool_call`'s ``style="common"``, so the checkpoint meets tool names and
+# requests worded the way LangChain's and LlamaIndex's suites and users word them, not only book words.
+COMMON_VERBS = VERBS + ("add", "subtract", "divide", "calculate", "generate", "convert", "summarize", "schedule", "order",
+                        "play", "open", "delete", "read", "write", "lookup", "predict", "recommend", "validate", "format")
+COMMON_NOUNS = ("weather", "time", "stock", "price", "news", "order", "customer", "account", "flight", "hotel", "email",
+                "message", "file", "note", "event", "meeting", "task", "reminder", "temperature", "distance", "recipe",
+                "movie", "song", "joke", "quote", "greeting", "translation", "word", "number", "sum", "product",
+                "invoice", "payment", "balance", "rate", "team", "player", "game", "city", "country", "population",
+                "address", "route", "traffic", "calendar", "contact", "photo", "document", "report", "summary", "ticket",
+                "issue", "record", "table", "discount", "cart", "shipment", "package", "restaurant", "review", "rating",
+                "definition", "fact", "function", "forecast", "exchange", "timezone", "holiday", "user", "profile",
+                "password", "image", "color", "language", "score", "square", "power", "factorial", "average", "total")
+COMMON_ADJECTIVES = ("magic", "secret", "random", "current", "local", "daily", "latest", "special", "simple", "quick",
+                     "public", "global", "unicode", "weekly", "best", "new")
+COMMON_AGENTS = ("generator", "calculator", "finder", "checker", "converter", "tracker", "counter", "fetcher", "helper",
+                 "formatter", "planner", "search")
+# Tool names the demo, the notebooks and the integration suites call: never generated, so that those runs
+# meet them as unseen names (their words still occur in other combinations).
+HELD_OUT_TOOL_NAMES = frozenset({"magic_function", "get_weather", "get_population", "unicode_customer",
+                                 "greeting_generator", "multiply", "add", "ticker"})
 FIELD_NAMES = ("name", "age", "city", "email", "score", "active", "color", "count", "title", "country", "year",
                "price", "rank", "ship", "captain", "crew", "weight", "owner", "status", "port")
 
@@ -94,6 +115,57 @@ def random_tool(rng: random.Random, vocab) -> dict:
             "parameters": {"type": "object", "properties": props, "required": list(props)}}}
 
 
+def _common_value(kind: str, rng: random.Random, vocab, enum=None):
+    """Arguments as users give them: small numbers, capitalised names, places (``Nantucket, MA``) and
+    text in other scripts (CJK, kana, accented Latin: random characters, nothing to memorise)."""
+    if kind == "integer":
+        return rng.choice((rng.randint(0, 9), rng.randint(0, 9), rng.randint(10, 99), rng.randint(100, 9999)))
+    if kind in ("number", "boolean") or enum:
+        return _value(kind, rng, vocab, enum)
+    form = rng.random()
+    if form < 0.25:
+        return " ".join(rng.choice(vocab).capitalize() for _ in range(rng.choice((1, 2)))) + (
+            f", {chr(65 + rng.randrange(26))}{chr(65 + rng.randrange(26))}" if rng.random() < 0.5 else "")
+    if form < 0.4:
+        lo, hi = rng.choice(((0x4E00, 0x9FA5), (0x3041, 0x3096), (0x30A1, 0x30FA), (0xC0, 0xFF), (0xAC00, 0xD7A3)))
+        return "".join(chr(rng.randint(lo, hi)) for _ in range(rng.randint(2, 6)))
+    return _value(kind, rng, vocab)
+
+
+def common_tool(rng: random.Random, vocab) -> dict:
+    """A tool named and described as applications name theirs (`COMMON_VERBS`, `COMMON_NOUNS`, ...), with
+    1-3 parameters named by common words; never one of `HELD_OUT_TOOL_NAMES`."""
+    while True:
+        verb, noun = rng.choice(COMMON_VERBS), rng.choice(COMMON_NOUNS)
+        name = rng.choice((f"{verb}_{noun}", f"{verb}_{noun}", verb, f"{rng.choice(COMMON_ADJECTIVES)}_{noun}",
+                           f"{noun}_{rng.choice(COMMON_AGENTS)}", f"{rng.choice(COMMON_ADJECTIVES)}_{rng.choice(COMMON_NOUNS)}"))
+        if name not in HELD_OUT_TOOL_NAMES:
+            break
+    props, n = {}, rng.choice((1, 1, 1, 2, 2, 3))
+    while len(props) < n:
+        pname = rng.choice(PARAM_NAMES + ("customer_name", "style", "answer_style", "a", "b", "x", "y", "number"))
+        kind = rng.choice(("string", "string", "integer", "integer", "number", "boolean", "enum"))
+        spec = {"type": "string" if kind == "enum" else kind, "description": f"The {pname.replace('_', ' ')}."}
+        if kind == "enum":
+            spec["enum"] = rng.sample(vocab, 3)
+        props[pname] = spec
+    what = noun if name != verb else rng.choice(COMMON_NOUNS)
+    return {"type": "function", "function": {"name": name, "description": rng.choice((
+        f"{verb.capitalize()} the {what}.", f"Get the {what} for a {next(iter(props)).replace('_', ' ')}.", f"{name.replace('_', ' ').capitalize()}.")),
+        "parameters": {"type": "object", "properties": props, "required": list(props)}}}
+
+
+def _natural_request(name: str, args: dict, rng: random.Random) -> str:
+    """A request that asks for the tool's work without the call syntax (``What is the weather in Nantucket,
+    MA?``, ``Create a customer named '你好'``), for one-argument tools; others get `_request`'s forms."""
+    (key, value), = args.items()
+    said, words = _say(value), name.split("_")
+    noun = words[-1] if len(words) > 1 else key.replace("_", " ")
+    return rng.choice((f"What is the {noun} in {said}?", f"What's the {noun} for {said}?", f"Create a {noun} named '{said}'.",
+                       f"Using the tool, {words[0]} a {said} {noun}.", f"{words[0].capitalize()} the {noun} of {said}, please.",
+                       f"Can you {' '.join(words)} with {key.replace('_', ' ')} '{said}'?", f"I want the {noun} for '{said}'."))
+
+
 def _request(name: str, args: dict, rng: random.Random) -> str:
     pairs = [(k, _say(v)) for k, v in args.items()]
     if len(pairs) == 1 and rng.random() < 0.3:
@@ -109,22 +181,32 @@ def _request(name: str, args: dict, rng: random.Random) -> str:
                        f"Please run {name} for {listing}.", f"I need {name}: {listing}"))
 
 
-def tool_call(rng: random.Random, split: str = "train", rounds: int = 1) -> Conversation:
+def tool_call(rng: random.Random, split: str = "train", rounds: int = 1, style: str = "book") -> Conversation:
     """1-3 random tools, then ``rounds`` exchanges of: a request naming one tool and its arguments, the
     call, the tool's result, an answer quoting it (more rounds: more call tokens per sample). The first
-    round draws from ``rng`` the same way whatever ``rounds`` is, so evaluation samples stay fixed."""
+    round draws from ``rng`` the same way whatever ``rounds`` is, so evaluation samples stay fixed.
+    ``style``: "book" (tool names and values from the split's book words: the held-out evaluation) or
+    "common" (`common_tool`'s names, `_common_value`'s arguments, half the one-argument requests worded
+    naturally; enum values still from the split's words)."""
     vocab = words(split)
-    tools = [random_tool(rng, vocab) for _ in range(rng.choice((1, 2, 3)))]
+    if style not in ("book", "common"):
+        raise ValueError(f"style must be 'book' or 'common', got {style!r}")
+    make_tool, make_value = (random_tool, _value) if style == "book" else (common_tool, _common_value)
+    tools = [make_tool(rng, vocab) for _ in range(rng.choice((1, 2, 3)))]
     messages = []
     for r in range(rounds):
         chosen = rng.choice(tools)["function"]
-        args = {k: _value("enum" if "enum" in spec else spec["type"], rng, vocab, spec.get("enum"))
+        args = {k: make_value("enum" if "enum" in spec else spec["type"], rng, vocab, spec.get("enum"))
                 for k, spec in chosen["parameters"]["properties"].items()}
         result = rng.choice((str(rng.randint(0, 99999)), f"{rng.choice(vocab)} {rng.randint(1, 999)}", rng.choice(vocab)))
+        if style == "common" and rng.random() < 0.3:
+            result = rng.choice(("It's sunny.", "Done.", f"{rng.choice(vocab).capitalize()} is {rng.randint(1, 99)}.",
+                                 f"Created {next(iter(args.values()))}.", str(rng.randint(0, 9))))
         if r == 0 and rng.random() < 0.3:
             messages.append({"role": "system", "content": "You are a helpful assistant."})
+        natural = style == "common" and len(args) == 1 and rng.random() < 0.5
         messages += [
-            {"role": "user", "content": _request(chosen["name"], args, rng)},
+            {"role": "user", "content": _natural_request(chosen["name"], args, rng) if natural else _request(chosen["name"], args, rng)},
             {"role": "assistant", "content": "", "tool_calls": [{"id": f"call_{r}", "type": "function",
                                                                  "function": {"name": chosen["name"], "arguments": args}}]},
             {"role": "tool", "tool_call_id": f"call_{r}", "content": result},
@@ -134,7 +216,13 @@ def tool_call(rng: random.Random, split: str = "train", rounds: int = 1) -> Conv
 
 
 # -- JSON extraction -------------------------------------------------------------------------------
-def json_extraction(rng: random.Random, split: str = "train") -> Conversation:
+def json_extraction(rng: random.Random, split: str = "train", mode: str = "schema") -> Conversation:
+    """A record of 1-4 typed fields told as shuffled facts, answered as JSON. ``mode`` "schema": the
+    record's JSON schema is the response format (the held-out evaluation); "object": JSON mode without a
+    schema (``{"type": "json_object"}``), the keys named in the request as applications ask
+    (``Return the result as a JSON with 'setup' and 'punchline' keys``)."""
+    if mode not in ("schema", "object"):
+        raise ValueError(f"mode must be 'schema' or 'object', got {mode!r}")
     vocab = words(split)
     n = rng.choice((1, 2, 3, 4))
     names = rng.sample(FIELD_NAMES, n) if rng.random() < 0.7 else rng.sample(vocab, n)
@@ -145,6 +233,14 @@ def json_extraction(rng: random.Random, split: str = "train") -> Conversation:
     rng.shuffle(facts)
     schema = {"title": rng.choice(("Record", "Info", "Entry", rng.choice(vocab).capitalize())), "type": "object",
               "properties": {k: {"type": kinds[k]} for k in names}, "required": names}
+    if mode == "object":
+        keys = [f"'{k}'" for k in names]
+        listed = keys[0] if n == 1 else ", ".join(keys[:-1]) + " and " + keys[-1]
+        ask = rng.choice((f"Return the result as a JSON with {listed} keys.", f"Answer in JSON with the keys {listed}.",
+                          f"Return nothing other than JSON, with {listed} {'key' if n == 1 else 'keys'}."))
+        text = " ".join(facts) + " " + ask if rng.random() < 0.5 else ask + " " + " ".join(facts)
+        return Conversation("json", [{"role": "user", "content": text}, {"role": "assistant", "content": json.dumps(record)}],
+                            response_format={"type": "json_object"})
     messages = [{"role": "user", "content": rng.choice(("Extract the fields from this text: ", "", "Text: ")) + " ".join(facts)},
                 {"role": "assistant", "content": json.dumps(record)}]
     return Conversation("json", messages, response_format={"type": "json_schema", "json_schema": {"name": schema["title"], "schema": schema}})

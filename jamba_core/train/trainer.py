@@ -52,10 +52,14 @@ CURRICULUM = (
          recall_contexts=(0, 0, 16, 32, 64), needle_lengths=()),
     dict(until=0.75, tokens=2048, mix={"repeat": 0.1, "recall": 0.25, "needle": 0.2, "tool_call": 0.35, "json": 0.1}, repeat_items=40,
          recall_contexts=(32, 64, 128, 256, 512), needle_lengths=(256, 512, 1024)),
-    dict(until=1.00, tokens=2048, mix={"repeat": 0.05, "spell": 0.12, "recall": 0.1, "needle": 0.25, "tool_call": 0.36, "json": 0.12},
+    dict(until=1.00, tokens=2048, mix={"repeat": 0.05, "spell": 0.1, "recall": 0.08, "needle": 0.2, "tool_call": 0.45, "json": 0.12},
          repeat_items=40,
          recall_contexts=(128, 256, 512, 1024), needle_lengths=(512, 1024, 2048)),
 )
+# tool-call and JSON samples: book-word tools (held-out evaluation's kind) and tools named as applications
+# name them (`data.common_tool`); records under a schema and in schema-less JSON mode, keys in the request
+TOOL_STYLES = ("book", "common")
+JSON_MODES = ("schema", "schema", "object")
 # weight of the other tokens' next-token loss (prompt, haystack, template) beside the assistant turns' 1:
 # a dense signal for copying (a tool name read again, a key asked again) that the sparse answers lack
 PROMPT_LOSS_WEIGHT = 0.1
@@ -105,9 +109,9 @@ def batch(step: int, progress: float, seed: int, tokenizer, haystack):
         total = 0
         while total < tokens // 2:
             if family == "tool_call":  # several rounds per conversation: more call tokens per sample
-                convs.append(data.tool_call(rng, rounds=rng.choice((1, 2, 3))))
+                convs.append(data.tool_call(rng, rounds=rng.choice((1, 2, 3)), style=rng.choice(TOOL_STYLES)))
             else:
-                convs.append(data.json_extraction(rng))
+                convs.append(data.json_extraction(rng, mode=rng.choice(JSON_MODES)))
             total += sum(len(m["content"]) for m in convs[-1].messages) // 3 + 150 * len(convs[-1].messages) // 4
     encoded = [data.encode(tokenizer, c) for c in convs]
     L = max(len(ids) for ids, _ in encoded)
