@@ -397,7 +397,7 @@ def mamba_decode_step(xz, conv_wT, conv_b, x_proj_weight, dt_norm_weight, b_norm
     lib.jl_mamba_decode(_DT[dt], b, d, N, R, K, _ptr(xz), xz.stride(0), _ptr(conv_state), _ptr(conv_wT), _ptr(conv_b),
                         _ptr(x_proj_weight), _ptr(dt_norm_weight), _ptr(b_norm_weight), _ptr(c_norm_weight), float(eps),
                         _ptr(dt_proj_weight), _ptr(dt_bias), _ptr(A), _ptr(D), _ptr(ssm_state), _ptr(y),
-                        _threads(b * d * N // 8))  # one sequence: serial (its three barriers cost more than they save)
+                        _threads(b * d * N * 8))  # bench-small, one sequence: 38 us serial, 22 us on 2 threads
     return y
 
 
@@ -464,7 +464,7 @@ def mamba_layer_decode(plan: LayerPlan, x: torch.Tensor, conv_state: torch.Tenso
     codes, sizes, weights, mixer, tail = plan.args
     out = torch.empty_like(x)
     _lib().jl_mamba_layer_decode(*codes, b, *sizes, x.data_ptr(), out.data_ptr(), *weights, conv_state.data_ptr(),
-                                 *mixer, ssm_state.data_ptr(), *tail, _threads(b * H * d), _threads(b * d * N // 8))
+                                 *mixer, ssm_state.data_ptr(), *tail, _threads(b * H * d), _threads(b * d * N * 8))
     return out
 
 

@@ -180,10 +180,47 @@ template <> inline vf vrnd<bf16>(vf x) {
     return (vf)(((vu)nan & (vu)x) | (~(vu)nan & r));
 }
 
+// sum of the 16 lanes as a tree (halves added, then their halves): four dependent adds instead of a
+// chain of sixteen, which at the end of every GEMV row and every per-channel dot was the critical path
 inline float hsum(vf v) {
-    float s = 0.0f;
-    for (int i = 0; i < W; ++i) s += v[i];
-    return s;
+#if defined(__AVX512F__)
+    __m512 m;
+    std::memcpy(&m, &v, sizeof v);
+    return _mm512_reduce_add_ps(m);
+#else
+    float h[W];
+    std::memcpy(h, &v, sizeof v);
+    for (int w = W / 2; w > 0; w /= 2)
+        for (int i = 0; i < w; ++i) h[i] += h[i + w];
+    return h[0];
+#endif
+}
+
+// lanes c < n of column `col` of a row-major matrix with `stride` elements per row, from row 0 (zeros past n)
+inline vf load_column(const float* p, int64_t stride, int n) {
+#if defined(__AVX512F__)
+    if (n == W && stride * W < (int64_t(1) << 31) / 4) {
+        const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                               _mm512_set1_epi32(int(stride)));
+        const __m512 g = _mm512_i32gather_ps(idx, p, 4);
+        vf v;
+        std::memcpy(&v, &g, sizeof v);
+        return v;
+    }
+#endif
+    vf v = vf{};
+    for (int i = 0; i < n; ++i) v[i] = p[i * stride];
+    return v;
+}
+inline vf load_column(const uint16_t* p, int64_t stride, int n) {
+    vf v = vf{};
+    for (int i = 0; i < n; ++i) {
+        const uint32_t u = uint32_t(p[i * stride]) << 16;
+        float f;
+        std::memcpy(&f, &u, 4);
+        v[i] = f;
+    }
+    return v;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -301,6 +338,11 @@ void conv(int64_t b, int64_t L, int64_t d, int64_t K, const T* x, int64_t sxb, i
 // weights are read as one sequential stream, which the hardware prefetcher follows best), four
 // accumulators per row (independent FMA chains); x stays in L1.
 constexpr int RB = 8;
+// how far ahead of the GEMV kernels' weight stream to prefetch (JL_PREFETCH_BYTES at build time)
+#ifndef JL_PREFETCH_BYTES
+#define JL_PREFETCH_BYTES 1024
+#endif
+constexpr int PREFETCH_BYTES = JL_PREFETCH_BYTES;
 template <typename TW>
 inline void dot_rows(const float* x, const TW* w, int64_t K, int nr, float* out) {
     const int64_t K64 = K / (4 * W) * (4 * W), K16 = K / W * W;
@@ -309,6 +351,8 @@ inline void dot_rows(const float* x, const TW* w, int64_t K, int nr, float* out)
         vf a0 = vf{}, a1 = vf{}, a2 = vf{}, a3 = vf{};
         int64_t k = 0;
         for (; k < K64; k += 4 * W) {
+            for (int line = 0; line < int(4 * W * sizeof(TW)); line += 64)  // the cache lines of this step, ahead
+                __builtin_prefetch(reinterpret_cast<const char*>(wr + k) + PREFETCH_BYTES + line);
             a0 += load(wr + k, W) * load(x + k, W);
             a1 += load(wr + k + W, W) * load(x + k + W, W);
             a2 += load(wr + k + 2 * W, W) * load(x + k + 2 * W, W);
@@ -381,6 +425,7 @@ void gemv_bf16_pairs(int64_t M, int64_t N, int64_t K, const bf16* x, int64_t sx,
                 for (int64_t k = 0; k < H16; k += W) {
                     vu u;
                     std::memcpy(&u, wr + 2 * k, sizeof u);
+                    __builtin_prefetch(reinterpret_cast<const char*>(wr + 2 * k) + PREFETCH_BYTES);
                     acc[(k / W) & 1] += (vf)(u << 16) * load(e + k, W) + (vf)(u & 0xffff0000u) * load(o + k, W);
                 }
                 float s = hsum(acc[0] + acc[1]);
@@ -508,23 +553,23 @@ void mamba_decode(int64_t b, int64_t d, int64_t N, int64_t R, int64_t K, const T
     const int64_t S = K - 1;
     float* xs = new float[b * d];
     float* proj = new float[b * P];
+    const int64_t nblk = (d + W - 1) / W;  // the per-channel loops run 16 channels at a time, one per lane
 #pragma omp parallel num_threads(nthreads)
     {
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < b * d; ++i) {  // conv step + silu
-            const int64_t bi = i / d, c = i % d;
-            T* st = conv_state + (bi * d + c) * S;
-            const float xin = to_f(xz[bi * sxz + c]);
-            float acc = conv_b ? conv_b[c] : 0.0f;
-            for (int64_t k = 0; k < S; ++k) acc += wT[k * d + c] * to_f(st[k]);
-            acc += wT[S * d + c] * xin;
-            for (int64_t k = 0; k + 1 < S; ++k) st[k] = st[k + 1];
-            if (S > 0) {
-                if constexpr (sizeof(T) == 2) st[S - 1] = f_to_bf16(xin);
-                else st[S - 1] = xin;
+        for (int64_t i = 0; i < b * nblk; ++i) {  // conv step + silu
+            const int64_t bi = i / nblk, c0 = (i % nblk) * W;
+            const int nc = int(d - c0 < W ? d - c0 : W);
+            T* st = conv_state + (bi * d + c0) * S;
+            const vf xin = load(xz + bi * sxz + c0, nc);
+            vf acc = conv_b ? load(conv_b + c0, nc) : vf{};
+            for (int64_t k = 0; k < S; ++k) acc += load(wT + k * d + c0, nc) * load_column(st + k, S, nc);
+            acc += load(wT + S * d + c0, nc) * xin;
+            for (int c = 0; c < nc; ++c) {  // shift the window; the input joins it as stored (exact in T)
+                for (int64_t k = 0; k + 1 < S; ++k) st[c * S + k] = st[c * S + k + 1];
+                if (S > 0) st[c * S + S - 1] = xz[bi * sxz + c0 + c];
             }
-            const float a = rnd<T>(acc);
-            xs[i] = rnd<T>(a / (1.0f + std::exp(-a)));
+            store(xs + bi * d + c0, vrnd<T>(vsilu(vrnd<T>(acc))), nc);
         }
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < b * P; ++i) {  // x_proj
@@ -552,29 +597,31 @@ void mamba_decode(int64_t b, int64_t d, int64_t N, int64_t R, int64_t K, const T
             }
         }
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < b * d; ++i) {  // dt_proj, softplus, state update, output
-            const int64_t bi = i / d, c = i % d;
+        for (int64_t i = 0; i < b * nblk; ++i) {  // dt_proj, softplus, state update, output
+            const int64_t bi = i / nblk, c0 = (i % nblk) * W;
+            const int nc = int(d - c0 < W ? d - c0 : W);
             const float* p = proj + bi * P;
             const float* Bv = p + R;
             const float* Cv = p + R + N;
-            const T* wr = dtw + c * R;
-            float s = 0.0f;
-            for (int64_t r = 0; r < R; ++r) s += to_f(wr[r]) * p[r];
-            const float v = rnd<T>(s) + dt_bias[c];
-            const float delta = v > 20.0f ? v : std::log1p(std::exp(v));  // F.softplus, threshold 20
-            const float xv = xs[i];
-            float* h = ssm + i * N;
-            const float* a = A + c * N;
-            vf accv = vf{};
-            for (int64_t n0 = 0; n0 < N; n0 += W) {  // the d_state axis, 16 lanes at a time
-                const int nn = int(N - n0 < W ? N - n0 : W);
-                const vf hv = vexp(delta * load(a + n0, nn)) * load(h + n0, nn) + delta * load(Bv + n0, nn) * xv;
-                store(h + n0, hv, nn);
-                accv += hv * load(Cv + n0, nn);
+            vf s = vf{};
+            for (int64_t r = 0; r < R; ++r) s += load_column(dtw + c0 * R + r, R, nc) * p[r];
+            const vf delta = vsoftplus(vrnd<T>(s) + load(dt_bias + c0, nc));  // F.softplus, threshold 20
+            const vf xv = load(xs + bi * d + c0, nc);
+            vf acc = vf{};
+            for (int c = 0; c < nc; ++c) {
+                float* h = ssm + (bi * d + c0 + c) * N;
+                const float* a = A + (c0 + c) * N;
+                vf accv = vf{};
+                for (int64_t n0 = 0; n0 < N; n0 += W) {  // the d_state axis, 16 lanes at a time
+                    const int nn = int(N - n0 < W ? N - n0 : W);
+                    const vf hv = vexp(delta[c] * load(a + n0, nn)) * load(h + n0, nn) + delta[c] * load(Bv + n0, nn) * xv[c];
+                    store(h + n0, hv, nn);
+                    accv += hv * load(Cv + n0, nn);
+                }
+                acc[c] = hsum(accv);
             }
-            const float acc = hsum(accv);
-            const float zv = to_f(xz[bi * sxz + d + c]);
-            y[i] = (acc + D[c] * xv) * (zv / (1.0f + std::exp(-zv)));
+            const vf zv = load(xz + bi * sxz + d + c0, nc);
+            store(y + bi * d + c0, (acc + load(D + c0, nc) * xv) * vsilu(zv), nc);
         }
     }
     delete[] xs;
