@@ -71,6 +71,21 @@ def test_common_tools_never_take_the_demo_and_suite_names_and_keep_book_samples_
         data.tool_call(random.Random(0), style="fancy")
 
 
+def test_arithmetic_calls_say_the_operation_and_call_its_tool_with_both_numbers_in_order():
+    for seed in range(50):
+        conv = data.arithmetic_call(random.Random(seed), rounds=2)
+        tools = {t["function"]["name"]: t["function"] for t in conv.tools}
+        assert not set(tools) & data.HELD_OUT_TOOL_NAMES and 2 <= len(tools) <= 4
+        for ask, call, result in zip(conv.messages[0::4], conv.messages[1::4], conv.messages[2::4]):
+            fn = call["tool_calls"][0]["function"]
+            op = next(op for op, (names, _) in data.ARITHMETIC.items() if fn["name"] in names)
+            a, b = fn["arguments"].values()
+            assert list(fn["arguments"]) == tools[fn["name"]]["parameters"]["required"]
+            assert any(f"{a} {phrase} {b}" in ask["content"] for phrase in data.ARITHMETIC[op][1])
+            if op == "multiply":
+                assert result["content"] == str(a * b)
+
+
 def test_schema_less_json_mode_names_every_key_in_the_request(shared_dir):
     for seed in range(30):
         conv = data.json_extraction(random.Random(seed), mode="object")

@@ -215,6 +215,51 @@ def tool_call(rng: random.Random, split: str = "train", rounds: int = 1, style: 
     return Conversation("tool_call", messages, tools=tools)
 
 
+# Arithmetic tools as applications bind them: an operation, the names a tool for it goes by, and how a
+# request says it ("What is 37 times 91?" calls the multiplying tool with a=37, b=91).
+ARITHMETIC = {
+    "multiply": (("multiply", "multiply_numbers", "product", "calculate_product", "mul"), ("times", "multiplied by", "*")),
+    "add": (("add", "add_numbers", "sum", "calculate_sum", "plus_tool"), ("plus", "added to", "+")),
+    "subtract": (("subtract", "subtract_numbers", "difference", "minus_tool"), ("minus", "take away", "-")),
+    "divide": (("divide", "divide_numbers", "quotient", "ratio"), ("divided by", "over", "/")),
+    "power": (("power", "raise_to_power", "exponent"), ("to the power of", "raised to", "**")),
+}
+
+
+def arithmetic_call(rng: random.Random, rounds: int = 1) -> Conversation:
+    """2-4 arithmetic tools (`ARITHMETIC`, never one of `HELD_OUT_TOOL_NAMES`), each of two integer
+    parameters; ``rounds`` requests that say the operation in words or symbols, the call to the tool that
+    does it with the two numbers in order, its result, an answer quoting it."""
+    ops = rng.sample(sorted(ARITHMETIC), rng.randint(2, 4))
+    names = {}
+    for op in ops:
+        names[op] = rng.choice([n for n in ARITHMETIC[op][0] if n not in HELD_OUT_TOOL_NAMES])
+    a_name, b_name = rng.choice((("a", "b"), ("a", "b"), ("x", "y"), ("first", "second"), ("left", "right")))
+    tools = [{"type": "function", "function": {"name": names[op], "description": rng.choice((
+        f"{op.capitalize()} two integers.", f"{op.capitalize()} {a_name} and {b_name}.", f"Returns the {ARITHMETIC[op][0][2]} of two numbers.")),
+        "parameters": {"type": "object", "properties": {a_name: {"type": "integer"}, b_name: {"type": "integer"}},
+                       "required": [a_name, b_name]}}} for op in ops]
+    messages = []
+    for r in range(rounds):
+        op = rng.choice(ops)
+        a, b = (rng.randint(0, 9) if rng.random() < 0.3 else rng.randint(10, 999) for _ in range(2))
+        phrase = rng.choice(ARITHMETIC[op][1])
+        ask = rng.choice((f"What is {a} {phrase} {b}?", f"Use a tool: what is {a} {phrase} {b}?", f"Compute {a} {phrase} {b}.",
+                          f"What's {a} {phrase} {b}? Use the tool.", f"Calculate {a} {phrase} {b}, please."))
+        if op == "power":
+            value = a ** b if b <= 3 else "a very large number"
+        else:
+            value = {"multiply": a * b, "add": a + b, "subtract": a - b, "divide": round(a / b, 4) if b else "undefined"}[op]
+        messages += [
+            {"role": "user", "content": ask},
+            {"role": "assistant", "content": "", "tool_calls": [{"id": f"call_{r}", "type": "function",
+                                                                 "function": {"name": names[op], "arguments": {a_name: a, b_name: b}}}]},
+            {"role": "tool", "tool_call_id": f"call_{r}", "content": str(value)},
+            {"role": "assistant", "content": rng.choice((f"The result is {value}.", f"{a} {phrase} {b} is {value}.", str(value)))},
+        ]
+    return Conversation("tool_call", messages, tools=tools)
+
+
 # -- JSON extraction -------------------------------------------------------------------------------
 def json_extraction(rng: random.Random, split: str = "train", mode: str = "schema") -> Conversation:
     """A record of 1-4 typed fields told as shuffled facts, answered as JSON. ``mode`` "schema": the

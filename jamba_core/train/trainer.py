@@ -56,9 +56,9 @@ CURRICULUM = (
          repeat_items=40,
          recall_contexts=(128, 256, 512, 1024), needle_lengths=(512, 1024, 2048)),
 )
-# tool-call and JSON samples: book-word tools (held-out evaluation's kind) and tools named as applications
-# name them (`data.common_tool`); records under a schema and in schema-less JSON mode, keys in the request
-TOOL_STYLES = ("book", "common")
+# tool-call and JSON samples: book-word tools (held-out evaluation's kind), tools named as applications
+# name them (`data.common_tool`) and arithmetic tools asked in words (`data.arithmetic_call`); records under a schema and in schema-less JSON mode, keys in the request
+TOOL_STYLES = ("book", "book", "common", "common", "arithmetic")
 JSON_MODES = ("schema", "schema", "object")
 # weight of the other tokens' next-token loss (prompt, haystack, template) beside the assistant turns' 1:
 # a dense signal for copying (a tool name read again, a key asked again) that the sparse answers lack
@@ -109,7 +109,8 @@ def batch(step: int, progress: float, seed: int, tokenizer, haystack):
         total = 0
         while total < tokens // 2:
             if family == "tool_call":  # several rounds per conversation: more call tokens per sample
-                convs.append(data.tool_call(rng, rounds=rng.choice((1, 2, 3)), style=rng.choice(TOOL_STYLES)))
+                style, rounds = rng.choice(TOOL_STYLES), rng.choice((1, 2, 3))
+                convs.append(data.arithmetic_call(rng, rounds) if style == "arithmetic" else data.tool_call(rng, rounds=rounds, style=style))
             else:
                 convs.append(data.json_extraction(rng, mode=rng.choice(JSON_MODES)))
             total += sum(len(m["content"]) for m in convs[-1].messages) // 3 + 150 * len(convs[-1].messages) // 4
