@@ -196,7 +196,7 @@ inline float hsum(vf v) {
 #endif
 }
 
-// lanes c < n of column `col` of a row-major matrix with `stride` elements per row, from row 0 (zeros past n)
+// p[c * stride] for lanes c < n (a column of a row-major matrix, from its top; zeros past n)
 inline vf load_column(const float* p, int64_t stride, int n) {
 #if defined(__AVX512F__)
     if (n == W && stride * W < (int64_t(1) << 31) / 4) {
@@ -212,14 +212,9 @@ inline vf load_column(const float* p, int64_t stride, int n) {
     for (int i = 0; i < n; ++i) v[i] = p[i * stride];
     return v;
 }
-inline vf load_column(const uint16_t* p, int64_t stride, int n) {
+inline vf load_column(const bf16* p, int64_t stride, int n) {
     vf v = vf{};
-    for (int i = 0; i < n; ++i) {
-        const uint32_t u = uint32_t(p[i * stride]) << 16;
-        float f;
-        std::memcpy(&f, &u, 4);
-        v[i] = f;
-    }
+    for (int i = 0; i < n; ++i) v[i] = bf16_to_f(p[i * stride]);
     return v;
 }
 
