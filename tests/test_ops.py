@@ -445,6 +445,24 @@ def test_a_failed_build_falls_back_to_the_reference(monkeypatch, caplog):
     assert torch.equal(cpu.rms_norm(x, torch.ones(8), 1e-6), ops.rms_norm_reference(x, torch.ones(8), 1e-6))
 
 
+@needs_cpu
+@pytest.mark.skipif("avx512_bf16" not in cpu._cpu_signature(), reason="this CPU has no AVX512-BF16: the suite ran its fallback")
+def test_bf16_matmuls_without_avx512_bf16_match_too(tmp_path):
+    """This CPU's build takes VDPBF16PS for bf16 weights; the same tests on a build without it (the path
+    of a CPU that lacks the instruction set), in a fresh process so that build is the one loaded."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, JAMBA_LOCAL_CXXFLAGS="-mno-avx512bf16", JAMBA_LOCAL_CACHE=str(tmp_path))
+    tests = "test_linear_matches_torch or feed_forward_decode or layer_decode"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", tests],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-500:]
+    assert list(tmp_path.glob("kernels/*.so")), "the build without AVX512-BF16 was not made"
+
+
 def test_unknown_backend_is_refused():
     with pytest.raises(ValueError, match="unknown ops backend"):
         ops.use("nonexistent")

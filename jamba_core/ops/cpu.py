@@ -39,6 +39,8 @@ SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17", "-fno-math-errno"]
 # tried in order: a compiler that rejects -march=native (some non-x86 ones) or has no OpenMP still builds
 FLAG_SETS = [FLAGS, [f for f in FLAGS if f != "-march=native"], [f for f in FLAGS if f not in ("-march=native", "-fopenmp")]]
+# $JAMBA_LOCAL_CXXFLAGS: more flags after each set (part of the cache key), e.g. "-mno-avx512bf16" to build
+# the paths a CPU without an instruction set takes (tests/test_ops.py does so)
 # F.linear with at most this many rows goes through the GEMV kernel (torch's bf16 matmul is slow up to
 # about 16 rows; its fp32 one is as fast as the kernel past 4)
 MAX_GEMV_ROWS = {torch.float32: 4, torch.bfloat16: 16}
@@ -101,7 +103,8 @@ def build(force: bool = False, source: Path = SOURCE) -> Path:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as err:
         raise RuntimeError(f"{cxx} --version failed: {err}") from err
-    key = hashlib.sha256(code + " ".join(FLAGS).encode() + version.encode() + _cpu_signature().encode()).hexdigest()[:16]
+    extra = os.environ.get("JAMBA_LOCAL_CXXFLAGS", "").split()
+    key = hashlib.sha256(code + " ".join(FLAGS + extra).encode() + version.encode() + _cpu_signature().encode()).hexdigest()[:16]
     for folder in (_cache_dir(), Path(tempfile.gettempdir()) / "jamba-local-kernels"):
         lib = folder / f"lib{source.stem}_{key}.so"
         if lib.is_file() and not force:
@@ -113,7 +116,7 @@ def build(force: bool = False, source: Path = SOURCE) -> Path:
         tmp = folder / f".{lib.name}.{os.getpid()}.tmp"
         errors = []
         for flags in FLAG_SETS:
-            proc = subprocess.run([cxx, *flags, str(source), "-o", str(tmp)], capture_output=True, text=True, timeout=600)
+            proc = subprocess.run([cxx, *flags, *extra, str(source), "-o", str(tmp)], capture_output=True, text=True, timeout=600)
             if proc.returncode == 0:
                 os.replace(tmp, lib)  # atomic: concurrent builders never see half a library
                 return lib
