@@ -695,28 +695,58 @@ void mamba_decode(int64_t b, int64_t d, int64_t N, int64_t R, int64_t K, const T
 }
 
 // Keys lo..hi-1 of one KV head for its g query heads (q: g x hd fp32), updating each query's running max
-// m, sum l and weighted sum of values acc (g x hd) as an online softmax does (Milakov & Gimelshein 2018).
+// m, sum l and weighted sum of values acc (g x hd) as an online softmax does (Milakov & Gimelshein 2018),
+// a block of AB keys at a time (flash attention's order, Dao et al. 2022, Algorithm 1): the block's scores
+// for all g heads (each key read once), then per head the block's max, exp(score - max) 16 lanes at a
+// time, and one rescale of l and acc per block instead of per key.
+constexpr int AB = 64;
 template <typename T>
 void attend_keys(const float* q, const T* k, const T* v, int64_t lo, int64_t hi, int64_t g, int64_t hd, float scale,
                  float* m, float* l, float* acc) {
-    for (int64_t s = lo; s < hi; ++s) {
-        const T* kr = k + s * hd;
-        const T* vr = v + s * hd;
-        for (int64_t r = 0; r < g; ++r) {
-            const float* qr = q + r * hd;
-            vf a = vf{};
-            for (int64_t i = 0; i < hd; i += W) {
-                const int n = int(hd - i < W ? hd - i : W);
-                a += load(kr + i, n) * load(qr + i, n);
+    std::vector<float> p(g * AB);
+    for (int64_t s0 = lo; s0 < hi; s0 += AB) {
+        const int n = int(hi - s0 < AB ? hi - s0 : AB);
+        for (int j = 0; j < n; ++j) {
+            const T* kr = k + (s0 + j) * hd;
+            for (int64_t r = 0; r < g; ++r) {
+                const float* qr = q + r * hd;
+                vf a = vf{};
+                for (int64_t i = 0; i < hd; i += W) {
+                    const int c = int(hd - i < W ? hd - i : W);
+                    a += load(kr + i, c) * load(qr + i, c);
+                }
+                p[r * AB + j] = hsum(a) * scale;
             }
-            const float sc = hsum(a) * scale, mn = std::max(m[r], sc);
-            const float corr = std::exp(m[r] - mn), p = std::exp(sc - mn);
-            l[r] = l[r] * corr + p;
+        }
+        for (int64_t r = 0; r < g; ++r) {
+            float* pr = p.data() + r * AB;
+            float mb = -INFINITY;
+            for (int j = 0; j < n; ++j) mb = std::max(mb, pr[j]);
+            const float mn = std::max(m[r], mb), corr = std::exp(m[r] - mn);  // exp(-inf) = 0: no keys before
+            vf sum = vf{};
+            for (int j = 0; j < n; j += W) {
+                const int c = n - j < W ? n - j : W;
+                const vf e = vexp(load(pr + j, c) - splat(mn));
+                store(pr + j, e, c);
+                sum += c == W ? e : load(pr + j, c);  // lanes past c are not keys
+            }
+            l[r] = l[r] * corr + hsum(sum);
             m[r] = mn;
             float* ar = acc + r * hd;
             for (int64_t i = 0; i < hd; i += W) {
-                const int n = int(hd - i < W ? hd - i : W);
-                store(ar + i, load(ar + i, n) * corr + load(vr + i, n) * p, n);
+                const int c = int(hd - i < W ? hd - i : W);
+                store(ar + i, load(ar + i, c) * corr, c);
+            }
+        }
+        for (int j = 0; j < n; ++j) {
+            const T* vr = v + (s0 + j) * hd;
+            for (int64_t i = 0; i < hd; i += W) {
+                const int c = int(hd - i < W ? hd - i : W);
+                const vf vv = load(vr + i, c);
+                for (int64_t r = 0; r < g; ++r) {
+                    float* ar = acc + r * hd + i;
+                    store(ar, load(ar, c) + vv * p[r * AB + j], c);
+                }
             }
         }
     }
