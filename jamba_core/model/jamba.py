@@ -1,3 +1,5 @@
+import operator
+
 import torch
 from torch import nn
 
@@ -44,26 +46,25 @@ class DecoderLayer(nn.Module):
         autograd must see the ops.
 
         The kernel's plan is made once and kept while `_Snapshot` finds every submodule, parameter and
-        buffer of the layer unreplaced and unmoved (quantizing or ``.to()`` make a new plan; values changed
-        in place are read by the kernel directly, and the mixer's derived constants follow their
-        parameters' versions). Gathering the weights anew at every token cost about 1 ms per decode step
-        on bench-small, as much as a third of its kernels' time."""
+        buffer of the layer unreplaced, unmoved and unchanged (quantizing, ``.to()`` or an in-place update
+        make a new plan, and with it the mixer's derived constants). Gathering the weights anew at every
+        token cost about 1 ms per decode step on bench-small, as much as a third of its kernels' time."""
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
             return None
         backend = ops.backend_for(x.device)
-        constants = None if self.is_attention else self.mamba._decode_constants()
         plan = self.__dict__.get("_decode_plan")
-        if plan is None or plan[0] != backend or plan[1] is not constants or not plan[2].current():
+        if plan is None or plan[0] != backend or not plan[1].current():
+            constants = None if self.is_attention else self.mamba._decode_constants()
             weights = self._decode_weights(constants)
             prepared = None if weights is None else ops.prepare_layer(weights, x)
-            plan = self.__dict__["_decode_plan"] = (backend, constants, _Snapshot(self), prepared)
-        if plan[3] is None:
+            plan = self.__dict__["_decode_plan"] = (backend, _Snapshot(self), prepared, constants)  # constants kept alive
+        if plan[2] is None:
             return None
         if not self.is_attention:
-            y = ops.mamba_layer_decode(plan[3], x.view(x.shape[0], -1), state.conv, state.ssm)
+            y = ops.mamba_layer_decode(plan[2], x.view(x.shape[0], -1), state.conv, state.ssm)
         else:
             state.reserve(state.length + 1)
-            y = ops.attention_layer_decode(plan[3], x.view(x.shape[0], -1), state.k, state.v, state.length)
+            y = ops.attention_layer_decode(plan[2], x.view(x.shape[0], -1), state.k, state.v, state.length)
             if y is not None:
                 state.length += 1
         return None if y is None else y.view(x.shape)
@@ -95,18 +96,26 @@ class DecoderLayer(nn.Module):
 
 
 class _Snapshot:
-    """Which submodules, parameters and buffers a module tree holds, and where their data live, so that
-    `current` tells cheaply (a few microseconds) whether any was replaced, reassigned or moved since."""
+    """Which submodules, parameters and buffers a module tree holds, where their data live and at which
+    version, so that `current` tells cheaply (about 5 microseconds for a MoE layer: the comparisons run
+    in C through ``map``) whether any was replaced, reassigned, moved or changed in place since."""
 
     def __init__(self, module: nn.Module):
         mods = list(module.modules())
-        self.links = [(m._modules, name, child) for m in mods for name, child in m._modules.items()]
-        self.tensors = [(d, name, t, None if t is None else t.data_ptr()) for m in mods for d in (m._parameters, m._buffers)
-                        for name, t in d.items()]  # None entries too: a bias set later shows
+        slots = [(m._modules, name, child) for m in mods for name, child in m._modules.items()]
+        slots += [(d, name, t) for m in mods for d in (m._parameters, m._buffers) for name, t in d.items()]  # None too: a bias set later shows
+        self.dicts, self.names, self.objects = (list(c) for c in zip(*slots)) if slots else ([], [], [])
+        self.tensors = [t for _, _, t in slots if isinstance(t, torch.Tensor)]
+        self.ptrs = list(map(torch.Tensor.data_ptr, self.tensors))
+        self.versions = list(map(_VERSION, self.tensors))
 
     def current(self) -> bool:
-        return (all(d.get(name) is child for d, name, child in self.links)
-                and all(d.get(name) is t and (t is None or t.data_ptr() == ptr) for d, name, t, ptr in self.tensors))
+        return (all(map(operator.is_, map(dict.get, self.dicts, self.names), self.objects))
+                and list(map(torch.Tensor.data_ptr, self.tensors)) == self.ptrs
+                and list(map(_VERSION, self.tensors)) == self.versions)
+
+
+_VERSION = operator.attrgetter("_version")
 
 
 class JambaModel(nn.Module):
