@@ -343,6 +343,14 @@ def run(args) -> dict:
     path = out_dir / "bench.json"
     if args.merge and path.is_file():
         results = json.loads(path.read_text())
+        cpus = {r["machine"]["cpu"] for r in results["runs"]}
+        if cpus - {run_info["machine"]["cpu"]}:  # ratios from two machines never share a table
+            slug = re.sub(r"[^a-z0-9]+", "-", " ".join(sorted(cpus)).lower().replace("(r)", "")).strip("-")
+            for name in ("bench.json", "bench.md", "bench.png"):
+                if (out_dir / name).is_file():
+                    os.replace(out_dir / name, out_dir / name.replace("bench", f"bench-{slug}"))
+            log(f"the saved runs were on {', '.join(sorted(cpus))}: kept as bench-{slug}.*; this machine starts its own")
+            results = {"runs": []}
     results["runs"].append(run_info)
     results["config"] = {k: getattr(config, k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                                          "num_experts", "num_experts_per_tok", "mamba_d_state", "mamba_d_conv",

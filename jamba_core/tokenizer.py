@@ -31,7 +31,7 @@ MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
 _FALLBACK_CHARS = 2_000_000
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
-_trained: dict[tuple[int, str], str] = {}  # (vocab_size, sha256 of text) -> tokenizer JSON
+_trained: dict[tuple[int, str, str], str] = {}  # (vocab_size, sha256 of text, spaces) -> tokenizer JSON
 
 
 def shared_dir() -> Path:
@@ -56,9 +56,11 @@ def _default_text() -> str:
     return "".join(parts)
 
 
-def _train(vocab_size: int, text: str) -> Tokenizer:
+def _train(vocab_size: int, text: str, spaces: str = "attached") -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if spaces == "isolated":  # every space its own piece before the byte-level split: words never carry one
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(" ", behavior="isolated"), tok.pre_tokenizer])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -73,13 +75,18 @@ def _train(vocab_size: int, text: str) -> Tokenizer:
     return tok
 
 
-def train_tokenizer(vocab_size: int = 8192, text: str | None = None) -> transformers.PreTrainedTokenizerFast:
+def train_tokenizer(vocab_size: int = 8192, text: str | None = None, spaces: str = "attached") -> transformers.PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer in the Jamba layout (cached in-process).
 
     Args:
         vocab_size: the most tokens it may have; the result is smaller when `text` cannot fill it.
         text: training text; default ../shared/data/moby-dick.txt (or $JAMBA_LOCAL_SHARED/data/...),
             else Python's standard library source.
+        spaces: "attached" (GPT-2's byte-level split: a word takes the space before it, so ``" whale"``
+            and the ``whale`` of ``"whale"`` are different tokens) or "isolated" (each space is a token of
+            its own, so a word has one spelling in prose, after a quote and inside JSON: what a small
+            model needs to copy a tool argument it read in the request; prose costs about one token
+            more per word).
 
     Returns:
         A new `PreTrainedTokenizerFast` on every call (safe to mutate): special tokens at ids 0..19 in
@@ -89,13 +96,15 @@ def train_tokenizer(vocab_size: int = 8192, text: str | None = None) -> transfor
     Raises:
         ValueError: `vocab_size` is below `MIN_VOCAB_SIZE` (256 bytes + the special tokens).
     """
+    if spaces not in ("attached", "isolated"):
+        raise ValueError(f"spaces must be 'attached' or 'isolated', got {spaces!r}")
     if vocab_size < MIN_VOCAB_SIZE:
         raise ValueError(f"vocab_size must be at least {MIN_VOCAB_SIZE} (256 bytes + {len(SPECIAL_TOKENS)} "
                          f"special tokens), got {vocab_size}")
     text = _default_text() if text is None else text
-    key = (vocab_size, hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest())
+    key = (vocab_size, hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest(), spaces)
     if key not in _trained:
-        _trained[key] = _train(vocab_size, text).to_str()
+        _trained[key] = _train(vocab_size, text, spaces).to_str()
     return transformers.PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(_trained[key]),
         pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK,

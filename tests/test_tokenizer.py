@@ -112,3 +112,34 @@ def test_control_ids_are_framing_tokens_but_not_tool_or_citation_markers(tok):
     framing = ["<|pad|>", "<|startoftext|>", "<|endoftext|>", "<|unk|>", "<|eom|>", "<|bom|>",
                "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>"]
     assert control_token_ids(tok) == set(tok.convert_tokens_to_ids(framing))
+
+
+@pytest.fixture(scope="module")
+def isolated():
+    return train_tokenizer(vocab_size=2000, spaces="isolated")
+
+
+@pytest.mark.parametrize("word", ["hatchway", "Nantucket", "235", "wave_thrice", "鯨"])
+def test_isolated_spaces_give_a_word_one_spelling_in_prose_and_in_json(isolated, tok, word):
+    """With spaces isolated, the tokens of a word after a space are those after a quote (the copy a tool
+    call makes of a request's argument); the default split gives the two different tokens."""
+    def spelled(text, tokenizer):
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    prose, quoted = spelled(f"with code {word}.", isolated), spelled(f'{{"code": "{word}"}}', isolated)
+    inner = spelled(word, isolated)
+    assert any(prose[i:i + len(inner)] == inner for i in range(len(prose)))
+    assert any(quoted[i:i + len(inner)] == inner for i in range(len(quoted)))
+    if word == "hatchway":  # the default tokenizer spells the two differently (why "isolated" exists)
+        assert spelled(f" {word}", tok)[0] != spelled(word, tok)[0]
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text())
+def test_isolated_spaces_round_trip_exactly(isolated, text):
+    assert isolated.decode(isolated.encode(text, add_special_tokens=False), clean_up_tokenization_spaces=False) == text
+
+
+def test_unknown_space_mode_is_refused():
+    with pytest.raises(ValueError, match="spaces must be"):
+        train_tokenizer(vocab_size=1000, spaces="merged")

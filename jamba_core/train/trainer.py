@@ -65,18 +65,19 @@ JSON_MODES = ("schema", "schema", "object")
 PROMPT_LOSS_WEIGHT = 0.1
 
 
-def make_tokenizer(seed: int = 0):
+def make_tokenizer(seed: int = 0, spaces: str = "attached"):
     """BPE on Moby-Dick plus 2,000 rendered tool-call / JSON conversations (so JSON punctuation and the
-    tool format get their own tokens), with the Jamba special tokens and chat template."""
+    tool format get their own tokens), with the Jamba special tokens and chat template; ``spaces`` as in
+    `jamba_core.tokenizer.train_tokenizer`."""
     rng = random.Random(seed)
-    plain = train_tokenizer(CONFIG["vocab_size"])
+    plain = train_tokenizer(CONFIG["vocab_size"], spaces=spaces)
     extra = []
     for _ in range(1000):
         for conv in (data.tool_call(rng), data.json_extraction(rng)):
             extra.append(data.render_chat(plain, conv.messages, tools=conv.tools, response_format=conv.response_format,
                                           add_generation_prompt=False))
     book = (shared_dir() / "data" / "moby-dick.txt").read_text(encoding="utf-8")
-    return train_tokenizer(CONFIG["vocab_size"], text=book + "\n".join(extra))
+    return train_tokenizer(CONFIG["vocab_size"], text=book + "\n".join(extra), spaces=spaces)
 
 
 def phase(progress: float) -> dict:
@@ -136,11 +137,13 @@ def loss_fn(model, ids, mask, real):
 
 
 def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float | None = None, log_every: int = 20,
-          init: Path | None = None, curriculum_from: float = 0.0) -> dict:
+          init: Path | None = None, curriculum_from: float = 0.0, spaces: str = "attached") -> dict:
     """Train and save to ``out``; ``init`` continues from a checkpoint folder this function wrote (its
     weights and tokenizer; the optimizer state starts fresh and the data continues at new seeds).
     ``curriculum_from`` in [0, 1): the `CURRICULUM` progress the data start at (a continued run can skip
-    the phases its checkpoint has learned); the learning-rate schedule still spans the whole run."""
+    the phases its checkpoint has learned); the learning-rate schedule still spans the whole run.
+    ``spaces``: the new tokenizer's word split (`jamba_core.tokenizer.train_tokenizer`; ignored with
+    ``init``, whose tokenizer is kept)."""
     if not 0.0 <= curriculum_from < 1.0:
         raise ValueError(f"curriculum_from must be within [0, 1), got {curriculum_from}")
     torch.manual_seed(seed)
@@ -153,7 +156,7 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
         tokenizer, config = load_tokenizer(init), load_config(init)
         model = load_model(Path(init), config, progress=False)  # the serving loader: errors name the file
     else:
-        tokenizer = make_tokenizer(seed)
+        tokenizer = make_tokenizer(seed, spaces)
         eom = tokenizer.convert_tokens_to_ids("<|eom|>")
         config = make_config("tiny", **CONFIG, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                              eos_token_id=[tokenizer.eos_token_id, eom])
@@ -199,7 +202,7 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
     if init is not None and (Path(init) / "training.json").exists():
         prior = json.loads((Path(init) / "training.json").read_text())
         earlier = prior.pop("earlier_runs", []) + [prior]
-    info = {"earlier_runs": earlier, "init": None if init is None else str(init), "curriculum_from": curriculum_from, "seed": seed, "steps_planned": steps, "steps_run": len(history), "lr": lr, "parameters": n_params,
+    info = {"earlier_runs": earlier, "init": None if init is None else str(init), "curriculum_from": curriculum_from, "seed": seed, "steps_planned": steps, "steps_run": len(history), "lr": lr, "spaces": None if init is not None else spaces, "parameters": n_params,
             "curriculum": CURRICULUM, "prompt_loss_weight": PROMPT_LOSS_WEIGHT, "config": CONFIG, "train_seconds": round(time.time() - t0, 1),
             "torch_threads": torch.get_num_threads(), "history": history}
     (out / "training.json").write_text(json.dumps(info))
@@ -259,7 +262,10 @@ def main(argv=None) -> int:
                         help="time budget for the training loop: the schedule then runs on whichever of steps or time ends first")
     parser.add_argument("--curriculum-from", type=float, default=0.0,
                         help="curriculum progress (0..1) the data start at, e.g. 0.45 to skip the copying phases on --init")
+    parser.add_argument("--spaces", choices=("attached", "isolated"), default="attached",
+                        help="a new tokenizer's word split: 'isolated' gives each word one spelling in prose and in JSON")
     args = parser.parse_args(argv)
-    info = train(args.out, args.steps, args.seed, args.lr, args.minutes, init=args.init, curriculum_from=args.curriculum_from)
+    info = train(args.out, args.steps, args.seed, args.lr, args.minutes, init=args.init, curriculum_from=args.curriculum_from,
+                 spaces=args.spaces)
     print(f"{info['parameters']:,} parameters, {info['steps_run']} steps, {info['train_seconds']:.0f} s -> {args.out}")
     return 0
