@@ -339,18 +339,8 @@ def run(args) -> dict:
             "matmul_gflop_s": {k: max(b["matmul_gflop_s"][k] for b in good) for k in ("float32", "bfloat16")}}
     run_info.update(bounds_measured=bounds, bounds=best, baseline_mem=baseline, loadavg_end=_loadavg(),
                     finished=datetime.now(timezone.utc).isoformat(timespec="seconds"), entries=entries)
-    results = {"runs": []}
     path = out_dir / "bench.json"
-    if args.merge and path.is_file():
-        results = json.loads(path.read_text())
-        cpus = {r["machine"]["cpu"] for r in results["runs"]}
-        if cpus - {run_info["machine"]["cpu"]}:  # ratios from two machines never share a table
-            slug = re.sub(r"[^a-z0-9]+", "-", " ".join(sorted(cpus)).lower().replace("(r)", "")).strip("-")
-            for name in ("bench.json", "bench.md", "bench.png"):
-                if (out_dir / name).is_file():
-                    os.replace(out_dir / name, out_dir / name.replace("bench", f"bench-{slug}"))
-            log(f"the saved runs were on {', '.join(sorted(cpus))}: kept as bench-{slug}.*; this machine starts its own")
-            results = {"runs": []}
+    results = merge_base(out_dir, run_info["machine"]["cpu"], log) if args.merge else {"runs": []}
     results["runs"].append(run_info)
     results["config"] = {k: getattr(config, k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                                          "num_experts", "num_experts_per_tok", "mamba_d_state", "mamba_d_conv",
@@ -362,6 +352,25 @@ def run(args) -> dict:
     log(f"wrote {path}, bench.md, bench.png")
     print(markdown(results))
     return results
+
+
+def merge_base(out_dir: Path, cpu: str, log=print) -> dict:
+    """The saved results a ``--merge`` run on ``cpu`` adds to: ``out_dir/bench.json`` when its runs were on
+    the same CPU model; otherwise (ratios from two machines never share a table) its bench.json / .md /
+    .png move to ``bench-<their cpu>.*`` and the run starts anew (``{"runs": []}``)."""
+    path = out_dir / "bench.json"
+    if not path.is_file():
+        return {"runs": []}
+    results = json.loads(path.read_text())
+    cpus = {r["machine"]["cpu"] for r in results["runs"]}
+    if not cpus - {cpu}:
+        return results
+    slug = re.sub(r"[^a-z0-9]+", "-", " ".join(sorted(cpus)).lower().replace("(r)", "")).strip("-")
+    for name in ("bench.json", "bench.md", "bench.png"):
+        if (out_dir / name).is_file():
+            os.replace(out_dir / name, out_dir / name.replace("bench", f"bench-{slug}"))
+    log(f"the saved runs were on {', '.join(sorted(cpus))}: kept as bench-{slug}.*; this machine starts its own")
+    return {"runs": []}
 
 
 def _machine() -> dict:

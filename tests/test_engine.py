@@ -261,3 +261,22 @@ def test_make_checkpoint_never_overwrites_a_checkpoint_it_did_not_make(tmp_path)
     made = make_checkpoint(tmp_path / "made", preset="tiny")  # its own folders are reused and rewritten
     assert make_checkpoint(made, preset="tiny") == made
     assert make_checkpoint(made, preset="tiny", seed=1) == made
+
+
+def test_bench_merge_never_mixes_machines(tmp_path):
+    """`benchmarks.bench --merge` adds to saved runs of the same CPU model; runs of another CPU move to
+    bench-<cpu>.* untouched, so no table's ratios come from two machines."""
+    import json
+
+    from benchmarks.bench import merge_base
+
+    saved = {"runs": [{"machine": {"cpu": "AMD EPYC"}, "started": "x"}], "summary": {}}
+    (tmp_path / "bench.json").write_text(json.dumps(saved))
+    (tmp_path / "bench.md").write_text("amd table")
+    assert merge_base(tmp_path, "AMD EPYC", log=lambda m: None) == saved
+    messages = []
+    assert merge_base(tmp_path, "Intel(R) Xeon(R) Processor", log=messages.append) == {"runs": []}
+    assert json.loads((tmp_path / "bench-amd-epyc.json").read_text()) == saved
+    assert (tmp_path / "bench-amd-epyc.md").read_text() == "amd table"
+    assert not (tmp_path / "bench.json").exists() and "AMD EPYC" in messages[0]
+    assert merge_base(tmp_path / "empty", "any", log=messages.append) == {"runs": []}
