@@ -162,6 +162,31 @@ def test_linear_matches_torch(rows, N, K, dtype, bias):
     assert rel(got, expected) <= (FP32_REL if dtype == torch.float32 else BF16_REL)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(2, 40, 64), (1, 300, 37)])
+def test_bf16_linear_upcast_matches_torch(monkeypatch, shape, bias):
+    """bf16 linears of many rows on a CPU whose bf16 GEMM is slow run in fp32 on upcast copies, in blocks
+    of output features (here 7 rows of weights a block, N not a multiple of it): within bf16 rounding of
+    the exact-product fp32 result, as torch's bf16 linear is; "native" is torch's own."""
+    g = torch.Generator().manual_seed(7)
+    b, L, K = shape
+    x = torch.randn(b, L, K, generator=g).bfloat16()
+    w = torch.randn(45, K, generator=g).bfloat16()
+    bvec = torch.randn(45, generator=g).bfloat16() if bias else None
+    expected = F.linear(x.float(), w.float(), None if bvec is None else bvec.float())
+    monkeypatch.setattr(cpu, "UPCAST_BLOCK_ELEMENTS", 7 * K)
+    monkeypatch.setenv("JAMBA_LOCAL_BF16_MATMUL", "upcast")
+    got = cpu.linear(x, w, bvec)
+    assert got.shape == (b, L, 45) and got.dtype == torch.bfloat16
+    assert rel(got, expected) <= BF16_REL
+    monkeypatch.setenv("JAMBA_LOCAL_BF16_MATMUL", "native")
+    assert torch.equal(cpu.linear(x, w, bvec), F.linear(x, w, bvec))
+    monkeypatch.setenv("JAMBA_LOCAL_BF16_MATMUL", "auto")
+    monkeypatch.setattr(cpu, "_bf16_choice", {})
+    assert cpu.bf16_matmul_upcast() in (True, False)
+    assert list(cpu._bf16_choice) == [torch.get_num_threads()]  # measured once per thread count
+
+
 @needs_cpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,N,K", [(1, 100, 37), (1, 4099, 512), (3, 64, 1024), (5, 7, 16), (31, 50, 40), (2, 33, 15)])

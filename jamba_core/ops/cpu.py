@@ -270,9 +270,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     lib = _lib()
     K = x.shape[-1]
     rows = x.numel() // K if K else 0
+    grad = x.requires_grad or weight.requires_grad and torch.is_grad_enabled()
+    if (rows > MAX_GEMV_ROWS.get(x.dtype, 0) and x.dtype == weight.dtype == torch.bfloat16 and not grad
+            and x.device.type == "cpu" and weight.device.type == "cpu" and bf16_matmul_upcast()):
+        return _linear_upcast(x, weight, bias)
     if (lib is None or rows == 0 or rows > MAX_GEMV_ROWS.get(x.dtype, 0) or x.dtype != weight.dtype or not _supported(x, weight)
-            or not weight.is_contiguous() or (bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()))
-            or x.requires_grad or weight.requires_grad and torch.is_grad_enabled()):
+            or not weight.is_contiguous() or (bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous())) or grad):
         return F.linear(x, weight, bias)
     x2 = x.reshape(rows, K)
     if x2.stride(1) != 1:
@@ -280,6 +283,58 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     N = weight.shape[0]
     y = torch.empty(rows, N, dtype=x.dtype)
     lib.jl_gemv(_DT[x.dtype], rows, N, K, _ptr(x2), x2.stride(0), _ptr(weight), _ptr(bias), _ptr(y), _threads(rows * N * K))
+    return y.view(*x.shape[:-1], N)
+
+
+# torch's bf16 GEMM is the faster one on some CPUs and not on others (measured by benchmarks/bench.py on
+# bench-small's shapes, 2 threads: AMD EPYC bf16 438 / fp32 196 GFLOP/s; an Intel Xeon with AVX512-BF16
+# and no AMX bf16 168 / fp32 327). Where it is slower, a bf16 linear of many rows runs as fp32 on
+# upcast copies (exact: every bf16 is an fp32) and rounds its output to bf16 as torch's does; the sums
+# are fp32 in both. $JAMBA_LOCAL_BF16_MATMUL: "auto" (measured once per thread count), "upcast", "native".
+UPCAST_BLOCK_ELEMENTS = 1 << 22  # weight elements upcast at a time (16 MiB of fp32): the copies stay small
+_bf16_choice: dict[int, bool] = {}
+
+
+def bf16_matmul_upcast() -> bool:
+    """Whether bf16 linears of many rows run as fp32 on upcast copies (see above)."""
+    mode = os.environ.get("JAMBA_LOCAL_BF16_MATMUL", "auto")
+    if mode in ("upcast", "native"):
+        return mode == "upcast"
+    threads = torch.get_num_threads()
+    if threads not in _bf16_choice:
+        _bf16_choice[threads] = _measure_bf16_upcast()
+    return _bf16_choice[threads]
+
+
+def _measure_bf16_upcast(reps: int = 3) -> bool:
+    """Time a (256 x 512) @ (512 x 1024) bf16 linear natively and upcast, interleaved (about 20 ms in
+    all); upcast wins only when clearly faster (20%), so noise near parity keeps torch's path."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(256, 512, generator=g).bfloat16(), torch.randn(1024, 512, generator=g).bfloat16()
+    native, upcast = [], []
+    with torch.no_grad():
+        for i in range(reps + 1):
+            t = time.perf_counter()
+            F.linear(x, w)
+            t1 = time.perf_counter()
+            F.linear(x.float(), w.float()).bfloat16()
+            t2 = time.perf_counter()
+            if i:  # the first round warms both up
+                native.append(t1 - t)
+                upcast.append(t2 - t1)
+    return min(upcast) < 0.8 * min(native)
+
+
+def _linear_upcast(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear`` of bf16 tensors computed in fp32 on upcast copies, output rounded to bf16; the weight
+    is upcast `UPCAST_BLOCK_ELEMENTS` at a time (blocks of output features), so the copies stay small."""
+    N, K = weight.shape
+    xf = x.reshape(-1, K).float()
+    y = torch.empty(xf.shape[0], N, dtype=torch.bfloat16)
+    step = max(1, UPCAST_BLOCK_ELEMENTS // max(K, 1))
+    for n0 in range(0, N, step):
+        n1 = min(N, n0 + step)
+        y[:, n0:n1] = F.linear(xf, weight[n0:n1].float(), None if bias is None else bias[n0:n1].float())
     return y.view(*x.shape[:-1], N)
 
 
