@@ -426,6 +426,7 @@ void gemv(int64_t M, int64_t N, int64_t K, const T* x, int64_t sx, const TW* w, 
     float* xf = new float[M * K];
     for (int64_t m = 0; m < M; ++m)
         for (int64_t k = 0; k < K; ++k) xf[m * K + k] = to_f(x[m * sx + k]);
+    const std::vector<bf16> xb = bf16_copy<TW>(xf, M * K);  // bf16 weights on AVX512-BF16: VDPBF16PS
     const int64_t nrb = (N + RB - 1) / RB;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t rb = 0; rb < nrb; ++rb) {
@@ -433,7 +434,7 @@ void gemv(int64_t M, int64_t N, int64_t K, const T* x, int64_t sx, const TW* w, 
         const int nr = int(N - n0 < RB ? N - n0 : RB);
         for (int64_t m = 0; m < M; ++m) {
             float s[RB];
-            dot_rows(xf + m * K, w + n0 * K, K, nr, s);
+            dot_rows_x(xf + m * K, xb.empty() ? nullptr : xb.data() + m * K, w + n0 * K, K, nr, s);
             for (int r = 0; r < nr; ++r) {
                 if (scale) s[r] *= scale[n0 + r];
                 if (bias) s[r] += to_f(bias[n0 + r]);
@@ -444,27 +445,11 @@ void gemv(int64_t M, int64_t N, int64_t K, const T* x, int64_t sx, const TW* w, 
     delete[] xf;
 }
 
-// bf16 weights, K even: each 32-bit word of W holds two bf16 weights; the high half read as fp32 is the
-// odd element exactly, the low half shifted up the even one (no lane-crossing conversion), matched with
-// x split into its even and odd elements beforehand.
+// bf16 weights, K even, on a CPU without AVX512-BF16: each 32-bit word of W holds two bf16 weights; the
+// high half read as fp32 is the odd element exactly, the low half shifted up the even one (no
+// lane-crossing conversion), matched with x split into its even and odd elements beforehand.
 void gemv_bf16_pairs(int64_t M, int64_t N, int64_t K, const bf16* x, int64_t sx, const bf16* w, const bf16* bias,
                      bf16* y, int nthreads) {
-    if constexpr (HAS_DPBF16) {  // x is bf16 already: the rows contiguous, then VDPBF16PS
-        std::vector<bf16> xb(M * K);
-        for (int64_t m = 0; m < M; ++m) std::memcpy(xb.data() + m * K, x + m * sx, K * sizeof(bf16));
-        const int64_t nrb = (N + RB - 1) / RB;
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-        for (int64_t rb = 0; rb < nrb; ++rb) {
-            const int64_t n0 = rb * RB;
-            const int nr = int(N - n0 < RB ? N - n0 : RB);
-            for (int64_t m = 0; m < M; ++m) {
-                float s[RB];
-                dot_rows_dp(xb.data() + m * K, w + n0 * K, K, nr, s);
-                for (int r = 0; r < nr; ++r) y[m * N + n0 + r] = f_to_bf16(bias ? s[r] + bf16_to_f(bias[n0 + r]) : s[r]);
-            }
-        }
-        return;
-    }
     const int64_t H = K / 2;
     float* xe = new float[M * H];
     float* xo = new float[M * H];
@@ -782,7 +767,7 @@ void jl_conv(int dtype, int64_t b, int64_t L, int64_t d, int64_t K, const void* 
 
 void jl_gemv(int dtype, int64_t M, int64_t N, int64_t K, const void* x, int64_t sx, const void* w, const void* bias,
              void* y, int nthreads) {
-    if (dtype == 1 && K % 2 == 0)
+    if (dtype == 1 && K % 2 == 0 && !HAS_DPBF16)
         gemv_bf16_pairs(M, N, K, (const bf16*)x, sx, (const bf16*)w, (const bf16*)bias, (bf16*)y, nthreads);
     else if (dtype == 1)
         gemv<bf16, bf16>(M, N, K, (const bf16*)x, sx, (const bf16*)w, (const bf16*)bias, nullptr, (bf16*)y, nthreads);
