@@ -280,3 +280,17 @@ def test_bench_merge_never_mixes_machines(tmp_path):
     assert (tmp_path / "bench-amd-epyc.md").read_text() == "amd table"
     assert not (tmp_path / "bench.json").exists() and "AMD EPYC" in messages[0]
     assert merge_base(tmp_path / "empty", "any", log=messages.append) == {"runs": []}
+
+
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_an_engine_loaded_under_inference_mode_decodes_as_one_loaded_outside(tiny_checkpoint, quantization):
+    """Weights made under ``torch.inference_mode`` are inference tensors, which keep no version counter:
+    the decode plan's and the mixer's change checks must not ask them for one (they once raised)."""
+    import torch
+
+    prompt = [{"role": "user", "content": "Call me Ishmael."}]
+    outside = Engine.from_pretrained(tiny_checkpoint, progress=False, quantization=quantization).generate(prompt, max_new_tokens=6)
+    with torch.inference_mode():
+        engine = Engine.from_pretrained(tiny_checkpoint, progress=False, quantization=quantization)
+        inside = engine.generate(prompt, max_new_tokens=6)
+    assert inside.token_ids == outside.token_ids

@@ -107,12 +107,14 @@ class _Snapshot:
         self.dicts, self.names, self.objects = (list(c) for c in zip(*slots)) if slots else ([], [], [])
         self.tensors = [t for _, _, t in slots if isinstance(t, torch.Tensor)]
         self.ptrs = list(map(torch.Tensor.data_ptr, self.tensors))
-        self.versions = list(map(_VERSION, self.tensors))
+        # inference tensors (made under torch.inference_mode) keep no version: only their place is checked
+        self.versioned = [t for t in self.tensors if not t.is_inference()]
+        self.versions = list(map(_VERSION, self.versioned))
 
     def current(self) -> bool:
         return (all(map(operator.is_, map(dict.get, self.dicts, self.names), self.objects))
                 and list(map(torch.Tensor.data_ptr, self.tensors)) == self.ptrs
-                and list(map(_VERSION, self.tensors)) == self.versions)
+                and list(map(_VERSION, self.versioned)) == self.versions)
 
 
 _VERSION = operator.attrgetter("_version")

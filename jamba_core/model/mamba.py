@@ -79,9 +79,10 @@ class MambaMixer(nn.Module):
 
     def _decode_constants(self):
         """fp32 tensors derived from the parameters (conv weight transposed, biases, ``A = -exp(A_log)``, D),
-        recomputed only when a parameter changes (decode would otherwise redo them every token)."""
+        recomputed only when a parameter moves or changes (decode would otherwise redo them every token;
+        a parameter made under ``torch.inference_mode`` has no version, so only a move shows there)."""
         params = (self.conv1d.weight, self.conv1d.bias, self.dt_proj.bias, self.A_log, self.D)
-        key = tuple((p.data_ptr(), p._version) if p is not None else None for p in params)
+        key = tuple((p.data_ptr(), None if p.is_inference() else p._version) if p is not None else None for p in params)
         cached = self.__dict__.get("_constants")
         if cached is None or cached[0] != key:
             with torch.no_grad():
