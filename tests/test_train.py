@@ -186,3 +186,38 @@ def test_a_continued_run_can_start_later_in_the_curriculum(tmp_path, shared_dir)
     prior = json.loads((TRAINED_CHECKPOINT / "training.json").read_text())
     assert info["earlier_runs"] == prior.pop("earlier_runs", []) + [prior]
     assert all(run["history"] for run in info["earlier_runs"])
+
+
+def test_needles_fall_back_to_a_single_needle_where_a_task_cannot_fit(shared_dir):
+    """With spaces isolated, variable tracking's fixed text does not fit 256 tokens: the curriculum's
+    shortest needles then use the single needle instead of failing the run (a 35-minute run once died so)."""
+    from jamba_core.eval import ruler
+    from jamba_core.tokenizer import train_tokenizer
+
+    haystack = ruler.Haystack(train_tokenizer(4096, spaces="isolated"))
+    with pytest.raises(RuntimeError, match="could not fit"):
+        ruler.make_sample("variable_tracking", 256, 50.0, 1, haystack, split="train")
+    kinds = {data.needle(random.Random(i), haystack, 256).task for i in range(60)}
+    assert "niah_single" in kinds and "variable_tracking" not in kinds
+
+
+def test_a_failed_step_saves_what_was_trained_before_it_propagates(tmp_path, monkeypatch, shared_dir):
+    from jamba_core.tokenizer import train_tokenizer
+    from jamba_core.train import trainer
+
+    real_batch = trainer.batch
+
+    def batch(step, *args):
+        if step == 2:
+            raise RuntimeError("a broken batch")
+        return real_batch(step, *args)
+
+    monkeypatch.setattr(trainer, "batch", batch)
+    monkeypatch.setattr(trainer, "make_tokenizer", lambda seed, spaces: train_tokenizer(trainer.CONFIG["vocab_size"], spaces=spaces))
+    monkeypatch.setattr(trainer, "CONFIG", dict(trainer.CONFIG, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                                                 num_key_value_heads=1, num_hidden_layers=3))
+    with pytest.raises(RuntimeError, match="a broken batch"):
+        trainer.train(tmp_path / "out", steps=5, seed=1, log_every=100)
+    info = json.loads((tmp_path / "out" / "training.json").read_text())
+    assert info["steps_run"] == 2 and info["error"] == "RuntimeError: a broken batch"
+    assert (tmp_path / "out" / "model.safetensors").is_file()

@@ -330,8 +330,17 @@ def spell(rng: random.Random, max_items: int = 10) -> Conversation:
 
 # -- needles ---------------------------------------------------------------------------------------
 def needle(rng: random.Random, haystack, length: int, split: str = "train") -> Conversation:
+    """A RULER sample (`jamba_core.eval.ruler`) of ``length`` tokens, its task drawn 4:2:2:1 from single,
+    multi-key, multi-value needles and variable tracking; a task whose fixed text does not fit the length
+    with this tokenizer (variable tracking in 256 tokens when every space is a token) falls back to the
+    single needle."""
     task = rng.choices(ruler.TASKS, weights=(4, 2, 2, 1))[0]
-    sample = ruler.make_sample(task, length, rng.uniform(0, 100), rng.randrange(2**31), haystack, split=split)
+    depth, seed = rng.uniform(0, 100), rng.randrange(2**31)
+    try:
+        sample = ruler.make_sample(task, length, depth, seed, haystack, split=split)
+    except RuntimeError:
+        task = ruler.TASKS[0]
+        sample = ruler.make_sample(task, length, depth, seed, haystack, split=split)
     return Conversation(task, [{"role": "user", "content": sample.prompt}, {"role": "assistant", "content": sample.target}])
 
 

@@ -175,27 +175,32 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
     ops.use("train")
     model.train()
     t_train = time.time()
-    for step in range(steps):
-        # progress drives the cosine schedule and the needle lengths: steps done, or the time budget
-        # spent when one is given (then the run is reproducible up to where a slower machine stops)
-        progress = step / steps if minutes is None else max(step / steps, (time.time() - t_train) / (minutes * 60))
-        if progress >= 1.0:
-            print(f"stopping at step {step}: {minutes} minutes reached", flush=True)
-            break
-        scale = min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-        for group in opt.param_groups:
-            group["lr"] = lr * scale
-        ids, mask, real, family = batch(step, curriculum_from + (1 - curriculum_from) * progress, seed, tokenizer, haystack)
-        objective, loss = loss_fn(model, ids, mask, real)
-        opt.zero_grad(set_to_none=True)
-        objective.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        history.append({"step": step, "progress": round(progress, 4), "lr": lr * scale, "loss": round(loss.item(), 4), "family": family, "tokens": int(ids.numel()),
-                        "grad_norm": round(float(grad_norm), 3), "elapsed_s": round(time.time() - t0, 1)})
-        if step % log_every == 0 or step == steps - 1:
-            print(f"step {step}/{steps} {family:9s} L={ids.shape[1]:5d} loss {loss.item():.4f} "
-                  f"gn {float(grad_norm):.2f} {time.time() - t0:.0f}s", flush=True)
+    failure = None
+    try:
+        for step in range(steps):
+            # progress drives the cosine schedule and the needle lengths: steps done, or the time budget
+            # spent when one is given (then the run is reproducible up to where a slower machine stops)
+            progress = step / steps if minutes is None else max(step / steps, (time.time() - t_train) / (minutes * 60))
+            if progress >= 1.0:
+                print(f"stopping at step {step}: {minutes} minutes reached", flush=True)
+                break
+            scale = min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+            for group in opt.param_groups:
+                group["lr"] = lr * scale
+            ids, mask, real, family = batch(step, curriculum_from + (1 - curriculum_from) * progress, seed, tokenizer, haystack)
+            objective, loss = loss_fn(model, ids, mask, real)
+            opt.zero_grad(set_to_none=True)
+            objective.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            history.append({"step": step, "progress": round(progress, 4), "lr": lr * scale, "loss": round(loss.item(), 4), "family": family, "tokens": int(ids.numel()),
+                            "grad_norm": round(float(grad_norm), 3), "elapsed_s": round(time.time() - t0, 1)})
+            if step % log_every == 0 or step == steps - 1:
+                print(f"step {step}/{steps} {family:9s} L={ids.shape[1]:5d} loss {loss.item():.4f} "
+                      f"gn {float(grad_norm):.2f} {time.time() - t0:.0f}s", flush=True)
+    except Exception as err:  # a failed batch or step loses nothing: what was trained is saved, then it propagates
+        failure = err
+        print(f"stopping at step {len(history)}: {type(err).__name__}: {err}; saving the weights trained so far", flush=True)
     model.eval()
     save(model, tokenizer, config, out)
     earlier = []  # the runs that made ``init``, oldest first, each with its per-step history
@@ -204,9 +209,12 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
         earlier = prior.pop("earlier_runs", []) + [prior]
     info = {"earlier_runs": earlier, "init": None if init is None else str(init), "curriculum_from": curriculum_from, "seed": seed, "steps_planned": steps, "steps_run": len(history), "lr": lr, "spaces": None if init is not None else spaces, "parameters": n_params,
             "curriculum": CURRICULUM, "prompt_loss_weight": PROMPT_LOSS_WEIGHT, "config": CONFIG, "train_seconds": round(time.time() - t0, 1),
-            "torch_threads": torch.get_num_threads(), "history": history}
+            "torch_threads": torch.get_num_threads(), "history": history,
+            "error": None if failure is None else f"{type(failure).__name__}: {failure}"}
     (out / "training.json").write_text(json.dumps(info))
     plot_loss([*earlier, info], out / "loss.png")
+    if failure is not None:
+        raise failure
     return info
 
 
