@@ -280,7 +280,11 @@ def _bounds_for(config, bounds: dict, dtype: str, context: int | None = None) ->
         # q.k and p.v: 2 x 2 x heads*head_dim MACs per visible key; on average context/2 keys visible
         attn = n_attn * 4 * config.hidden_size * context / 2
         flops = 2 * (pc.active_per_token - VH - lm_head) + attn
-        out.update(prefill_flop_per_token=flops, prefill_tok_s=bounds["matmul_gflop_s"][dtype] * 1e9 / flops)
+        # bf16 weights may run their matmuls in fp32 on upcast copies where that is faster
+        # (jamba_core.ops.cpu.bf16_matmul_upcast): their bound is the faster of the two rates
+        rates = bounds["matmul_gflop_s"]
+        rate = max(rates["float32"], rates["bfloat16"]) if dtype == "bfloat16" else rates[dtype]
+        out.update(prefill_flop_per_token=flops, prefill_tok_s=rate * 1e9 / flops)
     return out
 
 
