@@ -326,8 +326,9 @@ def _measure_bf16_upcast(reps: int = 3) -> bool:
 
 
 def _linear_upcast(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear`` of bf16 tensors computed in fp32 on upcast copies, output rounded to bf16; the weight
-    is upcast `UPCAST_BLOCK_ELEMENTS` at a time (blocks of output features), so the copies stay small."""
+    """``F.linear`` of bf16 tensors computed in fp32 on upcast copies, output rounded to bf16: x ``(..., K)``,
+    weight ``(N, K)``, bias ``(N,)`` or None -> ``(..., N)`` bf16. The weight is upcast
+    `UPCAST_BLOCK_ELEMENTS` at a time (blocks of output features), so the copies stay small."""
     N, K = weight.shape
     xf = x.reshape(-1, K).float()
     y = torch.empty(xf.shape[0], N, dtype=torch.bfloat16)
