@@ -189,8 +189,10 @@ def test_bf16_linear_upcast_matches_torch(monkeypatch, shape, bias):
 
 @needs_cpu
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows,N,K", [(1, 100, 37), (1, 4099, 512), (3, 64, 1024), (5, 7, 16), (31, 50, 40), (2, 33, 15)])
+@pytest.mark.parametrize("rows,N,K", [(1, 100, 37), (1, 4099, 512), (3, 64, 1024), (5, 7, 16), (31, 50, 40), (2, 33, 15),
+                                      (1, 9, 16384 + 160 + 37), (2, 5, 3 * 16384 + 96)])
 def test_int8_matmul_matches_the_dequantized_fp32_product(rows, N, K, dtype):
+    """K past one int32 block of the VNNI kernel (16384) and with 128 / 32 / 1-wide tails; bound: fp32's."""
     g = torch.Generator().manual_seed(rows * N + K)
     x = torch.randn(rows, K, generator=g).to(dtype)
     q = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
@@ -471,21 +473,58 @@ def test_a_failed_build_falls_back_to_the_reference(monkeypatch, caplog):
 
 
 @needs_cpu
-@pytest.mark.skipif("avx512_bf16" not in cpu._cpu_signature(), reason="this CPU has no AVX512-BF16: the suite ran its fallback")
-def test_bf16_matmuls_without_avx512_bf16_match_too(tmp_path):
-    """This CPU's build takes VDPBF16PS for bf16 weights; the same tests on a build without it (the path
-    of a CPU that lacks the instruction set), in a fresh process so that build is the one loaded."""
+@pytest.mark.parametrize("K", [16384, 2 * 16384 + 128 + 32 + 5])
+def test_int8_matmul_sums_without_overflow_at_the_extremes(K):
+    """Weights at +-127 and activations all at the row's absmax: the int16 split's largest products, so
+    each int32 lane of the VNNI kernel reaches its bound within a block; the sums are exact in fp64."""
+    q = torch.full((4, K), 127, dtype=torch.int8)
+    q[1] = -127
+    q[2, ::2] = -127
+    q[3] = torch.randint(-127, 128, (K,), generator=torch.Generator().manual_seed(K), dtype=torch.int8)
+    scale = torch.tensor([1e-3, 2e-3, 0.5, 1.0])
+    x = torch.full((2, K), 3.0)
+    x[1, 1::2] = -3.0
+    expected = (x.double() @ (q.double() * scale.double()[:, None]).T).float()
+    assert rel(cpu.int8_matmul(x, q, scale), expected) <= FP32_REL
+
+
+@needs_cpu
+def test_int8_matmul_propagates_non_finite_activations():
+    """inf / nan in x: the fp32 result (inf or nan in every output of that row), not a wrapped integer."""
+    q = torch.randint(-127, 128, (8, 256), generator=torch.Generator().manual_seed(3), dtype=torch.int8)
+    scale = torch.full((8,), 0.01)
+    x = torch.randn(2, 256)
+    x[0, 5] = float("nan")
+    x[1, 7] = float("inf")
+    got = cpu.int8_matmul(x, q, scale)
+    assert torch.isnan(got[0]).all()
+    assert not torch.isfinite(got[1]).any()
+    y = cpu.int8_matmul(torch.zeros(1, 256), q, scale)
+    assert torch.equal(y, torch.zeros(1, 8))  # an all-zero row: no 0 / 0 in the split's scale
+
+
+@needs_cpu
+@pytest.mark.parametrize("flag,feature,tests", [
+    ("-mno-avx512bf16", "avx512_bf16", "test_linear_matches_torch or feed_forward_decode or layer_decode"),
+    ("-mno-avx512vnni", "avx512_vnni", "int8_matmul or feed_forward_decode or layer_decode"),
+], ids=["bf16", "int8"])
+def test_matmuls_without_an_instruction_set_match_too(tmp_path, flag, feature, tests):
+    """This CPU's build takes VDPBF16PS for bf16 weights and VPDPWSSD for int8 ones; the same tests on a
+    build without the instruction set (the path of a CPU that lacks it), in a fresh process so that build is
+    the one loaded."""
     import os
     import subprocess
     import sys
 
-    env = dict(os.environ, JAMBA_LOCAL_CXXFLAGS="-mno-avx512bf16", JAMBA_LOCAL_CACHE=str(tmp_path))
-    tests = "test_linear_matches_torch or feed_forward_decode or layer_decode"
+    if feature not in cpu._cpu_signature():
+        pytest.skip(f"this CPU has no {feature}: the suite ran its fallback")
+    env = dict(os.environ, JAMBA_LOCAL_CXXFLAGS=flag, JAMBA_LOCAL_CACHE=str(tmp_path))
+    tests = f"({tests}) and not without_an_instruction_set"  # not this test again
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", tests],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-500:]
-    assert list(tmp_path.glob("kernels/*.so")), "the build without AVX512-BF16 was not made"
+    assert list(tmp_path.glob("kernels/*.so")), f"the build with {flag} was not made"
 
 
 def test_unknown_backend_is_refused():

@@ -393,24 +393,102 @@ constexpr bool HAS_DPBF16 = false;
 inline void dot_rows_dp(const bf16*, const bf16*, int64_t, int, float*) {}
 #endif
 
-// dot_rows with x given in fp32 and, where dot_rows_dp applies (bf16 weights, AVX512-BF16), also as bf16
-// (xb: the same values, each exactly a bf16, as every activation a bf16 matmul takes is)
-template <typename TW>
-inline void dot_rows_x(const float* x, const bf16* xb, const TW* w, int64_t K, int nr, float* out) {
-    if constexpr (std::is_same_v<TW, bf16> && HAS_DPBF16) dot_rows_dp(xb, w, K, nr, out);
-    else dot_rows(x, w, K, nr, out);
-}
-
-// x as bf16 for dot_rows_x (empty where it is not used)
-template <typename TW>
-inline std::vector<bf16> bf16_copy(const float* x, int64_t n) {
-    std::vector<bf16> b;
-    if constexpr (std::is_same_v<TW, bf16> && HAS_DPBF16) {
-        b.resize(n);
-        for (int64_t i = 0; i < n; ++i) b[i] = f_to_bf16(x[i]);
+// int8 weights on a CPU with AVX512-VNNI: x (fp32) is split into two int16 vectors with one scale,
+// x[k] = s (hi[k] + lo[k] / 2^16) + e[k], s = max|x| / 32767, |e[k]| <= s 2^-16 (about max|x| 2^-31: below
+// fp32's own rounding of x, so the product is the fp32 one to fp32 accuracy). VPDPWSSD multiplies 32
+// int16 pairs exactly and sums them in 16 int32 lanes; per 32 weights one sign extension and two VPDPWSSD
+// replace dot_rows' 2 x (widen, convert, FMA) per 16, which left the int8 GEMV compute-bound below the
+// memory's bandwidth. The int32 lanes are moved to fp32 every VNNI_BLOCK weights: each instruction adds at
+// most 2 x 32767 x 128 per lane, so 128 of them (16384 weights over four accumulators) stay below 2^31.
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+constexpr bool HAS_VNNI = true;
+constexpr int64_t VNNI_BLOCK = 16384;
+inline bool split_i16(const float* x, int64_t n, int16_t* hi, int16_t* lo, float* scale) {
+    float amax = 0.0f;
+    for (int64_t i = 0; i < n; ++i) {
+        if (!std::isfinite(x[i])) return false;  // inf / nan: the fp32 kernel propagates them
+        amax = std::max(amax, std::fabs(x[i]));
     }
-    return b;
+    const double s = amax > 0.0f ? double(amax) / 32767.0 : 1.0;
+    for (int64_t i = 0; i < n; ++i) {
+        const double t = double(x[i]) / s, h = std::nearbyint(t);  // double: the split is exact to 2^-17
+        hi[i] = int16_t(h);
+        lo[i] = int16_t(std::clamp(std::nearbyint((t - h) * 65536.0), -32767.0, 32767.0));
+    }
+    *scale = float(s);
+    return true;
 }
+inline void dot_rows_vnni(const float* x, const int16_t* hi, const int16_t* lo, float s, const int8_t* w, int64_t K, int nr,
+                          float* out) {
+    const int64_t K32 = K / 32 * 32;
+    for (int r = 0; r < nr; ++r) {
+        const int8_t* wr = w + r * K;
+        __m512 fh = _mm512_setzero_ps(), fl = _mm512_setzero_ps();
+        int64_t k = 0;
+        while (k < K32) {
+            const int64_t end = std::min(K32, k + VNNI_BLOCK);
+            __m512i h[4], l[4];
+            for (int j = 0; j < 4; ++j) h[j] = l[j] = _mm512_setzero_si512();
+            for (; k + 128 <= end; k += 128) {
+                __builtin_prefetch(reinterpret_cast<const char*>(wr + k) + PREFETCH_BYTES);
+                __builtin_prefetch(reinterpret_cast<const char*>(wr + k) + PREFETCH_BYTES + 64);
+                for (int j = 0; j < 4; ++j) {
+                    const __m512i wj = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + k + 32 * j)));
+                    h[j] = _mm512_dpwssd_epi32(h[j], wj, _mm512_loadu_si512(hi + k + 32 * j));
+                    l[j] = _mm512_dpwssd_epi32(l[j], wj, _mm512_loadu_si512(lo + k + 32 * j));
+                }
+            }
+            for (; k < end; k += 32) {
+                const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + k)));
+                h[0] = _mm512_dpwssd_epi32(h[0], w0, _mm512_loadu_si512(hi + k));
+                l[0] = _mm512_dpwssd_epi32(l[0], w0, _mm512_loadu_si512(lo + k));
+            }
+            for (int j = 0; j < 4; ++j) {
+                fh = _mm512_add_ps(fh, _mm512_cvtepi32_ps(h[j]));
+                fl = _mm512_add_ps(fl, _mm512_cvtepi32_ps(l[j]));
+            }
+        }
+        float sum = s * (_mm512_reduce_add_ps(fh) + _mm512_reduce_add_ps(fl) * (1.0f / 65536.0f));
+        for (; k < K; ++k) sum += float(wr[k]) * x[k];
+        out[r] = sum;
+    }
+}
+#else
+constexpr bool HAS_VNNI = false;
+inline bool split_i16(const float*, int64_t, int16_t*, int16_t*, float*) { return false; }
+inline void dot_rows_vnni(const float*, const int16_t*, const int16_t*, float, const int8_t*, int64_t, int, float*) {}
+#endif
+
+// An activation vector x (fp32, n values) with the other form the dot kernel for TW weights reads, made
+// once per vector: bf16 (bf16 weights on AVX512-BF16: dot_rows_dp; the values are bf16 already, as every
+// activation a bf16 matmul takes is), or the int16 split (int8 weights on AVX512-VNNI: dot_rows_vnni);
+// otherwise dot_rows on x itself.
+template <typename TW>
+struct XForm {
+    const float* x = nullptr;
+    std::vector<bf16> b;
+    std::vector<int16_t> hi, lo;
+    float s = 0.0f;
+    bool split = false;
+    void set(const float* v, int64_t n) {
+        x = v;
+        if constexpr (std::is_same_v<TW, bf16> && HAS_DPBF16) {
+            b.resize(n);
+            for (int64_t i = 0; i < n; ++i) b[i] = f_to_bf16(v[i]);
+        } else if constexpr (std::is_same_v<TW, int8_t> && HAS_VNNI) {
+            hi.resize(n);
+            lo.resize(n);
+            split = split_i16(v, n, hi.data(), lo.data(), &s);
+        }
+    }
+    void dot(const TW* w, int64_t K, int nr, float* out) const {
+        if constexpr (std::is_same_v<TW, bf16> && HAS_DPBF16) dot_rows_dp(b.data(), w, K, nr, out);
+        else if constexpr (std::is_same_v<TW, int8_t> && HAS_VNNI) {
+            if (split) dot_rows_vnni(x, hi.data(), lo.data(), s, w, K, nr, out);
+            else dot_rows(x, w, K, nr, out);
+        } else dot_rows(x, w, K, nr, out);
+    }
+};
 
 template <typename T> inline void put(T* p, float v) {
     if constexpr (sizeof(T) == 2) *p = f_to_bf16(v);
@@ -426,7 +504,8 @@ void gemv(int64_t M, int64_t N, int64_t K, const T* x, int64_t sx, const TW* w, 
     float* xf = new float[M * K];
     for (int64_t m = 0; m < M; ++m)
         for (int64_t k = 0; k < K; ++k) xf[m * K + k] = to_f(x[m * sx + k]);
-    const std::vector<bf16> xb = bf16_copy<TW>(xf, M * K);  // bf16 weights on AVX512-BF16: VDPBF16PS
+    std::vector<XForm<TW>> xs(M);
+    for (int64_t m = 0; m < M; ++m) xs[m].set(xf + m * K, K);
     const int64_t nrb = (N + RB - 1) / RB;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t rb = 0; rb < nrb; ++rb) {
@@ -434,7 +513,7 @@ void gemv(int64_t M, int64_t N, int64_t K, const T* x, int64_t sx, const TW* w, 
         const int nr = int(N - n0 < RB ? N - n0 : RB);
         for (int64_t m = 0; m < M; ++m) {
             float s[RB];
-            dot_rows_x(xf + m * K, xb.empty() ? nullptr : xb.data() + m * K, w + n0 * K, K, nr, s);
+            xs[m].dot(w + n0 * K, K, nr, s);
             for (int r = 0; r < nr; ++r) {
                 if (scale) s[r] *= scale[n0 + r];
                 if (bias) s[r] += to_f(bias[n0 + r]);
@@ -498,8 +577,8 @@ template <typename T, typename TW>
 void mlp_accumulate(int64_t H, int64_t I, const float* x, const TW* wg, const float* sg, const TW* wu, const float* su,
                     const TW* wd, const float* sd, float weight, float* h, float* y, int nthreads) {
     const int64_t nrb_i = (I + RB - 1) / RB, nrb_h = (H + RB - 1) / RB;
-    const std::vector<bf16> xb = bf16_copy<TW>(x, H);
-    std::vector<bf16> hb = bf16_copy<TW>(h, I);  // filled with h's values below
+    XForm<TW> xf, hf;
+    xf.set(x, H);
 #pragma omp parallel num_threads(nthreads)
     {
 #pragma omp for schedule(static)
@@ -507,20 +586,21 @@ void mlp_accumulate(int64_t H, int64_t I, const float* x, const TW* wg, const fl
             const int64_t n0 = rb * RB;
             const int nr = int(I - n0 < RB ? I - n0 : RB);
             float g[RB], u[RB];
-            dot_rows_x(x, xb.data(), wg + n0 * H, H, nr, g);
-            dot_rows_x(x, xb.data(), wu + n0 * H, H, nr, u);
+            xf.dot(wg + n0 * H, H, nr, g);
+            xf.dot(wu + n0 * H, H, nr, u);
             for (int r = 0; r < nr; ++r) {
                 const float gv = rnd<T>(sg ? g[r] * sg[n0 + r] : g[r]), uv = rnd<T>(su ? u[r] * su[n0 + r] : u[r]);
                 h[n0 + r] = rnd<T>(rnd<T>(gv / (1.0f + std::exp(-gv))) * uv);
-                if (!hb.empty()) hb[n0 + r] = f_to_bf16(h[n0 + r]);
             }
         }
+#pragma omp single
+        hf.set(h, I);  // all of h is written (the loop's barrier); the single's barrier: read only after
 #pragma omp for schedule(static)
         for (int64_t rb = 0; rb < nrb_h; ++rb) {
             const int64_t n0 = rb * RB;
             const int nr = int(H - n0 < RB ? H - n0 : RB);
             float d[RB];
-            dot_rows_x(h, hb.data(), wd + n0 * I, I, nr, d);
+            hf.dot(wd + n0 * I, I, nr, d);
             for (int r = 0; r < nr; ++r) y[n0 + r] += weight * rnd<T>(sd ? d[r] * sd[n0 + r] : d[r]);
         }
     }

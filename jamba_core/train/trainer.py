@@ -137,15 +137,20 @@ def loss_fn(model, ids, mask, real):
 
 
 def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float | None = None, log_every: int = 20,
-          init: Path | None = None, curriculum_from: float = 0.0, spaces: str = "attached") -> dict:
+          init: Path | None = None, curriculum_from: float = 0.0, spaces: str = "attached",
+          curriculum_until: float = 1.0) -> dict:
     """Train and save to ``out``; ``init`` continues from a checkpoint folder this function wrote (its
     weights and tokenizer; the optimizer state starts fresh and the data continues at new seeds).
     ``curriculum_from`` in [0, 1): the `CURRICULUM` progress the data start at (a continued run can skip
-    the phases its checkpoint has learned); the learning-rate schedule still spans the whole run.
+    the phases its checkpoint has learned), ``curriculum_until`` in (``curriculum_from``, 1]: where they
+    end (a run can stay in one phase, e.g. 0.22 for copying alone); the learning-rate schedule still spans
+    the whole run.
     ``spaces``: the new tokenizer's word split (`jamba_core.tokenizer.train_tokenizer`; ignored with
     ``init``, whose tokenizer is kept)."""
     if not 0.0 <= curriculum_from < 1.0:
         raise ValueError(f"curriculum_from must be within [0, 1), got {curriculum_from}")
+    if not curriculum_from < curriculum_until <= 1.0:
+        raise ValueError(f"curriculum_until must be within ({curriculum_from}, 1], got {curriculum_until}")
     torch.manual_seed(seed)
     t0 = time.time()
     if init is not None:
@@ -187,7 +192,7 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
             scale = min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
             for group in opt.param_groups:
                 group["lr"] = lr * scale
-            ids, mask, real, family = batch(step, curriculum_from + (1 - curriculum_from) * progress, seed, tokenizer, haystack)
+            ids, mask, real, family = batch(step, curriculum_from + (curriculum_until - curriculum_from) * progress, seed, tokenizer, haystack)
             objective, loss = loss_fn(model, ids, mask, real)
             opt.zero_grad(set_to_none=True)
             objective.backward()
@@ -207,7 +212,7 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
     if init is not None and (Path(init) / "training.json").exists():
         prior = json.loads((Path(init) / "training.json").read_text())
         earlier = prior.pop("earlier_runs", []) + [prior]
-    info = {"earlier_runs": earlier, "init": None if init is None else str(init), "curriculum_from": curriculum_from, "seed": seed, "steps_planned": steps, "steps_run": len(history), "lr": lr, "spaces": None if init is not None else spaces, "parameters": n_params,
+    info = {"earlier_runs": earlier, "init": None if init is None else str(init), "curriculum_from": curriculum_from, "curriculum_until": curriculum_until, "seed": seed, "steps_planned": steps, "steps_run": len(history), "lr": lr, "spaces": None if init is not None else spaces, "parameters": n_params,
             "curriculum": CURRICULUM, "prompt_loss_weight": PROMPT_LOSS_WEIGHT, "config": CONFIG, "train_seconds": round(time.time() - t0, 1),
             "torch_threads": torch.get_num_threads(), "history": history,
             "error": None if failure is None else f"{type(failure).__name__}: {failure}"}
@@ -270,10 +275,12 @@ def main(argv=None) -> int:
                         help="time budget for the training loop: the schedule then runs on whichever of steps or time ends first")
     parser.add_argument("--curriculum-from", type=float, default=0.0,
                         help="curriculum progress (0..1) the data start at, e.g. 0.45 to skip the copying phases on --init")
+    parser.add_argument("--curriculum-until", type=float, default=1.0,
+                        help="curriculum progress (0..1] the data end at, e.g. 0.22 for the copying phase alone")
     parser.add_argument("--spaces", choices=("attached", "isolated"), default="attached",
                         help="a new tokenizer's word split: 'isolated' gives each word one spelling in prose and in JSON")
     args = parser.parse_args(argv)
     info = train(args.out, args.steps, args.seed, args.lr, args.minutes, init=args.init, curriculum_from=args.curriculum_from,
-                 spaces=args.spaces)
+                 spaces=args.spaces, curriculum_until=args.curriculum_until)
     print(f"{info['parameters']:,} parameters, {info['steps_run']} steps, {info['train_seconds']:.0f} s -> {args.out}")
     return 0
