@@ -188,6 +188,25 @@ def test_a_continued_run_can_start_later_in_the_curriculum(tmp_path, shared_dir)
     assert all(run["history"] for run in info["earlier_runs"])
 
 
+def test_a_run_can_stay_within_one_phase_of_the_curriculum(tmp_path, shared_dir, monkeypatch):
+    """curriculum_until: the data end where asked (here within the copying phase), so a run can repeat a
+    phase its checkpoint has not learned; an empty or reversed range is refused."""
+    from jamba_core.testing import TRAINED_CHECKPOINT
+    from jamba_core.train import trainer
+
+    if not (TRAINED_CHECKPOINT / "model.safetensors").is_file():
+        pytest.skip("no trained checkpoint in this tree")
+    for until in (0.3, 1.5):
+        with pytest.raises(ValueError, match="curriculum_until"):
+            trainer.train(tmp_path / "x", steps=1, init=TRAINED_CHECKPOINT, curriculum_from=0.3, curriculum_until=until)
+    positions = []  # the curriculum progress each step's batch is drawn at
+    batch = trainer.batch
+    monkeypatch.setattr(trainer, "batch", lambda step, progress, *rest: positions.append(progress) or batch(step, progress, *rest))
+    info = trainer.train(tmp_path / "out", steps=4, seed=3, init=TRAINED_CHECKPOINT, curriculum_until=0.2, log_every=100)
+    assert info["curriculum_until"] == 0.2 and positions == pytest.approx([0.0, 0.05, 0.1, 0.15])
+    assert all(h["family"] in trainer.CURRICULUM[0]["mix"] for h in info["history"])
+
+
 def test_needles_fall_back_to_a_single_needle_where_a_task_cannot_fit(shared_dir):
     """With spaces isolated, variable tracking's fixed text does not fit 256 tokens: the curriculum's
     shortest needles then use the single needle instead of failing the run (a 35-minute run once died so)."""
