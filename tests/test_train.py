@@ -220,7 +220,10 @@ def test_needles_fall_back_to_a_single_needle_where_a_task_cannot_fit(shared_dir
     assert "niah_single" in kinds and "variable_tracking" not in kinds
 
 
-def test_a_failed_step_saves_what_was_trained_before_it_propagates(tmp_path, monkeypatch, shared_dir):
+@pytest.mark.parametrize("stop", [RuntimeError("a broken batch"), KeyboardInterrupt()], ids=["error", "interrupt"])
+def test_a_failed_or_interrupted_run_saves_what_was_trained(tmp_path, monkeypatch, shared_dir, stop):
+    """A failed step: the weights so far are saved, then the error propagates; Ctrl-C: saved, and the run
+    returns as a time budget's end would."""
     from jamba_core.tokenizer import train_tokenizer
     from jamba_core.train import trainer
 
@@ -228,15 +231,20 @@ def test_a_failed_step_saves_what_was_trained_before_it_propagates(tmp_path, mon
 
     def batch(step, *args):
         if step == 2:
-            raise RuntimeError("a broken batch")
+            raise stop
         return real_batch(step, *args)
 
     monkeypatch.setattr(trainer, "batch", batch)
     monkeypatch.setattr(trainer, "make_tokenizer", lambda seed, spaces: train_tokenizer(trainer.CONFIG["vocab_size"], spaces=spaces))
     monkeypatch.setattr(trainer, "CONFIG", dict(trainer.CONFIG, hidden_size=32, intermediate_size=64, num_attention_heads=2,
                                                  num_key_value_heads=1, num_hidden_layers=3))
-    with pytest.raises(RuntimeError, match="a broken batch"):
-        trainer.train(tmp_path / "out", steps=5, seed=1, log_every=100)
+    if isinstance(stop, KeyboardInterrupt):
+        assert trainer.train(tmp_path / "out", steps=5, seed=1, log_every=100)["interrupted"]
+    else:
+        with pytest.raises(RuntimeError, match="a broken batch"):
+            trainer.train(tmp_path / "out", steps=5, seed=1, log_every=100)
     info = json.loads((tmp_path / "out" / "training.json").read_text())
-    assert info["steps_run"] == 2 and info["error"] == "RuntimeError: a broken batch"
+    assert info["steps_run"] == 2
+    assert info["error"] == (None if isinstance(stop, KeyboardInterrupt) else "RuntimeError: a broken batch")
+    assert info["interrupted"] == isinstance(stop, KeyboardInterrupt)
     assert (tmp_path / "out" / "model.safetensors").is_file()

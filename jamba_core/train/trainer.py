@@ -180,7 +180,7 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
     ops.use("train")
     model.train()
     t_train = time.time()
-    failure = None
+    failure, interrupted = None, False
     try:
         for step in range(steps):
             # progress drives the cosine schedule and the needle lengths: steps done, or the time budget
@@ -203,6 +203,9 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
             if step % log_every == 0 or step == steps - 1:
                 print(f"step {step}/{steps} {family:9s} L={ids.shape[1]:5d} loss {loss.item():.4f} "
                       f"gn {float(grad_norm):.2f} {time.time() - t0:.0f}s", flush=True)
+    except KeyboardInterrupt:  # Ctrl-C (or kill -INT): a stop like the time budget's, the weights saved
+        interrupted = True
+        print(f"interrupted at step {len(history)}: saving the weights trained so far", flush=True)
     except Exception as err:  # a failed batch or step loses nothing: what was trained is saved, then it propagates
         failure = err
         print(f"stopping at step {len(history)}: {type(err).__name__}: {err}; saving the weights trained so far", flush=True)
@@ -215,7 +218,7 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
     info = {"earlier_runs": earlier, "init": None if init is None else str(init), "curriculum_from": curriculum_from, "curriculum_until": curriculum_until, "seed": seed, "steps_planned": steps, "steps_run": len(history), "lr": lr, "spaces": None if init is not None else spaces, "parameters": n_params,
             "curriculum": CURRICULUM, "prompt_loss_weight": PROMPT_LOSS_WEIGHT, "config": CONFIG, "train_seconds": round(time.time() - t0, 1),
             "torch_threads": torch.get_num_threads(), "history": history,
-            "error": None if failure is None else f"{type(failure).__name__}: {failure}"}
+            "error": None if failure is None else f"{type(failure).__name__}: {failure}", "interrupted": interrupted}
     (out / "training.json").write_text(json.dumps(info))
     plot_loss([*earlier, info], out / "loss.png")
     if failure is not None:
