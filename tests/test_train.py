@@ -248,3 +248,35 @@ def test_a_failed_or_interrupted_run_saves_what_was_trained(tmp_path, monkeypatc
     assert info["error"] == (None if isinstance(stop, KeyboardInterrupt) else "RuntimeError: a broken batch")
     assert info["interrupted"] == isinstance(stop, KeyboardInterrupt)
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_the_cli_saves_on_sigterm_and_sigint_even_in_the_background(tmp_path, shared_dir, signame):
+    """`python -m jamba_core.train` started as a shell starts a background job (SIGINT ignored): kill -TERM
+    or kill -INT stops it with the weights saved and training.json marked interrupted."""
+    import signal
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; from jamba_core.train import trainer\n"
+        "from jamba_core.tokenizer import train_tokenizer\n"
+        "trainer.make_tokenizer = lambda seed, spaces: train_tokenizer(trainer.CONFIG['vocab_size'], spaces=spaces)\n"
+        "trainer.CONFIG = dict(trainer.CONFIG, hidden_size=32, intermediate_size=64, num_attention_heads=2,"
+        " num_key_value_heads=1, num_hidden_layers=3)\n"
+        f"sys.exit(trainer.main(['--out', {str(tmp_path / 'out')!r}, '--steps', '100000']))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        for line in proc.stdout:  # the first logged step: training has started
+            if line.startswith("step 0/"):
+                break
+        proc.send_signal(getattr(signal, signame))
+        out = proc.communicate(timeout=120)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out[-2000:]
+    info = json.loads((tmp_path / "out" / "training.json").read_text())
+    assert info["interrupted"] and info["error"] is None and 1 <= info["steps_run"] < 100000
+    assert (tmp_path / "out" / "model.safetensors").is_file()

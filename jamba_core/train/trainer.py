@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import random
+import signal
 import time
 from pathlib import Path
 
@@ -203,7 +204,7 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
             if step % log_every == 0 or step == steps - 1:
                 print(f"step {step}/{steps} {family:9s} L={ids.shape[1]:5d} loss {loss.item():.4f} "
                       f"gn {float(grad_norm):.2f} {time.time() - t0:.0f}s", flush=True)
-    except KeyboardInterrupt:  # Ctrl-C (or kill -INT): a stop like the time budget's, the weights saved
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM from the CLI (main): a stop like the time budget's, the weights saved
         interrupted = True
         print(f"interrupted at step {len(history)}: saving the weights trained so far", flush=True)
     except Exception as err:  # a failed batch or step loses nothing: what was trained is saved, then it propagates
@@ -267,6 +268,17 @@ def plot_loss(runs: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _stop(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _stop_on_signals() -> None:
+    """SIGINT and SIGTERM stop the run with its weights saved (`train`), also in a process started in the
+    background, where the shell has set SIGINT to be ignored."""
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jamba_core.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("checkpoints/jamba-tiny-chat"))
@@ -283,6 +295,7 @@ def main(argv=None) -> int:
     parser.add_argument("--spaces", choices=("attached", "isolated"), default="attached",
                         help="a new tokenizer's word split: 'isolated' gives each word one spelling in prose and in JSON")
     args = parser.parse_args(argv)
+    _stop_on_signals()
     info = train(args.out, args.steps, args.seed, args.lr, args.minutes, init=args.init, curriculum_from=args.curriculum_from,
                  spaces=args.spaces, curriculum_until=args.curriculum_until)
     print(f"{info['parameters']:,} parameters, {info['steps_run']} steps, {info['train_seconds']:.0f} s -> {args.out}")
