@@ -10,7 +10,8 @@ The matmul is ``y = (x @ q.T) * s``: the scale factors out of the sum over ``in`
 accumulation). On CPU (`kernel_path`):
 - ``"gemv"``, for fewer than `GEMM_ROWS` rows (decode, and the few tokens an expert gets) with the
   ``"cpu"`` ops backend: `jamba_core.ops.cpu.int8_matmul`, a C++ kernel that streams the int8 matrix
-  once and accumulates in fp32 with the activations as they are (fp32 or bf16); decode is bound by memory
+  once and accumulates in fp32 with the activations as they are (fp32 or bf16; on AVX512-VNNI split into
+  two int16 vectors with one scale, exact to max|x| 2^-31, for VPDPWSSD); decode is bound by memory
   bandwidth, so it reads a quarter of fp32's bytes.
 - ``"int8pack"``, the same rows where that kernel is not built: PyTorch's weight-only int8 CPU kernel
   ``aten._weight_int8pack_mm`` with bf16 activations (measured on bench-small decode: about 5x slower
