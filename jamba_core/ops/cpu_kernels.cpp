@@ -400,8 +400,10 @@ inline void dot_rows_dp(const bf16*, const bf16*, int64_t, int, float*) {}
 // replace dot_rows' 2 x (widen, convert, FMA) per 16. Measured on a 2-vCPU Xeon, 2 threads: a 64 MiB matrix
 // in the L3 36 -> 52 GB/s; streamed from memory 16 -> 18-20 GB/s at 32 MiB, unchanged at 4 MiB (both
 // ~16-19, short of the 25 GB/s copy bandwidth), and bench-small's int8 decode unchanged within the noise.
+// Rows go in pairs (two weight streams per thread, each x load serving both): 17-21 GB/s from memory, within
+// that VM's +-30% noise of the single-row form.
 // The int32 lanes are moved to fp32 every VNNI_BLOCK weights: each instruction adds at
-// most 2 x 32767 x 128 per lane, so 128 of them (16384 weights over four accumulators) stay below 2^31.
+// most 2 x 32767 x 128 per lane, so 256 of them (16384 weights over two accumulators) stay below 2^31.
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 constexpr bool HAS_VNNI = true;
 constexpr int64_t VNNI_BLOCK = 16384;
@@ -420,39 +422,51 @@ inline bool split_i16(const float* x, int64_t n, int16_t* hi, int16_t* lo, float
     *scale = float(s);
     return true;
 }
+// rows in pairs: two weight streams in flight per thread, each x load shared by both
 inline void dot_rows_vnni(const float* x, const int16_t* hi, const int16_t* lo, float s, const int8_t* w, int64_t K, int nr,
                           float* out) {
     const int64_t K32 = K / 32 * 32;
-    for (int r = 0; r < nr; ++r) {
-        const int8_t* wr = w + r * K;
-        __m512 fh = _mm512_setzero_ps(), fl = _mm512_setzero_ps();
+    for (int r = 0; r < nr; r += 2) {
+        const int pair = r + 1 < nr ? 2 : 1;
+        const int8_t* w0 = w + r * K;
+        const int8_t* w1 = w + (r + pair - 1) * K;  // a last single row: the same row twice, one result kept
+        __m512 f[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
         int64_t k = 0;
         while (k < K32) {
             const int64_t end = std::min(K32, k + VNNI_BLOCK);
-            __m512i h[4], l[4];
-            for (int j = 0; j < 4; ++j) h[j] = l[j] = _mm512_setzero_si512();
-            for (; k + 128 <= end; k += 128) {
-                __builtin_prefetch(reinterpret_cast<const char*>(wr + k) + PREFETCH_BYTES);
-                __builtin_prefetch(reinterpret_cast<const char*>(wr + k) + PREFETCH_BYTES + 64);
-                for (int j = 0; j < 4; ++j) {
-                    const __m512i wj = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + k + 32 * j)));
-                    h[j] = _mm512_dpwssd_epi32(h[j], wj, _mm512_loadu_si512(hi + k + 32 * j));
-                    l[j] = _mm512_dpwssd_epi32(l[j], wj, _mm512_loadu_si512(lo + k + 32 * j));
+            __m512i a[8];  // row 0 hi, row 0 lo, row 1 hi, row 1 lo; two accumulators each
+            for (int j = 0; j < 8; ++j) a[j] = _mm512_setzero_si512();
+            for (; k + 64 <= end; k += 64) {
+                __builtin_prefetch(reinterpret_cast<const char*>(w0 + k) + PREFETCH_BYTES);
+                __builtin_prefetch(reinterpret_cast<const char*>(w1 + k) + PREFETCH_BYTES);
+                for (int j = 0; j < 2; ++j) {
+                    const __m512i xh = _mm512_loadu_si512(hi + k + 32 * j), xl = _mm512_loadu_si512(lo + k + 32 * j);
+                    const __m512i v0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w0 + k + 32 * j)));
+                    const __m512i v1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w1 + k + 32 * j)));
+                    a[j] = _mm512_dpwssd_epi32(a[j], v0, xh);
+                    a[2 + j] = _mm512_dpwssd_epi32(a[2 + j], v0, xl);
+                    a[4 + j] = _mm512_dpwssd_epi32(a[4 + j], v1, xh);
+                    a[6 + j] = _mm512_dpwssd_epi32(a[6 + j], v1, xl);
                 }
             }
             for (; k < end; k += 32) {
-                const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + k)));
-                h[0] = _mm512_dpwssd_epi32(h[0], w0, _mm512_loadu_si512(hi + k));
-                l[0] = _mm512_dpwssd_epi32(l[0], w0, _mm512_loadu_si512(lo + k));
+                const __m512i xh = _mm512_loadu_si512(hi + k), xl = _mm512_loadu_si512(lo + k);
+                const __m512i v0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w0 + k)));
+                const __m512i v1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w1 + k)));
+                a[0] = _mm512_dpwssd_epi32(a[0], v0, xh);
+                a[2] = _mm512_dpwssd_epi32(a[2], v0, xl);
+                a[4] = _mm512_dpwssd_epi32(a[4], v1, xh);
+                a[6] = _mm512_dpwssd_epi32(a[6], v1, xl);
             }
-            for (int j = 0; j < 4; ++j) {
-                fh = _mm512_add_ps(fh, _mm512_cvtepi32_ps(h[j]));
-                fl = _mm512_add_ps(fl, _mm512_cvtepi32_ps(l[j]));
-            }
+            for (int j = 0; j < 4; ++j)
+                f[j] = _mm512_add_ps(f[j], _mm512_add_ps(_mm512_cvtepi32_ps(a[2 * j]), _mm512_cvtepi32_ps(a[2 * j + 1])));
         }
-        float sum = s * (_mm512_reduce_add_ps(fh) + _mm512_reduce_add_ps(fl) * (1.0f / 65536.0f));
-        for (; k < K; ++k) sum += float(wr[k]) * x[k];
-        out[r] = sum;
+        for (int p = 0; p < pair; ++p) {
+            const int8_t* wr = p ? w1 : w0;
+            float sum = s * (_mm512_reduce_add_ps(f[2 * p]) + _mm512_reduce_add_ps(f[2 * p + 1]) * (1.0f / 65536.0f));
+            for (int64_t t = k; t < K; ++t) sum += float(wr[t]) * x[t];
+            out[r + p] = sum;
+        }
     }
 }
 #else
