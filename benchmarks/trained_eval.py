@@ -46,7 +46,7 @@ def random_twin(path: Path, folder: Path, seed: int = 1) -> Path:
 def run(model: Path, name: str, args, out: Path) -> dict:
     from jamba_core.eval import evaluate, write_report
     from jamba_core.eval.ruler import Haystack
-    from jamba_core.eval.tools import evaluate_json, evaluate_tool_calls
+    from jamba_core.eval.tools import evaluate_copying, evaluate_json, evaluate_tool_calls
     from langchain_jamba import ChatJamba
 
     chat = ChatJamba(model=str(model), temperature=0.0, max_tokens=48)
@@ -73,9 +73,11 @@ def run(model: Path, name: str, args, out: Path) -> dict:
     start = time.perf_counter()
     tools = evaluate_tool_calls(chat, samples=args.tool_samples, seed=args.seed)
     structured = evaluate_json(chat, samples=args.json_samples, seed=args.seed)
+    copying = evaluate_copying(chat.bind(max_tokens=96), samples=args.copy_samples, seed=args.seed)
     print(f"  {name} tools: parsed {tools['parsed']:.2f} correct {tools['correct']:.2f} answer {tools['answer']:.2f}; "
-          f"json exact {structured['exact']:.2f} ({time.perf_counter() - start:.0f} s)", flush=True)
-    return {"ruler_means": results["means"], "tools": tools, "json": structured}
+          f"json exact {structured['exact']:.2f}; copying exact {copying['exact']:.2f} words {copying['word_accuracy']:.2f} "
+          f"({time.perf_counter() - start:.0f} s)", flush=True)
+    return {"ruler_means": results["means"], "tools": tools, "json": structured, "copying": copying}
 
 
 def summary(figures: dict, training: dict | None) -> str:
@@ -96,11 +98,12 @@ def summary(figures: dict, training: dict | None) -> str:
             row.append(f"{hits[0]:.2f}" if hits else "-")
         lines.append(f"| {task} | {length:,} | " + " | ".join(row) + " |")
     lines += ["", "## Tool calls (held-out names and values, unconstrained) and JSON extraction", "",
-              "| model | parsed | correct name + args | answer quotes the result | JSON exact (json_schema) |",
-              "|---|---:|---:|---:|---:|"]
+              "| model | parsed | correct name + args | answer quotes the result | JSON exact (json_schema) | copying exact (words) |",
+              "|---|---:|---:|---:|---:|---:|"]
     for n in names:
-        t, j = figures[n]["tools"], figures[n]["json"]
-        lines.append(f"| {n} | {t['parsed']:.2f} | {t['correct']:.2f} | {t['answer']:.2f} | {j['exact']:.2f} |")
+        t, j, c = figures[n]["tools"], figures[n]["json"], figures[n].get("copying")
+        copied = f"{c['exact']:.2f} ({c['word_accuracy']:.2f})" if c else "-"
+        lines.append(f"| {n} | {t['parsed']:.2f} | {t['correct']:.2f} | {t['answer']:.2f} | {j['exact']:.2f} | {copied} |")
     return "\n".join(lines) + "\n"
 
 
@@ -118,6 +121,7 @@ def main(argv=None) -> int:
     p.add_argument("--random-lengths", default="1k,4k", help="lengths for the random-weight model (no --long)")
     p.add_argument("--tool-samples", type=int, default=100)
     p.add_argument("--json-samples", type=int, default=50)
+    p.add_argument("--copy-samples", type=int, default=50, help="held-out sequences to repeat verbatim (copying)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args(argv)
@@ -128,7 +132,7 @@ def main(argv=None) -> int:
         twin = random_twin(model, Path(tmp) / "random")
         quick = argparse.Namespace(**{**vars(args), "lengths": args.random_lengths, "long": "none"})
         figures["random"] = run(twin, "random", quick, args.out)
-    (args.out / "tools.json").write_text(json.dumps({n: {"tools": f["tools"], "json": f["json"]} for n, f in figures.items()}, indent=1, default=str))
+    (args.out / "tools.json").write_text(json.dumps({n: {"tools": f["tools"], "json": f["json"], "copying": f["copying"]} for n, f in figures.items()}, indent=1, default=str))
     training_file = model / "training.json"
     training = json.loads(training_file.read_text()) if training_file.is_file() else None
     text = summary(figures, training)

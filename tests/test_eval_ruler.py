@@ -164,3 +164,27 @@ def test_report_of_a_long_stage_run_for_some_tasks_only(tmp_path):
     assert rows == ["| niah_single | 1024 | 1.00 | 1.00 | 1.00 |", "| niah_single | 65536 |  | 0.00 | 0.00 |",
                     "| niah_multikey | 1024 | 1.00 | 1.00 | 1.00 |"]
     assert paths["heatmap"].stat().st_size > 0
+
+
+def test_copying_scores_an_echo_one_a_shifted_copy_partly_and_a_refusal_zero(shared_dir):
+    """`evaluate_copying`: the sequence is the prompt's tail after its instruction; an echo of it is exact,
+    the same items one place late score no item, the right items with the last one dropped score the
+    rest, and the scores come from held-out (test-split) words."""
+    from jamba_core.eval.tools import evaluate_copying
+    from jamba_core.train import data
+
+    def sequence(prompt: str) -> str:
+        for ask in ("Repeat this exactly: ", "Copy the following text: ", "Say it back: "):
+            if prompt.startswith(ask):
+                return prompt[len(ask):]
+        return prompt
+
+    echo = evaluate_copying(_ScriptedChat(reply=sequence), samples=12)
+    assert echo["exact"] == 1.0 and echo["word_accuracy"] == 1.0 and echo["failures"] == []
+    late = evaluate_copying(_ScriptedChat(reply=lambda p: "well " + sequence(p)), samples=12)
+    assert late["exact"] == 0.0 and late["word_accuracy"] < 0.2
+    short = evaluate_copying(_ScriptedChat(reply=lambda p: sequence(p).rsplit(" ", 1)[0]), samples=12)
+    assert short["exact"] == 0.0 and 0.7 <= short["word_accuracy"] < 1.0
+    assert evaluate_copying(_ScriptedChat(reply=lambda p: "I don't know"), samples=12)["word_accuracy"] == 0.0
+    test_words = set(data.words("test"))
+    assert any(w in test_words for f in short["failures"] for w in f["expected"].replace(",", " ").split())

@@ -10,6 +10,10 @@ decoding (``tool_choice="auto"``, free generation then parsing):
 
 JSON extraction asks for a record described in prose through ``with_structured_output`` (the schema
 as the response format); exact is the returned object equal to the record.
+
+Copying asks for a sequence of held-out words and numbers back verbatim (`data.repeat`): what tool
+arguments, needle values and quoted results are built on (the induction pattern, Olsson et al. 2022), and
+the first thing a small model's training has to form.
 """
 
 from __future__ import annotations
@@ -77,6 +81,26 @@ def evaluate_json(chat_model, samples: int = 100, seed: int = 0, split: str = "t
         if got != expected and len(failures) < 10:
             failures.append({"text": conv.messages[0]["content"], "expected": expected, "got": got})
     return {"samples": samples, "split": split, "exact": exact / samples, "failures": failures}
+
+
+def evaluate_copying(chat_model, samples: int = 50, seed: int = 0, split: str = "test", max_items: int = 16) -> dict:
+    """Ask `chat_model` to repeat `samples` sequences of 4..``max_items`` words (``split``'s) and numbers:
+    ``{"samples", "exact", "word_accuracy", "failures"}``, exact = the reply (stripped) is the sequence,
+    word accuracy = the share of the sequence's items that the reply has at the same index."""
+    from langchain_core.messages import HumanMessage
+
+    exact, words, failures = 0, 0.0, []
+    for i in range(samples):
+        conv = data.repeat(random.Random(f"copy:{seed}:{i}"), max_items=max_items, split=split)
+        want = conv.messages[-1]["content"]
+        got = chat_model.invoke([HumanMessage(conv.messages[0]["content"])]).content
+        got = (got if isinstance(got, str) else str(got)).strip()
+        a, b = got.replace(",", " ").split(), want.replace(",", " ").split()
+        exact += got == want.strip()
+        words += sum(x == y for x, y in zip(a, b)) / len(b)
+        if got != want.strip() and len(failures) < 10:
+            failures.append({"expected": want, "got": got})
+    return {"samples": samples, "split": split, "exact": exact / samples, "word_accuracy": words / samples, "failures": failures}
 
 
 def _same(a, b) -> bool:
