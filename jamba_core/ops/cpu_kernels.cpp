@@ -481,6 +481,8 @@ inline void dot_rows_vnni(const float*, const int16_t*, const int16_t*, float, c
 // otherwise dot_rows on x itself.
 template <typename TW>
 struct XForm {
+    // whether set() makes a second form (then it must see all of x, once)
+    static constexpr bool prepared = (std::is_same_v<TW, bf16> && HAS_DPBF16) || (std::is_same_v<TW, int8_t> && HAS_VNNI);
     const float* x = nullptr;
     std::vector<bf16> b;
     std::vector<int16_t> hi, lo;
@@ -595,6 +597,7 @@ void mlp_accumulate(int64_t H, int64_t I, const float* x, const TW* wg, const fl
     const int64_t nrb_i = (I + RB - 1) / RB, nrb_h = (H + RB - 1) / RB;
     XForm<TW> xf, hf;
     xf.set(x, H);
+    if constexpr (!XForm<TW>::prepared) hf.set(h, I);  // x itself: h's values are read after the barrier below
 #pragma omp parallel num_threads(nthreads)
     {
 #pragma omp for schedule(static)
@@ -609,8 +612,10 @@ void mlp_accumulate(int64_t H, int64_t I, const float* x, const TW* wg, const fl
                 h[n0 + r] = rnd<T>(rnd<T>(gv / (1.0f + std::exp(-gv))) * uv);
             }
         }
+        if constexpr (XForm<TW>::prepared) {
 #pragma omp single
-        hf.set(h, I);  // all of h is written (the loop's barrier); the single's barrier: read only after
+            hf.set(h, I);  // all of h is written (the loop's barrier); the single's barrier: read only after
+        }
 #pragma omp for schedule(static)
         for (int64_t rb = 0; rb < nrb_h; ++rb) {
             const int64_t n0 = rb * RB;
