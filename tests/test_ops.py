@@ -505,7 +505,7 @@ def test_int8_matmul_propagates_non_finite_activations():
 
 @needs_cpu
 @pytest.mark.parametrize("flag,feature,tests", [
-    ("-mno-avx512bf16", "avx512_bf16", "test_linear_matches_torch or feed_forward_decode or layer_decode"),
+    ("-mno-avx512bf16", "avx512_bf16", "test_linear_matches_torch or feed_forward_decode or layer_decode or flash_attention or bf16_chunked_prefill"),
     ("-mno-avx512vnni", "avx512_vnni", "int8_matmul or feed_forward_decode or layer_decode"),
 ], ids=["bf16", "int8"])
 def test_matmuls_without_an_instruction_set_match_too(tmp_path, flag, feature, tests):
@@ -608,4 +608,77 @@ def test_bf16_model_fast_path_close_to_reference_path(tmp_path):
             prefill = model(ids[:, :30], cache=cache)
             steps = [model(ids[:, t : t + 1], cache=cache) for t in range(30, 40)]
             logits[name] = torch.cat([prefill] + steps, 1).float()
+    assert rel(logits["cpu"], logits["reference"]) <= BF16_REL
+
+
+# -- prefill attention over past keys: the bf16 flash kernel -----------------------------------------
+def _kernel_has_bf16_flash() -> bool:
+    import os
+
+    return "avx512_bf16" in cpu._cpu_signature() and "-mno-avx512bf16" not in os.environ.get("JAMBA_LOCAL_CXXFLAGS", "")
+
+
+@needs_cpu
+@pytest.mark.parametrize("b,kv,R,S,hd", [
+    (1, 2, 37, 100, 64),     # rows not a multiple of the 8-row tile, keys not of the 128-key block
+    (2, 1, 8, 128, 32),      # batch > 1, exact blocks
+    (1, 3, 19, 1, 128),      # a single key
+    (1, 2, 64, 2100, 48),    # past one 2048-key pass; head_dim 48: one block of 3 vectors
+    (1, 1, 5, 4099, 16),     # three passes, the last of 3 keys
+    (1, 2, 9, 300, 80),      # head_dim 80: one block of 4 vectors and one of 1
+])
+def test_flash_attention_lse_matches_reference(b, kv, R, S, hd):
+    """bf16 q, k, v (k, v strided views of a larger cache, as the KV cache hands them over) against the
+    fp32 softmax on the same bf16 values. Bound: 4e-3 relative (Frobenius) on out, P being rounded to bf16
+    (2^-9 relative per weight) before P.V; 2e-6 relative on the log-sum-exp (fp32 sums, a degree-5 exp2)."""
+    g = torch.Generator().manual_seed(R * 1000 + S)
+    q = torch.randn(b, kv, R, hd, generator=g).bfloat16()
+    cache_k = torch.randn(b, kv, S + 50, hd, generator=g).mul(3).bfloat16()  # scores of several units: a peaked softmax
+    cache_v = torch.randn(b, kv, S + 50, hd, generator=g).bfloat16()
+    k, v = cache_k[:, :, 10 : 10 + S], cache_v[:, :, 10 : 10 + S]
+    got = cpu.flash_attention_lse(q, k, v, hd**-0.5)
+    if not _kernel_has_bf16_flash():
+        assert got is None  # torch's kernel runs instead
+        return
+    out, lse = got
+    ref_out, ref_lse = reference.attention_lse(q, k, v, hd**-0.5)
+    assert out.dtype == lse.dtype == torch.float32 and out.shape == ref_out.shape and lse.shape == ref_lse.shape
+    assert ((out - ref_out).norm() / ref_out.norm()).item() <= 4e-3
+    assert ((lse - ref_lse).abs() / (1 + ref_lse.abs())).max().item() <= 2e-6
+
+
+@needs_cpu
+def test_flash_attention_lse_declines_what_it_does_not_cover():
+    q = torch.randn(1, 1, 4, 24).bfloat16()  # head_dim 24: not a multiple of 16
+    assert cpu.flash_attention_lse(q, q, q, 0.2) is None
+    q = torch.randn(1, 1, 4, 32)  # fp32: torch's kernel
+    assert cpu.flash_attention_lse(q, q, q, 0.2) is None
+    with ops.using("reference"):  # the reference backend has no flash kernel (its scores are (R, S))
+        assert ops.flash_attention_lse(q.bfloat16(), q.bfloat16(), q.bfloat16(), 0.2) is None
+
+
+@needs_cpu
+def test_bf16_chunked_prefill_over_past_key_blocks_close_to_reference_path(monkeypatch, tmp_path):
+    """A bf16 model prefilled in chunks with the past keys in small blocks: the fast path (our flash kernel
+    where the CPU has AVX512-BF16) against the reference ops (torch's kernel), within bf16 rounding."""
+    from test_model_parity import CONFIGS, load_ours, reference_model
+
+    from jamba_core.cache import HybridCache
+    from jamba_core.loading import load_config, load_model
+    from jamba_core.model import attention
+
+    monkeypatch.setattr(attention, "PAST_KEY_BLOCK", 23)
+    ref = reference_model(CONFIGS["attn-odd-moe-even"])
+    load_ours(ref, tmp_path)
+    model = load_model(tmp_path, load_config(tmp_path), dtype=torch.bfloat16, progress=False)
+    ids = torch.randint(0, 512, (1, 96), generator=torch.Generator().manual_seed(4))
+    logits, calls = {}, []
+    real = cpu.flash_attention_lse
+    monkeypatch.setattr(cpu, "flash_attention_lse", lambda *a: calls.append(real(*a)) or calls[-1])
+    for name in ("reference", "cpu"):
+        with ops.using(name), torch.no_grad():
+            cache = HybridCache(model.config, dtype=torch.bfloat16)
+            logits[name] = torch.cat([model(ids[:, s : s + 24], cache=cache) for s in range(0, 96, 24)], 1).float()
+    assert calls, "the fast path never asked the kernel"
+    assert all((c is not None) == _kernel_has_bf16_flash() for c in calls)
     assert rel(logits["cpu"], logits["reference"]) <= BF16_REL

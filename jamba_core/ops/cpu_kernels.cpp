@@ -838,6 +838,151 @@ void attend_keys(const float* q, const T* k, const T* v, int64_t lo, int64_t hi,
     }
 }
 
+
+// Prefill attention over a block of past keys with bf16 queries, keys and values on a CPU with
+// AVX512-BF16 (flash attention's order, Dao et al. 2022, Algorithm 1; the pairwise VDPBF16PS products as in
+// dot_rows_dp). Every query row sees every key (no mask: chunked prefill's past part). Per head, K and V are
+// first packed so that each 64-byte load feeds VDPBF16PS as it is: K as [group of 16 keys][dim pair][16
+// keys][2 dims], V as [key pair][dim][2 keys]. Each tile of FQ query rows then runs over the keys FK at a
+// time: scores S = scale * q.K^T (bf16 products summed in fp32), the running max m and sum l updated and acc
+// rescaled once per FK keys, P = exp(S - m) summed in fp32 and rounded to bf16, acc += P.V in fp32. Result:
+// out = acc / l (fp32) and lse = m + log(l), so blocks merge by their log-sum-exp. torch's CPU flash kernel
+// also rounds P to bf16 before P.V. Measured on a 2-core EPYC (bf16 matmul ~400 GFLOP/s), 8,192 folded query
+// rows, hd 64, 2 threads: torch's bf16 kernel 150-158 GFLOP/s (no faster than its fp32 one), this one 260-310
+// at 8K keys and 250-267 at 32K (1.6-2.0x); tile shapes tried: 8 or 16 rows, 64 / 128 / 256 keys per update,
+// passes of 1K-32K keys; the exp2 below in place of vexp gave +10-15%.
+#if defined(__AVX512BF16__)
+constexpr int FQ = 8;   // query rows per tile (at most 16) (two groups of 4 rows x 4 vectors = 16 accumulators)
+constexpr int FK = 128;  // keys per softmax update (a multiple of 64: scores in blocks of 4 x 4 vectors)
+constexpr int64_t FLASH_MAX_HD = 512;
+constexpr int64_t FLASH_KEYS = 2048;  // keys per pass over all tiles: 512 KiB of packed K and V (hd 64), in the L2
+
+// 2^x for x <= 0 (scores minus their running max, in log2 units): 2^x = 2^n 2^f, n = round(x), f in
+// [-0.5, 0.5], 2^f = exp(f ln2) by its Taylor series to degree 5 (relative error < 3e-6, far below the
+// bf16 rounding of P that follows); VSCALEFPS applies 2^n and returns 0 below 2^-126 (x clamped at -200, so
+// -inf, a padding key's score, gives 0 too). Nine vector operations against vexp's twenty.
+inline __m512 exp2_neg(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-200.0f));
+    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(x, n);
+    __m512 p = _mm512_set1_ps(1.3333558e-3f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+inline __m512bh bh(const uint32_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
+inline __m512bh bh_set1(uint32_t x) { return (__m512bh)_mm512_set1_epi32(int(x)); }
+
+// acc rows 0..3 (row stride hd), dims i0 .. i0 + 16 NV: acc = acc * corr + P . V over FK keys
+template <int NV>
+inline void pv_rows4(const uint32_t* p32, const uint32_t* vp, int64_t hd, int64_t i0, const float* corr, float* acc) {
+    __m512 a[4][NV];
+    for (int r = 0; r < 4; ++r)
+        for (int j = 0; j < NV; ++j) a[r][j] = _mm512_mul_ps(_mm512_loadu_ps(acc + r * hd + i0 + 16 * j), _mm512_set1_ps(corr[r]));
+    for (int t = 0; t < FK / 2; ++t) {
+        __m512bh vv[NV];
+        for (int j = 0; j < NV; ++j) vv[j] = bh(vp + t * hd + i0 + 16 * j);
+        for (int r = 0; r < 4; ++r) {
+            const __m512bh pb = bh_set1(p32[r * (FK / 2) + t]);
+            for (int j = 0; j < NV; ++j) a[r][j] = _mm512_dpbf16_ps(a[r][j], vv[j], pb);
+        }
+    }
+    for (int r = 0; r < 4; ++r)
+        for (int j = 0; j < NV; ++j) _mm512_storeu_ps(acc + r * hd + i0 + 16 * j, a[r][j]);
+}
+
+// K (n keys, row stride sk) and V into the packed layouts above, keys n .. npad zero
+void pack_kv(const bf16* k, int64_t sk, const bf16* v, int64_t sv, int64_t n, int64_t npad, int64_t hd, uint32_t* kp,
+             uint32_t* vp) {
+    const int64_t hp = hd / 2;
+    for (int64_t key = 0; key < npad; ++key) {
+        uint32_t* dst = kp + (key / 16 * hp) * 16 + key % 16;
+        for (int64_t d = 0; d < hp; ++d) {
+            uint32_t pair = 0;
+            if (key < n) std::memcpy(&pair, k + key * sk + 2 * d, 4);
+            dst[d * 16] = pair;
+        }
+    }
+    for (int64_t t = 0; t < npad / 2; ++t)
+        for (int64_t i = 0; i < hd; ++i) {
+            const uint32_t lo = 2 * t < n ? v[2 * t * sv + i] : 0, hi = 2 * t + 1 < n ? v[(2 * t + 1) * sv + i] : 0;
+            vp[t * hd + i] = lo | hi << 16;
+        }
+}
+
+// one tile: query rows q32[0 .. nr) (hd / 2 bf16 pairs each) over keys kb0 .. kb1 (multiples of FK) of the
+// n keys packed in kp, vp (padded to FK); m, l (FQ) and acc (FQ x hd) carry the tile's state from the keys
+// before kb0
+void flash_tile(const uint32_t* q32, int nr, const uint32_t* kp, const uint32_t* vp, int64_t kb0, int64_t kb1, int64_t n,
+                int64_t hd, float scale, float* m, float* l, float* acc) {
+    const int64_t hp = hd / 2;
+    alignas(64) float s[FQ][FK];
+    alignas(64) uint16_t p[FQ][FK];
+    float corr[FQ];
+    const uint32_t* qr[FQ];
+    for (int r = 0; r < FQ; ++r) qr[r] = q32 + std::min(r, nr - 1) * hp;  // rows past nr repeat the last one
+    for (int64_t kb = kb0; kb < kb1; kb += FK) {
+        for (int r0 = 0; r0 < FQ; r0 += 4)
+            for (int kc = 0; kc < FK; kc += 64) {
+            const uint32_t* kg = kp + (kb + kc) / 16 * hp * 16;
+            __m512 c[4][4];
+            for (int r = 0; r < 4; ++r)
+                for (int j = 0; j < 4; ++j) c[r][j] = _mm512_setzero_ps();
+            for (int64_t d = 0; d < hp; ++d) {
+                const __m512bh k0 = bh(kg + d * 16), k1 = bh(kg + (hp + d) * 16), k2 = bh(kg + (2 * hp + d) * 16),
+                               k3 = bh(kg + (3 * hp + d) * 16);
+                for (int r = 0; r < 4; ++r) {
+                    const __m512bh qb = bh_set1(qr[r0 + r][d]);
+                    c[r][0] = _mm512_dpbf16_ps(c[r][0], k0, qb);
+                    c[r][1] = _mm512_dpbf16_ps(c[r][1], k1, qb);
+                    c[r][2] = _mm512_dpbf16_ps(c[r][2], k2, qb);
+                    c[r][3] = _mm512_dpbf16_ps(c[r][3], k3, qb);
+                }
+            }
+            for (int r = 0; r < 4; ++r)
+                for (int j = 0; j < 4; ++j) _mm512_store_ps(&s[r0 + r][kc + 16 * j], _mm512_mul_ps(c[r][j], _mm512_set1_ps(scale)));
+        }
+        const int valid = int(std::min<int64_t>(FK, n - kb));
+        alignas(64) float mo[16] = {}, mn[16] = {};
+        for (int r = 0; r < FQ; ++r) {
+            for (int j = valid; j < FK; ++j) s[r][j] = -INFINITY;  // padding keys
+            __m512 mx = _mm512_load_ps(&s[r][0]);
+            for (int j = 16; j < FK; j += 16) mx = _mm512_max_ps(mx, _mm512_load_ps(&s[r][j]));
+            mo[r] = m[r];
+            mn[r] = m[r] = std::max(m[r], _mm512_reduce_max_ps(mx));
+        }
+        _mm512_store_ps(mo, exp2_neg(_mm512_sub_ps(_mm512_load_ps(mo), _mm512_load_ps(mn))));  // corr, 0 at first
+        for (int r = 0; r < FQ; ++r) {
+            corr[r] = mo[r];
+            const __m512 mr = _mm512_set1_ps(mn[r]);
+            __m512 sum = _mm512_setzero_ps();
+            for (int j = 0; j < FK; j += 16) {
+                const __m512 e = exp2_neg(_mm512_sub_ps(_mm512_load_ps(&s[r][j]), mr));
+                sum = _mm512_add_ps(sum, e);
+                _mm256_store_si256((__m256i*)&p[r][j], (__m256i)_mm512_cvtneps_pbh(e));
+            }
+            l[r] = l[r] * corr[r] + _mm512_reduce_add_ps(sum);
+        }
+        const uint32_t* vb = vp + kb / 2 * hd;
+        for (int r0 = 0; r0 < FQ; r0 += 4) {
+            const uint32_t* p32 = reinterpret_cast<const uint32_t*>(&p[r0][0]);
+            for (int64_t i0 = 0; i0 < hd; i0 += 64) {
+                switch (std::min<int64_t>(4, (hd - i0) / 16)) {
+                    case 4: pv_rows4<4>(p32, vb, hd, i0, corr + r0, acc + r0 * hd); break;
+                    case 3: pv_rows4<3>(p32, vb, hd, i0, corr + r0, acc + r0 * hd); break;
+                    case 2: pv_rows4<2>(p32, vb, hd, i0, corr + r0, acc + r0 * hd); break;
+                    default: pv_rows4<1>(p32, vb, hd, i0, corr + r0, acc + r0 * hd); break;
+                }
+            }
+        }
+    }
+}
+#endif
+
 }  // namespace
 
 extern "C" {
@@ -1056,6 +1201,57 @@ void jl_attn_layer_decode(int dtype, int wtype, int64_t b, int64_t H, int64_t nh
     jl_gemv(dtype, b, H, nh * hd, o.data(), nh * hd, wo, nullptr, ho.data(), nthreads);
     add_rows(dtype, x, ho.data(), x_out, b * H);
     ffn_half(dtype, wtype, b, H, I, E, topk, x_out, ln2, eps, router, wg, sg, wu, su, wd, sd, nthreads);
+}
+
+// Attention of R query rows per (batch, KV head) over S keys with no mask (chunked prefill's past part: the
+// chunk's queries of a KV head's g query heads folded into R rows), bf16 q, k, v (strides in elements for
+// batch, head, row); out (B, NKV, R, hd) fp32 = softmax(scale q K^T) V and lse (B, NKV, R) fp32 = the
+// log-sum-exp of the scaled scores. Returns 1, or 0 without touching out where this CPU has no AVX512-BF16
+// or hd is not a multiple of 16 up to FLASH_MAX_HD (the caller then runs torch's kernel).
+int jl_flash_bf16(int64_t B, int64_t NKV, int64_t R, int64_t S, int64_t hd, const void* q, int64_t sqb, int64_t sqh,
+                  int64_t sqr, const void* k, int64_t skb, int64_t skh, int64_t sks, const void* v, int64_t svb,
+                  int64_t svh, int64_t svs, float scale, float* out, float* lse, int nthreads) {
+#if defined(__AVX512BF16__)
+    if (hd % 16 != 0 || hd > FLASH_MAX_HD || S <= 0 || R <= 0) return 0;
+    const int64_t H = B * NKV, hp = hd / 2, npad = (S + FK - 1) / FK * FK, tiles = (R + FQ - 1) / FQ, Rp = tiles * FQ;
+    std::vector<uint32_t> kp(H * npad * hp), vp(H * npad * hp), qp(H * Rp * hp);
+    std::vector<float> m(H * Rp, -INFINITY), l(H * Rp, 0.0f), acc(H * Rp * hd, 0.0f);
+    const bf16 *qb = (const bf16*)q, *kb = (const bf16*)k, *vb = (const bf16*)v;
+    const float scale2 = scale * 1.4426950408889634f;  // scores in log2 units: exp2_neg, no exp
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t h = 0; h < H; ++h) {
+            const int64_t bi = h / NKV, j = h % NKV;
+            pack_kv(kb + bi * skb + j * skh, sks, vb + bi * svb + j * svh, svs, S, npad, hd, kp.data() + h * npad * hp,
+                    vp.data() + h * npad * hp);
+            for (int64_t r = 0; r < R; ++r) std::memcpy(qp.data() + (h * Rp + r) * hp, qb + bi * sqb + j * sqh + r * sqr, hd * 2);
+        }
+        // keys in passes of FLASH_KEYS: each thread's tiles reuse one pass's K and V from its L2 (one pass over
+        // all 32K keys per tile ran at 230 GFLOP/s against 264 at 8K keys, on the EPYC)
+        for (int64_t k0 = 0; k0 < npad; k0 += FLASH_KEYS) {
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < H * tiles; ++i) {
+                const int64_t h = i / tiles, r0 = i % tiles * FQ;
+                flash_tile(qp.data() + (h * Rp + r0) * hp, int(std::min<int64_t>(FQ, R - r0)), kp.data() + h * npad * hp,
+                           vp.data() + h * npad * hp, k0, std::min(k0 + FLASH_KEYS, npad), S, hd, scale2, &m[h * Rp + r0],
+                           &l[h * Rp + r0], &acc[(h * Rp + r0) * hd]);
+            }
+        }
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < H * R; ++i) {
+            const int64_t h = i / R, r = i % R;
+            const float inv = 1.0f / l[h * Rp + r];
+            for (int64_t c = 0; c < hd; ++c) out[i * hd + c] = acc[(h * Rp + r) * hd + c] * inv;
+            lse[i] = (m[h * Rp + r] + std::log2(l[h * Rp + r])) * 0.6931471805599453f;
+        }
+    }
+    return 1;
+#else
+    (void)B, (void)NKV, (void)R, (void)S, (void)hd, (void)q, (void)sqb, (void)sqh, (void)sqr, (void)k, (void)skb, (void)skh;
+    (void)sks, (void)v, (void)svb, (void)svh, (void)svs, (void)scale, (void)out, (void)lse, (void)nthreads;
+    return 0;
+#endif
 }
 
 }  // extern "C"

@@ -88,3 +88,17 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     xs = torch.cat([conv_state.to(x.dtype), x], dim=-1)  # (b, d_in, K-1+L)
     conv_state.copy_(xs[:, :, xs.shape[-1] - (K - 1):])
     return F.conv1d(xs, weight.unsqueeze(1).to(x.dtype), bias.to(x.dtype) if bias is not None else None, groups=x.shape[1])
+
+
+def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention with no mask, and its log-sum-exp (the oracle for the flash kernels; it materialises the
+    ``(b, kv, R, S)`` scores, so it is for tests): ``out = softmax(scale q k^T) v`` and
+    ``lse = logsumexp(scale q k^T)`` over the keys, in fp32 (Vaswani et al. 2017, eq. 1; the log-sum-exp is
+    what lets flash attention merge blocks, Dao et al. 2022).
+
+    q ``(b, kv, R, hd)``, k and v ``(b, kv, S, hd)`` any float dtype -> out ``(b, kv, R, hd)`` fp32 and lse
+    ``(b, kv, R)`` fp32.
+    """
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    lse = torch.logsumexp(scores, dim=-1)
+    return torch.matmul(torch.exp(scores - lse[..., None]), v.float()), lse
