@@ -106,16 +106,19 @@ class MambaState:
 class HybridCache:
     """Per-layer state for a batch of sequences (`layers[i]` is a `KVCache` or a `MambaState`).
 
+    ``dtype`` is the model's (conv state); ``kv_dtype`` (default: ``dtype``) the attention layers' K/V.
     ``seen_tokens`` counts positions consumed so far (padding included). ``key_mask``
     ``(batch, seen_tokens)`` bool is kept only once a padded batch was seen (None otherwise).
     """
 
-    def __init__(self, config: JambaConfig, batch_size: int = 1, dtype: torch.dtype = torch.float32, device="cpu", capacity: int = 0):
+    def __init__(self, config: JambaConfig, batch_size: int = 1, dtype: torch.dtype = torch.float32, device="cpu", capacity: int = 0,
+                 kv_dtype: torch.dtype | None = None):
         head_dim = config.hidden_size // config.num_attention_heads
+        kv_dtype = kv_dtype or dtype  # K/V may be stored narrower than the model computes (e.g. bf16 for fp32)
         self.layers: list[KVCache | MambaState] = []
         for i in range(config.num_hidden_layers):
             if is_attention_layer(config, i):
-                self.layers.append(KVCache(batch_size, config.num_key_value_heads, head_dim, dtype, device, capacity))
+                self.layers.append(KVCache(batch_size, config.num_key_value_heads, head_dim, kv_dtype, device, capacity))
             else:
                 self.layers.append(MambaState(batch_size, d_inner(config), config.mamba_d_conv, config.mamba_d_state, dtype, device))
         self.batch_size = batch_size

@@ -10,7 +10,8 @@ import sys
 def _engine(args):
     from .engine import Engine
 
-    return Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device, quantization=args.quantization)
+    return Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
+                                  kv_cache_dtype=args.kv_cache_dtype)
 
 
 def _add_model_args(p):
@@ -18,8 +19,10 @@ def _add_model_args(p):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--quantization", default=None, help=_QUANT_HELP)
+    p.add_argument("--kv-cache-dtype", default=None, choices=["float32", "bfloat16"], help=_KV_HELP)
 
 
+_KV_HELP = "K/V cache dtype when it should differ from --dtype (bfloat16 with float32 weights halves the KV cache)"
 _QUANT_HELP = ("weight quantization: int8, bnb-int8 or bnb-nf4, optionally with +attention, +mamba, +lm_head "
                "(e.g. int8+lm_head); the feed-forward and expert weights are quantized, Mamba stays float by default")
 
@@ -81,8 +84,9 @@ def cmd_info(args) -> int:
 
     config = known_config(args.model) or load_config(resolve_checkpoint(args.model))
     params = parameter_count(config)
-    per_1k = estimate_memory(config, 1024, 1, args.dtype).kv_cache
-    est = estimate_memory(config, args.context, args.batch, args.dtype, quantization=args.quantization)
+    per_1k = estimate_memory(config, 1024, 1, args.dtype, kv_cache_dtype=args.kv_cache_dtype).kv_cache
+    est = estimate_memory(config, args.context, args.batch, args.dtype, quantization=args.quantization,
+                          kv_cache_dtype=args.kv_cache_dtype)
     info = {
         "parameters": params.total,
         "active_parameters_per_token": params.active_per_token,
@@ -90,7 +94,7 @@ def cmd_info(args) -> int:
         "context_window": config.max_position_embeddings,
         "kv_cache_bytes_per_1k_tokens": per_1k,
         "estimate": {"context_tokens": args.context, "batch_size": args.batch, "dtype": args.dtype,
-                     "quantization": args.quantization, **est.as_dict()},
+                     "kv_cache_dtype": args.kv_cache_dtype or args.dtype, "quantization": args.quantization, **est.as_dict()},
     }
     if args.fits is not None:
         info["fits"] = {"device_gib": args.fits, "fits": est.total <= args.fits * 2**30}
@@ -100,7 +104,7 @@ def cmd_info(args) -> int:
     print(f"parameters: {params.total / 1e6:,.1f} M ({params.active_per_token / 1e6:,.1f} M active per token)")
     print(f"context window: {config.max_position_embeddings:,} tokens")
     print("layers: " + ", ".join(f"{i}:{kind}" for i, kind in enumerate(info["layers"])))
-    print(f"KV cache per 1K tokens ({args.dtype}): {per_1k / 2**20:.2f} MiB")
+    print(f"KV cache per 1K tokens ({args.kv_cache_dtype or args.dtype}): {per_1k / 2**20:.2f} MiB")
     weights = args.dtype + (f", {args.quantization} weights" if args.quantization else "")
     print(f"at {args.context:,} tokens x batch {args.batch} ({weights}):")
     for part in ("weights", "kv_cache", "mamba_state", "activations", "runtime"):
@@ -123,7 +127,7 @@ def cmd_eval(args) -> int:
     from .eval import evaluate, write_report
 
     chat = ChatJamba(model=args.model, temperature=0.0, max_tokens=args.max_new_tokens, dtype=args.dtype,
-                     device=args.device, quantization=args.quantization)
+                     device=args.device, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
     tokenizer = chat.engine.tokenizer
 
     def progress(cell):
@@ -170,6 +174,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--quantization", default=None, help=_QUANT_HELP)
+    p.add_argument("--kv-cache-dtype", default=None, choices=["float32", "bfloat16", "float16"], help=_KV_HELP)
     p.add_argument("--fits", type=float, default=None, metavar="GIB", help="say whether the total fits in this many GiB")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
@@ -185,6 +190,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--quantization", default=None, help=_QUANT_HELP)
+    p.add_argument("--kv-cache-dtype", default=None, choices=["float32", "bfloat16"], help=_KV_HELP)
     p.set_defaults(func=cmd_eval)
     for name, func, text in (("bench", cmd_bench, "speed and memory against transformers"), ("demo", cmd_demo, "the main job: RAG over a long document")):
         p = sub.add_parser(name, help=text, add_help=False)

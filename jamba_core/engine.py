@@ -74,14 +74,15 @@ class Engine:
     """A loaded Jamba checkpoint and the loop that generates from it.
 
     Attributes: ``config`` (JambaConfig), ``tokenizer`` (a transformers tokenizer), ``model``
-    (`JambaForCausalLM`), ``dtype``, ``device``, ``path``. Requests are serialised by a lock, so one
+    (`JambaForCausalLM`), ``dtype``, ``kv_dtype``, ``device``, ``path``. Requests are serialised by a lock, so one
     engine can be shared by threads (each request has its own cache).
     """
 
     def __init__(self, model, config: JambaConfig, tokenizer, path: Path | None = None, prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK,
-                 prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES):
+                 prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES, kv_cache_dtype=None):
         self.model, self.config, self.tokenizer, self.path = model, config, tokenizer, path
         self.dtype = model.compute_dtype  # not lm_head's: a quantized head holds int8
+        self.kv_dtype = _dtype(kv_cache_dtype) if kv_cache_dtype is not None else self.dtype
         self.device = model.model.embed_tokens.weight.device
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.stop_ids = stop_token_ids(tokenizer, config)
@@ -96,7 +97,7 @@ class Engine:
     @classmethod
     def from_pretrained(cls, path_or_hub_id, dtype="float32", device="cpu", quantization: str | None = None,
                         prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK, progress: bool = True,
-                        prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES) -> "Engine":
+                        prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES, kv_cache_dtype=None) -> "Engine":
         """Load a checkpoint folder (or a Hub id, offline when cached).
 
         ``dtype``: "float32" or "bfloat16" (or a torch dtype) for the weights; SSM state, scan and
@@ -104,13 +105,16 @@ class Engine:
         (optionally ``"+attention"`` / ``"+mamba"`` / ``"+lm_head"``, or a `jamba_core.quant.QuantConfig`),
         applied to each weight as it is read; a checkpoint saved by `jamba_core.quant.save_quantized` loads
         quantized as it is. Raises ``FileNotFoundError`` / ``ValueError`` naming the file or key at fault (see
-        `jamba_core.loading`).
+        `jamba_core.loading`). ``kv_cache_dtype``: the attention layers' K/V cache dtype when it should
+        differ from the compute dtype: "bfloat16" with fp32 weights halves the KV cache (as llama.cpp's f16
+        cache does) and runs prefill attention in bf16 (our flash kernel on an AVX512-BF16 CPU); attention
+        then computes on bf16 K/V and queries, scores, softmax and sums staying fp32.
         """
         folder = resolve_checkpoint(path_or_hub_id)
         config = load_config(folder)
         tokenizer = load_tokenizer(folder)
         model = load_model(folder, config, dtype=_dtype(dtype), device=device, progress=progress, quantization=quantization)
-        return cls(model, config, tokenizer, folder, prefill_chunk_tokens, prefix_cache_bytes)
+        return cls(model, config, tokenizer, folder, prefill_chunk_tokens, prefix_cache_bytes, kv_cache_dtype)
 
     # -- prompts -------------------------------------------------------------------------------
     @property
@@ -154,7 +158,7 @@ class Engine:
 
     # -- the two phases ------------------------------------------------------------------------
     def new_cache(self, batch_size: int = 1, capacity: int = 0) -> HybridCache:
-        return HybridCache(self.config, batch_size, self.dtype, self.device, capacity)
+        return HybridCache(self.config, batch_size, self.dtype, self.device, capacity, kv_dtype=self.kv_dtype)
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor, cache: HybridCache, attention_mask: torch.Tensor | None = None, on_chunk=None) -> torch.Tensor:
@@ -181,7 +185,7 @@ class Engine:
         tokens and how much cache memory the request would need."""
         need = prompt_tokens + max_new_tokens
         if need > self.context_window:
-            est = estimate_memory(self.config, need, 1, self.dtype, self.prefill_chunk_tokens)
+            est = estimate_memory(self.config, need, 1, self.dtype, self.prefill_chunk_tokens, kv_cache_dtype=self.kv_dtype)
             raise ValueError(
                 f"prompt of {prompt_tokens} tokens + max_new_tokens={max_new_tokens} = {need} tokens exceeds the "
                 f"model's context window of {self.context_window} tokens (config max_position_embeddings); it would "
@@ -405,15 +409,17 @@ _ENGINES: dict[tuple, Engine] = {}
 _ENGINES_LOCK = threading.Lock()
 
 
-def get_engine(model: str | Path | Engine, dtype="float32", device="cpu", quantization: str | None = None, **kwargs) -> Engine:
+def get_engine(model: str | Path | Engine, dtype="float32", device="cpu", quantization: str | None = None, kv_cache_dtype=None,
+               **kwargs) -> Engine:
     """The process-wide engine for a checkpoint and settings, loaded on first use and shared by every
     adapter instance that asks for the same ones (an `Engine` passed in is returned as is)."""
     if isinstance(model, Engine):
         return model
     key = (str(Path(model).expanduser().resolve()) if Path(model).expanduser().exists() else str(model), str(dtype), str(device), quantization,
-           tuple(sorted(kwargs.items())))
+           str(kv_cache_dtype), tuple(sorted(kwargs.items())))
     with _ENGINES_LOCK:
         engine = _ENGINES.get(key)
         if engine is None:
-            engine = _ENGINES[key] = Engine.from_pretrained(model, dtype=dtype, device=device, quantization=quantization, **kwargs)
+            engine = _ENGINES[key] = Engine.from_pretrained(model, dtype=dtype, device=device, quantization=quantization,
+                                                            kv_cache_dtype=kv_cache_dtype, **kwargs)
         return engine

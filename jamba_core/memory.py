@@ -64,6 +64,7 @@ def estimate_memory(
     weight_bytes_per_param: float | None = None,
     quantization=None,
     runtime_bytes: int = RUNTIME_BYTES,
+    kv_cache_dtype=None,
 ) -> MemoryEstimate:
     """Predict memory for running ``config`` at ``context_tokens`` with ``batch_size`` sequences.
 
@@ -75,6 +76,7 @@ def estimate_memory(
     quantized modules in their format, scales included, and the rest in ``dtype``
     (`jamba_core.quant.weight_bytes`). ``runtime_bytes`` is the process's own memory before the weights
     load (`RUNTIME_BYTES`, measured for the CPU build; pass 0 to count the model alone).
+    ``kv_cache_dtype``: the K/V's dtype when it differs from ``dtype`` (as `Engine`'s ``kv_cache_dtype``).
     """
     dt = _dtype(dtype)
     esize = torch.tensor([], dtype=dt).element_size()
@@ -82,7 +84,8 @@ def estimate_memory(
     hd = config.hidden_size // config.num_attention_heads
     n_attn = sum(is_attention_layer(config, i) for i in range(config.num_hidden_layers))
     n_mamba = config.num_hidden_layers - n_attn
-    kv = 2 * n_attn * batch_size * config.num_key_value_heads * hd * esize * kv_capacity(context_tokens) if context_tokens else 0
+    kv_size = torch.tensor([], dtype=_dtype(kv_cache_dtype)).element_size() if kv_cache_dtype is not None else esize
+    kv = 2 * n_attn * batch_size * config.num_key_value_heads * hd * kv_size * kv_capacity(context_tokens) if context_tokens else 0
     di = d_inner(config)
     mamba = n_mamba * batch_size * di * ((config.mamba_d_conv - 1) * esize + config.mamba_d_state * 4)
     T = min(prefill_chunk_tokens, max(context_tokens, 1)) * batch_size

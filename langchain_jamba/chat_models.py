@@ -326,6 +326,10 @@ class ChatJamba(BaseChatModel):
     quantization: str | None = None
     """Weight quantization applied when the checkpoint loads (None: none)."""
 
+    kv_cache_dtype: str | None = None
+    """K/V cache dtype when it should differ from ``dtype`` ("bfloat16" with fp32 weights: half the cache
+    memory, faster long-prompt attention); None: ``dtype``."""
+
     streaming: bool = False
     """Generate through the streaming path even on `invoke` (callbacks then see each token)."""
 
@@ -372,6 +376,7 @@ class ChatJamba(BaseChatModel):
             "dtype": self.dtype,
             "device": self.device,
             "quantization": self.quantization,
+            "kv_cache_dtype": self.kv_cache_dtype,
         }
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> dict[str, Any]:
@@ -422,13 +427,15 @@ class ChatJamba(BaseChatModel):
             if self._engine is None:
                 from jamba_core.engine import get_engine
 
-                self._engine = get_engine(self.model, dtype=self.dtype, device=self.device, quantization=self.quantization)
+                self._engine = get_engine(self.model, dtype=self.dtype, device=self.device, quantization=self.quantization,
+                                          kv_cache_dtype=self.kv_cache_dtype)
                 if isinstance(self.profile, dict) and "max_input_tokens" not in self.profile:
                     self.profile["max_input_tokens"] = self._engine.context_window
             return self._engine
         from jamba_core.engine import get_engine
 
-        return get_engine(model, dtype=self.dtype, device=self.device, quantization=self.quantization)
+        return get_engine(model, dtype=self.dtype, device=self.device, quantization=self.quantization,
+                          kv_cache_dtype=self.kv_cache_dtype)
 
     def _request(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]) -> _Request:
         """A call's messages and arguments in `jamba_core.chat`'s terms; the engine is not touched.

@@ -126,6 +126,8 @@ class JambaLLM(FunctionCallingLLM):
     dtype: str = Field(default="float32", description='Weight dtype: "float32" or "bfloat16".')
     device: str = Field(default="cpu", description='Torch device, e.g. "cpu" or "cuda".')
     quantization: Optional[str] = Field(default=None, description="Weight quantization on load (e.g. 'int8'), or None.")
+    kv_cache_dtype: Optional[str] = Field(
+        default=None, description='K/V cache dtype when it should differ from dtype (e.g. "bfloat16" with fp32 weights); None: dtype.')
     context_window: Optional[int] = Field(
         default=None, gt=0,
         description="Context window LlamaIndex should budget for; None: the checkpoint's max_position_embeddings.")
@@ -152,7 +154,8 @@ class JambaLLM(FunctionCallingLLM):
     def engine(self) -> Engine:
         """The shared engine for this checkpoint and settings, loaded on first use."""
         if self._engine is None:
-            self._engine = get_engine(self.model, dtype=self.dtype, device=self.device, quantization=self.quantization)
+            self._engine = get_engine(self.model, dtype=self.dtype, device=self.device, quantization=self.quantization,
+                                      kv_cache_dtype=self.kv_cache_dtype)
         return self._engine
 
     @property

@@ -125,6 +125,22 @@ def test_cache_bytes_match_the_prediction(tiny_engine):
         assert cache.nbytes == est.kv_cache + est.mamba_state
 
 
+def test_bf16_kv_cache_for_fp32_weights_halves_the_kv_bytes_and_keeps_greedy_tokens(tiny_checkpoint, tiny_engine):
+    """kv_cache_dtype="bfloat16" with fp32 weights (as llama.cpp's f16 cache): K/V stored in bf16, the rest
+    of the cache and the model as before; its bytes as predicted; greedy output as the fp32 cache's."""
+    engine = Engine.from_pretrained(tiny_checkpoint, kv_cache_dtype="bfloat16", progress=False)
+    assert engine.dtype == torch.float32 and engine.kv_dtype == torch.bfloat16
+    cache, fp32_cache = engine.new_cache(capacity=5000), tiny_engine.new_cache(capacity=5000)
+    kv = [layer for layer in cache.layers if hasattr(layer, "store")]
+    assert kv and all(layer.k.dtype == torch.bfloat16 for layer in kv)
+    est = estimate_memory(engine.config, 5000, 1, "float32", kv_cache_dtype="bfloat16")
+    assert cache.nbytes == est.kv_cache + est.mamba_state
+    assert est.kv_cache * 2 == estimate_memory(engine.config, 5000, 1, "float32").kv_cache
+    assert fp32_cache.nbytes - cache.nbytes == est.kv_cache
+    for prompt in (PROMPT, "The whale"):
+        assert engine.generate(prompt, max_new_tokens=24).token_ids == tiny_engine.generate(prompt, max_new_tokens=24).token_ids
+
+
 def test_published_kv_cache_figures():
     from transformers import JambaConfig
 

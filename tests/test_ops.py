@@ -682,3 +682,32 @@ def test_bf16_chunked_prefill_over_past_key_blocks_close_to_reference_path(monke
     assert calls, "the fast path never asked the kernel"
     assert all((c is not None) == _kernel_has_bf16_flash() for c in calls)
     assert rel(logits["cpu"], logits["reference"]) <= BF16_REL
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_fp32_model_with_bf16_kv_cache_close_to_fp32_cache(name, monkeypatch, tmp_path):
+    """fp32 weights, K/V stored in bf16 (kv_cache_dtype): chunked prefill with past keys in blocks, then
+    decode (on the CPU backend through the fused layer kernel, which writes bf16 rows), against the same model
+    with an fp32 cache, within bf16 rounding of K, V and q."""
+    from test_model_parity import CONFIGS, load_ours, reference_model
+
+    from jamba_core.cache import HybridCache
+    from jamba_core.model import attention
+
+    monkeypatch.setattr(attention, "PAST_KEY_BLOCK", 23)
+    ours = load_ours(reference_model(CONFIGS["attn-odd-moe-even"]), tmp_path)
+    ids = torch.randint(0, 512, (1, 80), generator=torch.Generator().manual_seed(6))
+    fused = []
+    real = cpu.attention_layer_decode
+    monkeypatch.setattr(cpu, "attention_layer_decode", lambda *a: fused.append(real(*a)) or fused[-1])
+    logits = {}
+    with ops.using(name), torch.no_grad():
+        for kv_dtype in (torch.float32, torch.bfloat16):
+            cache = HybridCache(ours.config, kv_dtype=kv_dtype)
+            prefill = [ours(ids[:, s : s + 24], cache=cache) for s in range(0, 72, 24)]
+            steps = [ours(ids[:, t : t + 1], cache=cache) for t in range(72, 80)]
+            assert all(layer.k.dtype == kv_dtype for layer in cache.layers if hasattr(layer, "store"))
+            logits[kv_dtype] = torch.cat(prefill + steps, 1)
+    assert rel(logits[torch.bfloat16], logits[torch.float32]) <= BF16_REL
+    if name == "cpu":
+        assert fused and all(y is not None for y in fused)

@@ -32,6 +32,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, L, self.n_kv, self.head_dim).transpose(1, 2)
         if kv is not None:
             k, v = kv.update(k, v)
+            q = q.to(k.dtype)  # a K/V cache narrower than the model (kv_cache_dtype): attention in its dtype
         S = k.shape[2]
         if key_mask is None and L < S:
             out = _attend_past_and_chunk(q, k, v, self.n_kv)  # chunked prefill and decode: no (L, S) mask
@@ -40,7 +41,7 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=mask is None and L > 1, enable_gqa=self.n_kv != self.n_heads
             )
-        return self.o_proj(out.transpose(1, 2).reshape(b, L, -1))
+        return self.o_proj(out.transpose(1, 2).reshape(b, L, -1).to(x.dtype))
 
 
 _flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)

@@ -64,7 +64,7 @@ _SIGNATURES = {
     "jl_rmsnorm": [_c, _c, _i, _i, _p, _i, _p, _f, _p, _c],
     "jl_mamba_decode": [_c, _i, _i, _i, _i, _i, _p, _i, _p, _p, _p, _p, _p, _p, _p, _f, _p, _p, _p, _p, _p, _p, _c],
     "jl_mamba_layer_decode": [_c, _c, *[_i] * 9, _p, _p, _p, _f, *[_p] * 10, _f, *[_p] * 16, _c, _c],
-    "jl_attn_layer_decode": [_c, _c, *[_i] * 9, _p, _p, _p, _f, *[_p] * 6, _i, _i, *[_p] * 8, _c],
+    "jl_attn_layer_decode": [_c, _c, _c, *[_i] * 9, _p, _p, _p, _f, *[_p] * 6, _i, _i, *[_p] * 8, _c],
     "jl_flash_bf16": [*[_i] * 5, _p, _i, _i, _i, _p, _i, _i, _i, _p, _i, _i, _i, _f, _p, _p, _c],
 }
 _RESTYPES = {"jl_flash_bf16": ctypes.c_int}
@@ -557,17 +557,16 @@ def attention_layer_decode(plan: LayerPlan, x: torch.Tensor, k_store: torch.Tens
     """The attention layer for ``x`` ``(b, hidden)`` fp32 in one kernel call: writes this token's K, V at
     ``pos`` of the stores ``(b, kv_heads, capacity, head_dim)`` and attends over positions ``0..pos``.
     Returns the new residual stream, or None when the inputs do not fit (the modules then run)."""
-    code, H, nkv, hd = plan.dims
+    _, H, nkv, hd = plan.dims
     b = x.shape[0]
-    dt = torch.bfloat16 if code == 1 else torch.float32
     if (b == 0 or b > plan.max_rows or x.dtype != torch.float32 or x.shape[1] != H or not x.is_contiguous()
-            or any(s.dtype != dt or s.shape[:2] != (b, nkv) or s.shape[3] != hd or s.shape[2] <= pos
+            or k_store.dtype != v_store.dtype or any(s.dtype not in _DT or s.shape[:2] != (b, nkv) or s.shape[3] != hd or s.shape[2] <= pos
                    or s.stride(3) != 1 or s.stride(2) != hd for s in (k_store, v_store))
             or k_store.stride()[:2] != v_store.stride()[:2]):
         return None
     codes, sizes, ffn_sizes, weights, tail = plan.args
     out = torch.empty_like(x)
-    _lib().jl_attn_layer_decode(*codes, b, *sizes, pos, *ffn_sizes, x.data_ptr(), out.data_ptr(), *weights,
+    _lib().jl_attn_layer_decode(*codes, _DT[k_store.dtype], b, *sizes, pos, *ffn_sizes, x.data_ptr(), out.data_ptr(), *weights,
                                 k_store.data_ptr(), v_store.data_ptr(), k_store.stride(0), k_store.stride(1), *tail,
                                 _threads(b * H * hd * sizes[1]))
     return out

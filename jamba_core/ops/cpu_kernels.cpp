@@ -1078,6 +1078,14 @@ static void rows_to_dtype(int dtype, const float* src, void* dst, int64_t n) {
         std::memcpy(dst, src, n * sizeof(float));
 }
 
+// n values from dtype `from` to dtype `to` (0 fp32, 1 bf16; round to nearest even): a K/V row into a cache of
+// another dtype than the model's (kv_cache_dtype)
+static void copy_row(int from, const void* src, int to, void* dst, int64_t n) {
+    if (from == to) std::memcpy(dst, src, n * (from == 1 ? 2 : 4));
+    else if (to == 1) for (int64_t i = 0; i < n; ++i) ((bf16*)dst)[i] = f_to_bf16(((const float*)src)[i]);
+    else for (int64_t i = 0; i < n; ++i) ((float*)dst)[i] = bf16_to_f(((const bf16*)src)[i]);
+}
+
 static void add_rows(int dtype, const float* base, const void* h, float* out, int64_t n) {
     for (int64_t i = 0; i < n; ++i) out[i] = base[i] + (dtype == 1 ? bf16_to_f(((const bf16*)h)[i]) : ((const float*)h)[i]);
 }
@@ -1133,13 +1141,13 @@ void jl_mamba_layer_decode(int dtype, int wtype, int64_t b, int64_t H, int64_t d
 // the weighted sum in fp32, the keys split across threads, each with its own running max and sum, merged
 // by their log-sum-exp as flash-decoding does); output rounded to T, o_proj, residual add; then the
 // feed-forward half. Equal to scaled_dot_product_attention within float rounding, not bit for bit.
-void jl_attn_layer_decode(int dtype, int wtype, int64_t b, int64_t H, int64_t nh, int64_t nkv, int64_t hd, int64_t pos,
+void jl_attn_layer_decode(int dtype, int wtype, int kvtype, int64_t b, int64_t H, int64_t nh, int64_t nkv, int64_t hd, int64_t pos,
                           int64_t I, int64_t E, int64_t topk, const float* x, float* x_out, const void* ln1, float eps,
                           const void* wq, const void* wk, const void* wv, const void* wo, void* kc, void* vc,
                           int64_t sb, int64_t sh, const void* ln2, const void* router, const void* const* wg,
                           const float* const* sg, const void* const* wu, const float* const* su, const void* const* wd,
                           const float* const* sd, int nthreads) {
-    const int64_t es = dtype == 1 ? 2 : 4, g = nh / nkv, S = pos + 1;
+    const int64_t es = dtype == 1 ? 2 : 4, kes = kvtype == 1 ? 2 : 4, g = nh / nkv, S = pos + 1;
     std::vector<float> nf(b * H), of(b * nh * hd);
     std::vector<char> hn(b * H * es), q(b * nh * hd * es), k(b * nkv * hd * es), v(b * nkv * hd * es),
         o(b * nh * hd * es), ho(b * H * es);
@@ -1150,9 +1158,9 @@ void jl_attn_layer_decode(int dtype, int wtype, int64_t b, int64_t H, int64_t nh
     jl_gemv(dtype, b, nkv * hd, H, hn.data(), H, wv, nullptr, v.data(), nthreads);
     for (int64_t bi = 0; bi < b; ++bi)
         for (int64_t j = 0; j < nkv; ++j) {
-            const int64_t dst = (bi * sb + j * sh + pos * hd) * es, src = (bi * nkv + j) * hd * es;
-            std::memcpy((char*)kc + dst, k.data() + src, hd * es);
-            std::memcpy((char*)vc + dst, v.data() + src, hd * es);
+            const int64_t dst = (bi * sb + j * sh + pos * hd) * kes, src = (bi * nkv + j) * hd * es;
+            copy_row(dtype, k.data() + src, kvtype, (char*)kc + dst, hd);
+            copy_row(dtype, v.data() + src, kvtype, (char*)vc + dst, hd);
         }
     const float scale = 1.0f / std::sqrt(float(hd));
     const int nt = S < 256 ? 1 : nthreads;
@@ -1178,7 +1186,7 @@ void jl_attn_layer_decode(int dtype, int wtype, int64_t b, int64_t H, int64_t nh
                 float* mt = m.data() + t * g;
                 float* lt = l.data() + t * g;
                 float* at = acc.data() + t * g * hd;
-                if (dtype == 1)
+                if (kvtype == 1)
                     attend_keys(qf.data(), (const bf16*)kc + base, (const bf16*)vc + base, lo, hi, g, hd, scale, mt, lt, at);
                 else
                     attend_keys(qf.data(), (const float*)kc + base, (const float*)vc + base, lo, hi, g, hd, scale, mt, lt, at);
