@@ -847,13 +847,15 @@ void attend_keys(const float* q, const T* k, const T* v, int64_t lo, int64_t hi,
 // time: scores S = scale * q.K^T (bf16 products summed in fp32), the running max m and sum l updated and acc
 // rescaled once per FK keys, P = exp(S - m) summed in fp32 and rounded to bf16, acc += P.V in fp32. Result:
 // out = acc / l (fp32) and lse = m + log(l), so blocks merge by their log-sum-exp. torch's CPU flash kernel
-// also rounds P to bf16 before P.V. Measured on a 2-core EPYC (bf16 matmul ~400 GFLOP/s), 8,192 folded query
-// rows, hd 64, 2 threads: torch's bf16 kernel 150-158 GFLOP/s (no faster than its fp32 one), this one 260-310
-// at 8K keys and 250-267 at 32K (1.6-2.0x); tile shapes tried: 8 or 16 rows, 64 / 128 / 256 keys per update,
-// passes of 1K-32K keys; the exp2 below in place of vexp gave +10-15%.
+// also rounds P to bf16 before P.V. Measured on a 2-core EPYC (bf16 matmul ~440 GFLOP/s), 8,192 folded query
+// rows, hd 64, 2 threads: torch's bf16 kernel 150-158 GFLOP/s (no faster than its fp32 one), this one 300-320
+// at 8K and 32K keys (about 2x). Tried: 8 or 16 rows per tile, 64 / 128 / 256 keys per update (256: +3%),
+// passes of 1K-32K keys; the exp2 below in place of vexp (+10-15%); K and V vectors pinned in registers (GCC
+// had reloaded them for every row, which left P.V twice as slow as QK^T: +15% at 32K keys). Without the exp
+// the kernel is no faster (so the softmax is not what limits it); QK^T and P.V take about half each.
 #if defined(__AVX512BF16__)
-constexpr int FQ = 8;   // query rows per tile (at most 16) (two groups of 4 rows x 4 vectors = 16 accumulators)
-constexpr int FK = 128;  // keys per softmax update (a multiple of 64: scores in blocks of 4 x 4 vectors)
+constexpr int FQ = 8;   // query rows per tile, at most 16 (groups of 4 rows x 4 vectors = 16 accumulators)
+constexpr int FK = 256;  // keys per softmax update (a multiple of 64: scores in blocks of 4 x 4 vectors)
 constexpr int64_t FLASH_MAX_HD = 512;
 constexpr int64_t FLASH_KEYS = 2048;  // keys per pass over all tiles: 512 KiB of packed K and V (hd 64), in the L2
 
@@ -885,7 +887,10 @@ inline void pv_rows4(const uint32_t* p32, const uint32_t* vp, int64_t hd, int64_
         for (int j = 0; j < NV; ++j) a[r][j] = _mm512_mul_ps(_mm512_loadu_ps(acc + r * hd + i0 + 16 * j), _mm512_set1_ps(corr[r]));
     for (int t = 0; t < FK / 2; ++t) {
         __m512bh vv[NV];
-        for (int j = 0; j < NV; ++j) vv[j] = bh(vp + t * hd + i0 + 16 * j);
+        for (int j = 0; j < NV; ++j) {
+            vv[j] = bh(vp + t * hd + i0 + 16 * j);
+            __asm__("" : "+v"(vv[j]));  // keep it in a register: GCC otherwise reloads it for every row
+        }
         for (int r = 0; r < 4; ++r) {
             const __m512bh pb = bh_set1(p32[r * (FK / 2) + t]);
             for (int j = 0; j < NV; ++j) a[r][j] = _mm512_dpbf16_ps(a[r][j], vv[j], pb);
@@ -933,8 +938,9 @@ void flash_tile(const uint32_t* q32, int nr, const uint32_t* kp, const uint32_t*
             for (int r = 0; r < 4; ++r)
                 for (int j = 0; j < 4; ++j) c[r][j] = _mm512_setzero_ps();
             for (int64_t d = 0; d < hp; ++d) {
-                const __m512bh k0 = bh(kg + d * 16), k1 = bh(kg + (hp + d) * 16), k2 = bh(kg + (2 * hp + d) * 16),
-                               k3 = bh(kg + (3 * hp + d) * 16);
+                __m512bh k0 = bh(kg + d * 16), k1 = bh(kg + (hp + d) * 16), k2 = bh(kg + (2 * hp + d) * 16),
+                         k3 = bh(kg + (3 * hp + d) * 16);
+                __asm__("" : "+v"(k0), "+v"(k1), "+v"(k2), "+v"(k3));  // as in pv_rows4
                 for (int r = 0; r < 4; ++r) {
                     const __m512bh qb = bh_set1(qr[r0 + r][d]);
                     c[r][0] = _mm512_dpbf16_ps(c[r][0], k0, qb);
