@@ -133,7 +133,7 @@ def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> t
 def flash_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
     """`reference.attention_lse` (attention with no mask, and its log-sum-exp; q ``(b, kv, R, hd)``, k, v
     ``(b, kv, S, hd)`` -> out ``(b, kv, R, hd)`` fp32, lse ``(b, kv, R)`` fp32) by the backend's flash
-    kernel, or None where it has none for these inputs (the CPU backend: bf16 on AVX512-BF16); the caller
+    kernel, or None where it has none for these inputs (the CPU backend: fp32 on AVX-512, bf16 on AVX512-BF16); the caller
     then runs torch's. The reference backend has none: its (R, S) scores are for tests only."""
     fn = _op("flash_attention_lse", q)
     return None if fn is None else fn(q, k, v, scale)

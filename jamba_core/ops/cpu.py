@@ -65,9 +65,9 @@ _SIGNATURES = {
     "jl_mamba_decode": [_c, _i, _i, _i, _i, _i, _p, _i, _p, _p, _p, _p, _p, _p, _p, _f, _p, _p, _p, _p, _p, _p, _c],
     "jl_mamba_layer_decode": [_c, _c, *[_i] * 9, _p, _p, _p, _f, *[_p] * 10, _f, *[_p] * 16, _c, _c],
     "jl_attn_layer_decode": [_c, _c, _c, *[_i] * 9, _p, _p, _p, _f, *[_p] * 6, _i, _i, *[_p] * 8, _c],
-    "jl_flash_bf16": [*[_i] * 5, _p, _i, _i, _i, _p, _i, _i, _i, _p, _i, _i, _i, _f, _p, _p, _c],
+    "jl_flash": [_c, *[_i] * 5, _p, _i, _i, _i, _p, _i, _i, _i, _p, _i, _i, _i, _f, _p, _p, _c],
 }
-_RESTYPES = {"jl_flash_bf16": ctypes.c_int}
+_RESTYPES = {"jl_flash": ctypes.c_int}
 
 
 def _compiler() -> str | None:
@@ -573,11 +573,12 @@ def attention_layer_decode(plan: LayerPlan, x: torch.Tensor, k_store: torch.Tens
 
 
 def flash_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """`reference.attention_lse` by the bf16 flash kernel (``jl_flash_bf16``), or None where it does not
-    apply (inputs not bf16, head_dim not a multiple of 16, a CPU without AVX512-BF16): the caller then runs
-    torch's kernel. Scores and sums in fp32, P rounded to bf16 before P.V as torch's bf16 kernel does."""
+    """`reference.attention_lse` by our flash kernel (``jl_flash``), or None where it does not apply (q, k, v
+    not all fp32 or all bf16, head_dim not a multiple of 16, a CPU without AVX-512, or bf16 without
+    AVX512-BF16): the caller then runs torch's kernel. Scores, softmax and sums in fp32; with bf16 inputs P
+    is rounded to bf16 before P.V, as torch's bf16 kernel does."""
     lib = _lib()
-    if (lib is None or q.dtype != torch.bfloat16 or k.dtype != torch.bfloat16 or v.dtype != torch.bfloat16
+    if (lib is None or q.dtype not in _DT or k.dtype != q.dtype or v.dtype != q.dtype
             or q.device.type != "cpu" or q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2]
             or q.shape[3] != k.shape[3] or any(t.stride(3) != 1 for t in (q, k, v))):
         return None
@@ -585,8 +586,8 @@ def flash_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
     S = k.shape[2]
     out = torch.empty(B, NKV, R, hd, dtype=torch.float32)
     lse = torch.empty(B, NKV, R, dtype=torch.float32)
-    done = lib.jl_flash_bf16(B, NKV, R, S, hd, q.data_ptr(), *q.stride()[:3], k.data_ptr(), *k.stride()[:3], v.data_ptr(),
-                             *v.stride()[:3], float(scale), out.data_ptr(), lse.data_ptr(), _threads(R * S * hd))
+    done = lib.jl_flash(_DT[q.dtype], B, NKV, R, S, hd, q.data_ptr(), *q.stride()[:3], k.data_ptr(), *k.stride()[:3],
+                        v.data_ptr(), *v.stride()[:3], float(scale), out.data_ptr(), lse.data_ptr(), _threads(R * S * hd))
     return (out, lse) if done else None
 
 

@@ -839,10 +839,10 @@ void attend_keys(const float* q, const T* k, const T* v, int64_t lo, int64_t hi,
 }
 
 
-// Prefill attention over a block of past keys with bf16 queries, keys and values on a CPU with
-// AVX512-BF16 (flash attention's order, Dao et al. 2022, Algorithm 1; the pairwise VDPBF16PS products as in
-// dot_rows_dp). Every query row sees every key (no mask: chunked prefill's past part). Per head, K and V are
-// first packed so that each 64-byte load feeds VDPBF16PS as it is: K as [group of 16 keys][dim pair][16
+// Prefill attention over a block of past keys (flash attention's order, Dao et al. 2022, Algorithm 1), bf16
+// on AVX512-BF16 (the pairwise VDPBF16PS products as in dot_rows_dp) and fp32 on AVX-512. Every query row sees
+// every key (no mask: chunked prefill's past part). Per head, K and V are first packed so that each 64-byte
+// load feeds VDPBF16PS as it is: K as [group of 16 keys][dim pair][16
 // keys][2 dims], V as [key pair][dim][2 keys]. Each tile of FQ query rows then runs over the keys FK at a
 // time: scores S = scale * q.K^T (bf16 products summed in fp32), the running max m and sum l updated and acc
 // rescaled once per FK keys, P = exp(S - m) summed in fp32 and rounded to bf16, acc += P.V in fp32. Result:
@@ -853,21 +853,24 @@ void attend_keys(const float* q, const T* k, const T* v, int64_t lo, int64_t hi,
 // passes of 1K-32K keys; the exp2 below in place of vexp (+10-15%); K and V vectors pinned in registers (GCC
 // had reloaded them for every row, which left P.V twice as slow as QK^T: +15% at 32K keys). Without the exp
 // the kernel is no faster (so the softmax is not what limits it); QK^T and P.V take about half each.
-#if defined(__AVX512BF16__)
+// The fp32 form (any AVX-512 CPU; plain FMAs, K packed as [group of 16 keys][dim][16 keys]): 165-169 GFLOP/s
+// against torch's 149-152 (fp32 matmul ~200); bench-small fp32 prefill at 128K 705 -> 779 tokens/s.
+#if defined(__AVX512F__)
 constexpr int FQ = 8;   // query rows per tile, at most 16 (groups of 4 rows x 4 vectors = 16 accumulators)
 constexpr int FK = 256;  // keys per softmax update (a multiple of 64: scores in blocks of 4 x 4 vectors)
 constexpr int64_t FLASH_MAX_HD = 512;
 constexpr int64_t FLASH_KEYS = 2048;  // keys per pass over all tiles: 512 KiB of packed K and V (hd 64), in the L2
 
 // 2^x for x <= 0 (scores minus their running max, in log2 units): 2^x = 2^n 2^f, n = round(x), f in
-// [-0.5, 0.5], 2^f = exp(f ln2) by its Taylor series to degree 5 (relative error < 3e-6, far below the
-// bf16 rounding of P that follows); VSCALEFPS applies 2^n and returns 0 below 2^-126 (x clamped at -200, so
-// -inf, a padding key's score, gives 0 too). Nine vector operations against vexp's twenty.
+// [-0.5, 0.5], 2^f = exp(f ln2) by its Taylor series to degree 6 (relative error < 2e-7, about fp32's
+// rounding); VSCALEFPS applies 2^n and returns 0 below 2^-126 (x clamped at -200, so -inf, a padding key's
+// score, gives 0 too). Ten vector operations against vexp's twenty.
 inline __m512 exp2_neg(__m512 x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-200.0f));
     const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 f = _mm512_sub_ps(x, n);
-    __m512 p = _mm512_set1_ps(1.3333558e-3f);
+    __m512 p = _mm512_set1_ps(1.5403530e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558e-3f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
@@ -876,6 +879,145 @@ inline __m512 exp2_neg(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
+// the online-softmax step of a tile (Dao et al. 2022, Algorithm 1, lines 9-10): scores s (log2 units; keys
+// from `valid` on are padding and set to -inf here) -> m (running max), corr = 2^(m_old - m_new), l (running
+// sum, fp32), and P = 2^(s - m) handed to put(row, key, 16 values)
+template <typename Put>
+inline void softmax_block(float (*s)[FK], int valid, float* m, float* l, float* corr, Put put) {
+    alignas(64) float mo[16] = {}, mn[16] = {};
+    for (int r = 0; r < FQ; ++r) {
+        for (int j = valid; j < FK; ++j) s[r][j] = -INFINITY;
+        __m512 mx = _mm512_load_ps(&s[r][0]);
+        for (int j = 16; j < FK; j += 16) mx = _mm512_max_ps(mx, _mm512_load_ps(&s[r][j]));
+        mo[r] = m[r];
+        mn[r] = m[r] = std::max(m[r], _mm512_reduce_max_ps(mx));
+    }
+    _mm512_store_ps(mo, exp2_neg(_mm512_sub_ps(_mm512_load_ps(mo), _mm512_load_ps(mn))));  // corr, 0 at first
+    for (int r = 0; r < FQ; ++r) {
+        corr[r] = mo[r];
+        const __m512 mr = _mm512_set1_ps(mn[r]);
+        __m512 sum = _mm512_setzero_ps();
+        for (int j = 0; j < FK; j += 16) {
+            const __m512 e = exp2_neg(_mm512_sub_ps(_mm512_load_ps(&s[r][j]), mr));
+            sum = _mm512_add_ps(sum, e);
+            put(r, j, e);
+        }
+        l[r] = l[r] * corr[r] + _mm512_reduce_add_ps(sum);
+    }
+}
+
+// fp32 q, K, V (the same order; plain FMAs): K packed as [group of 16 keys][dim][16 keys], V as rows
+void pack_kv_f32(const float* k, int64_t sk, const float* v, int64_t sv, int64_t n, int64_t npad, int64_t hd, float* kp,
+                 float* vp) {
+    for (int64_t key = 0; key < npad; ++key) {
+        float* dst = kp + (key / 16 * hd) * 16 + key % 16;
+        for (int64_t d = 0; d < hd; ++d) dst[d * 16] = key < n ? k[key * sk + d] : 0.0f;
+        if (key < n) std::memcpy(vp + key * hd, v + key * sv, hd * 4);
+        else std::fill(vp + key * hd, vp + (key + 1) * hd, 0.0f);
+    }
+}
+
+template <int NV>
+inline void pv_rows4_f32(const float* p, const float* vp, int64_t hd, int64_t i0, const float* corr, float* acc) {
+    __m512 a[4][NV];
+    for (int r = 0; r < 4; ++r)
+        for (int j = 0; j < NV; ++j) a[r][j] = _mm512_mul_ps(_mm512_loadu_ps(acc + r * hd + i0 + 16 * j), _mm512_set1_ps(corr[r]));
+    for (int t = 0; t < FK; ++t) {
+        __m512 vv[NV];
+        for (int j = 0; j < NV; ++j) {
+            vv[j] = _mm512_loadu_ps(vp + t * hd + i0 + 16 * j);
+            __asm__("" : "+v"(vv[j]));  // keep it in a register (see pv_rows4)
+        }
+        for (int r = 0; r < 4; ++r) {
+            const __m512 pb = _mm512_set1_ps(p[r * FK + t]);
+            for (int j = 0; j < NV; ++j) a[r][j] = _mm512_fmadd_ps(pb, vv[j], a[r][j]);
+        }
+    }
+    for (int r = 0; r < 4; ++r)
+        for (int j = 0; j < NV; ++j) _mm512_storeu_ps(acc + r * hd + i0 + 16 * j, a[r][j]);
+}
+
+void flash_tile_f32(const float* q, int nr, const float* kp, const float* vp, int64_t kb0, int64_t kb1, int64_t n,
+                    int64_t hd, float scale, float* m, float* l, float* acc) {
+    alignas(64) float s[FQ][FK];
+    alignas(64) float p[FQ][FK];
+    float corr[FQ];
+    const float* qr[FQ];
+    for (int r = 0; r < FQ; ++r) qr[r] = q + std::min(r, nr - 1) * hd;
+    for (int64_t kb = kb0; kb < kb1; kb += FK) {
+        for (int r0 = 0; r0 < FQ; r0 += 4)
+            for (int kc = 0; kc < FK; kc += 64) {
+                const float* kg = kp + (kb + kc) / 16 * hd * 16;
+                __m512 c[4][4];
+                for (int r = 0; r < 4; ++r)
+                    for (int j = 0; j < 4; ++j) c[r][j] = _mm512_setzero_ps();
+                for (int64_t d = 0; d < hd; ++d) {
+                    __m512 k0 = _mm512_loadu_ps(kg + d * 16), k1 = _mm512_loadu_ps(kg + (hd + d) * 16),
+                           k2 = _mm512_loadu_ps(kg + (2 * hd + d) * 16), k3 = _mm512_loadu_ps(kg + (3 * hd + d) * 16);
+                    __asm__("" : "+v"(k0), "+v"(k1), "+v"(k2), "+v"(k3));
+                    for (int r = 0; r < 4; ++r) {
+                        const __m512 qb = _mm512_set1_ps(qr[r0 + r][d]);
+                        c[r][0] = _mm512_fmadd_ps(qb, k0, c[r][0]);
+                        c[r][1] = _mm512_fmadd_ps(qb, k1, c[r][1]);
+                        c[r][2] = _mm512_fmadd_ps(qb, k2, c[r][2]);
+                        c[r][3] = _mm512_fmadd_ps(qb, k3, c[r][3]);
+                    }
+                }
+                for (int r = 0; r < 4; ++r)
+                    for (int j = 0; j < 4; ++j) _mm512_store_ps(&s[r0 + r][kc + 16 * j], _mm512_mul_ps(c[r][j], _mm512_set1_ps(scale)));
+            }
+        softmax_block(s, int(std::min<int64_t>(FK, n - kb)), m, l, corr, [&](int r, int j, __m512 e) { _mm512_store_ps(&p[r][j], e); });
+        const float* vb = vp + kb * hd;
+        for (int r0 = 0; r0 < FQ; r0 += 4)
+            for (int64_t i0 = 0; i0 < hd; i0 += 64) {
+                switch (std::min<int64_t>(4, (hd - i0) / 16)) {
+                    case 4: pv_rows4_f32<4>(&p[r0][0], vb, hd, i0, corr + r0, acc + r0 * hd); break;
+                    case 3: pv_rows4_f32<3>(&p[r0][0], vb, hd, i0, corr + r0, acc + r0 * hd); break;
+                    case 2: pv_rows4_f32<2>(&p[r0][0], vb, hd, i0, corr + r0, acc + r0 * hd); break;
+                    default: pv_rows4_f32<1>(&p[r0][0], vb, hd, i0, corr + r0, acc + r0 * hd); break;
+                }
+            }
+    }
+}
+
+// the flash kernels' driver: per (batch, KV head) pack K, V and the query rows (`pack`, E-typed, `per_row`
+// elements per key or query row), then every tile of FQ rows over the keys in passes of FLASH_KEYS (each
+// thread's tiles reuse one pass's K and V from its L2: one pass over all 32K keys per tile ran at 230
+// GFLOP/s against 264 at 8K keys, bf16 on the EPYC), then out = acc / l and lse = (m + log2 l) ln 2
+template <typename E, typename Pack, typename Tile>
+void flash_run(int64_t B, int64_t NKV, int64_t R, int64_t S, int64_t hd, int64_t per_row, float scale, float* out,
+               float* lse, int nthreads, Pack pack, Tile tile) {
+    const int64_t H = B * NKV, npad = (S + FK - 1) / FK * FK, tiles = (R + FQ - 1) / FQ, Rp = tiles * FQ;
+    std::vector<E> kp(H * npad * per_row), vp(H * npad * per_row), qp(H * Rp * per_row);
+    std::vector<float> m(H * Rp, -INFINITY), l(H * Rp, 0.0f), acc(H * Rp * hd, 0.0f);
+    const float scale2 = scale * 1.4426950408889634f;  // scores in log2 units: exp2_neg, no exp
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t h = 0; h < H; ++h)
+            pack(h / NKV, h % NKV, npad, Rp, kp.data() + h * npad * per_row, vp.data() + h * npad * per_row,
+                 qp.data() + h * Rp * per_row);
+        for (int64_t k0 = 0; k0 < npad; k0 += FLASH_KEYS) {
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < H * tiles; ++i) {
+                const int64_t h = i / tiles, r0 = i % tiles * FQ;
+                tile(qp.data() + (h * Rp + r0) * per_row, int(std::min<int64_t>(FQ, R - r0)), kp.data() + h * npad * per_row,
+                     vp.data() + h * npad * per_row, k0, std::min(k0 + FLASH_KEYS, npad), S, hd, scale2, &m[h * Rp + r0],
+                     &l[h * Rp + r0], &acc[(h * Rp + r0) * hd]);
+            }
+        }
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < H * R; ++i) {
+            const int64_t h = i / R, r = i % R;
+            const float inv = 1.0f / l[h * Rp + r];
+            for (int64_t c = 0; c < hd; ++c) out[i * hd + c] = acc[(h * Rp + r) * hd + c] * inv;
+            lse[i] = (m[h * Rp + r] + std::log2(l[h * Rp + r])) * 0.6931471805599453f;
+        }
+    }
+}
+#endif
+
+#if defined(__AVX512BF16__)
 inline __m512bh bh(const uint32_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
 inline __m512bh bh_set1(uint32_t x) { return (__m512bh)_mm512_set1_epi32(int(x)); }
 
@@ -952,27 +1094,9 @@ void flash_tile(const uint32_t* q32, int nr, const uint32_t* kp, const uint32_t*
             for (int r = 0; r < 4; ++r)
                 for (int j = 0; j < 4; ++j) _mm512_store_ps(&s[r0 + r][kc + 16 * j], _mm512_mul_ps(c[r][j], _mm512_set1_ps(scale)));
         }
-        const int valid = int(std::min<int64_t>(FK, n - kb));
-        alignas(64) float mo[16] = {}, mn[16] = {};
-        for (int r = 0; r < FQ; ++r) {
-            for (int j = valid; j < FK; ++j) s[r][j] = -INFINITY;  // padding keys
-            __m512 mx = _mm512_load_ps(&s[r][0]);
-            for (int j = 16; j < FK; j += 16) mx = _mm512_max_ps(mx, _mm512_load_ps(&s[r][j]));
-            mo[r] = m[r];
-            mn[r] = m[r] = std::max(m[r], _mm512_reduce_max_ps(mx));
-        }
-        _mm512_store_ps(mo, exp2_neg(_mm512_sub_ps(_mm512_load_ps(mo), _mm512_load_ps(mn))));  // corr, 0 at first
-        for (int r = 0; r < FQ; ++r) {
-            corr[r] = mo[r];
-            const __m512 mr = _mm512_set1_ps(mn[r]);
-            __m512 sum = _mm512_setzero_ps();
-            for (int j = 0; j < FK; j += 16) {
-                const __m512 e = exp2_neg(_mm512_sub_ps(_mm512_load_ps(&s[r][j]), mr));
-                sum = _mm512_add_ps(sum, e);
-                _mm256_store_si256((__m256i*)&p[r][j], (__m256i)_mm512_cvtneps_pbh(e));
-            }
-            l[r] = l[r] * corr[r] + _mm512_reduce_add_ps(sum);
-        }
+        softmax_block(s, int(std::min<int64_t>(FK, n - kb)), m, l, corr, [&](int r, int j, __m512 e) {
+            _mm256_store_si256((__m256i*)&p[r][j], (__m256i)_mm512_cvtneps_pbh(e));
+        });
         const uint32_t* vb = vp + kb / 2 * hd;
         for (int r0 = 0; r0 < FQ; r0 += 4) {
             const uint32_t* p32 = reinterpret_cast<const uint32_t*>(&p[r0][0]);
@@ -1218,52 +1342,43 @@ void jl_attn_layer_decode(int dtype, int wtype, int kvtype, int64_t b, int64_t H
 }
 
 // Attention of R query rows per (batch, KV head) over S keys with no mask (chunked prefill's past part: the
-// chunk's queries of a KV head's g query heads folded into R rows), bf16 q, k, v (strides in elements for
-// batch, head, row); out (B, NKV, R, hd) fp32 = softmax(scale q K^T) V and lse (B, NKV, R) fp32 = the
-// log-sum-exp of the scaled scores. Returns 1, or 0 without touching out where this CPU has no AVX512-BF16
-// or hd is not a multiple of 16 up to FLASH_MAX_HD (the caller then runs torch's kernel).
-int jl_flash_bf16(int64_t B, int64_t NKV, int64_t R, int64_t S, int64_t hd, const void* q, int64_t sqb, int64_t sqh,
-                  int64_t sqr, const void* k, int64_t skb, int64_t skh, int64_t sks, const void* v, int64_t svb,
-                  int64_t svh, int64_t svs, float scale, float* out, float* lse, int nthreads) {
-#if defined(__AVX512BF16__)
+// chunk's queries of a KV head's g query heads folded into R rows), q, k, v in dtype (0 fp32, 1 bf16; strides
+// in elements for batch, head, row); out (B, NKV, R, hd) fp32 = softmax(scale q K^T) V and lse (B, NKV, R)
+// fp32 = the log-sum-exp of the scaled scores. Returns 1, or 0 without touching out where this CPU lacks
+// AVX-512 (bf16: AVX512-BF16) or hd is not a multiple of 16 up to FLASH_MAX_HD (the caller then runs torch's).
+int jl_flash(int dtype, int64_t B, int64_t NKV, int64_t R, int64_t S, int64_t hd, const void* q, int64_t sqb, int64_t sqh,
+             int64_t sqr, const void* k, int64_t skb, int64_t skh, int64_t sks, const void* v, int64_t svb, int64_t svh,
+             int64_t svs, float scale, float* out, float* lse, int nthreads) {
+#if defined(__AVX512F__)
     if (hd % 16 != 0 || hd > FLASH_MAX_HD || S <= 0 || R <= 0) return 0;
-    const int64_t H = B * NKV, hp = hd / 2, npad = (S + FK - 1) / FK * FK, tiles = (R + FQ - 1) / FQ, Rp = tiles * FQ;
-    std::vector<uint32_t> kp(H * npad * hp), vp(H * npad * hp), qp(H * Rp * hp);
-    std::vector<float> m(H * Rp, -INFINITY), l(H * Rp, 0.0f), acc(H * Rp * hd, 0.0f);
-    const bf16 *qb = (const bf16*)q, *kb = (const bf16*)k, *vb = (const bf16*)v;
-    const float scale2 = scale * 1.4426950408889634f;  // scores in log2 units: exp2_neg, no exp
-#pragma omp parallel num_threads(nthreads)
-    {
-#pragma omp for schedule(static)
-        for (int64_t h = 0; h < H; ++h) {
-            const int64_t bi = h / NKV, j = h % NKV;
-            pack_kv(kb + bi * skb + j * skh, sks, vb + bi * svb + j * svh, svs, S, npad, hd, kp.data() + h * npad * hp,
-                    vp.data() + h * npad * hp);
-            for (int64_t r = 0; r < R; ++r) std::memcpy(qp.data() + (h * Rp + r) * hp, qb + bi * sqb + j * sqh + r * sqr, hd * 2);
-        }
-        // keys in passes of FLASH_KEYS: each thread's tiles reuse one pass's K and V from its L2 (one pass over
-        // all 32K keys per tile ran at 230 GFLOP/s against 264 at 8K keys, on the EPYC)
-        for (int64_t k0 = 0; k0 < npad; k0 += FLASH_KEYS) {
-#pragma omp for schedule(static)
-            for (int64_t i = 0; i < H * tiles; ++i) {
-                const int64_t h = i / tiles, r0 = i % tiles * FQ;
-                flash_tile(qp.data() + (h * Rp + r0) * hp, int(std::min<int64_t>(FQ, R - r0)), kp.data() + h * npad * hp,
-                           vp.data() + h * npad * hp, k0, std::min(k0 + FLASH_KEYS, npad), S, hd, scale2, &m[h * Rp + r0],
-                           &l[h * Rp + r0], &acc[(h * Rp + r0) * hd]);
-            }
-        }
-#pragma omp for schedule(static)
-        for (int64_t i = 0; i < H * R; ++i) {
-            const int64_t h = i / R, r = i % R;
-            const float inv = 1.0f / l[h * Rp + r];
-            for (int64_t c = 0; c < hd; ++c) out[i * hd + c] = acc[(h * Rp + r) * hd + c] * inv;
-            lse[i] = (m[h * Rp + r] + std::log2(l[h * Rp + r])) * 0.6931471805599453f;
-        }
+    if (dtype == 1) {
+#if defined(__AVX512BF16__)
+        const int64_t hp = hd / 2;
+        const bf16 *qb = (const bf16*)q, *kb = (const bf16*)k, *vb = (const bf16*)v;
+        flash_run<uint32_t>(B, NKV, R, S, hd, hp, scale, out, lse, nthreads,
+            [&](int64_t bi, int64_t j, int64_t npad, int64_t Rp, uint32_t* kp, uint32_t* vp, uint32_t* qp) {
+                pack_kv(kb + bi * skb + j * skh, sks, vb + bi * svb + j * svh, svs, S, npad, hd, kp, vp);
+                for (int64_t r = 0; r < R; ++r) std::memcpy(qp + r * hp, qb + bi * sqb + j * sqh + r * sqr, hd * 2);
+                (void)Rp;
+            },
+            flash_tile);
+        return 1;
+#else
+        return 0;
+#endif
     }
+    const float *qf = (const float*)q, *kf = (const float*)k, *vf_ = (const float*)v;
+    flash_run<float>(B, NKV, R, S, hd, hd, scale, out, lse, nthreads,
+        [&](int64_t bi, int64_t j, int64_t npad, int64_t Rp, float* kp, float* vp, float* qp) {
+            pack_kv_f32(kf + bi * skb + j * skh, sks, vf_ + bi * svb + j * svh, svs, S, npad, hd, kp, vp);
+            for (int64_t r = 0; r < R; ++r) std::memcpy(qp + r * hd, qf + bi * sqb + j * sqh + r * sqr, hd * 4);
+            (void)Rp;
+        },
+        flash_tile_f32);
     return 1;
 #else
-    (void)B, (void)NKV, (void)R, (void)S, (void)hd, (void)q, (void)sqb, (void)sqh, (void)sqr, (void)k, (void)skb, (void)skh;
-    (void)sks, (void)v, (void)svb, (void)svh, (void)svs, (void)scale, (void)out, (void)lse, (void)nthreads;
+    (void)dtype, (void)B, (void)NKV, (void)R, (void)S, (void)hd, (void)q, (void)sqb, (void)sqh, (void)sqr, (void)k, (void)skb;
+    (void)skh, (void)sks, (void)v, (void)svb, (void)svh, (void)svs, (void)scale, (void)out, (void)lse, (void)nthreads;
     return 0;
 #endif
 }
