@@ -65,7 +65,9 @@ async def test_concurrent_ainvoke_equal_sequential_runs_and_loop_stays_responsiv
             assert together.usage_metadata[key] == alone.usage_metadata[key]
         assert together.response_metadata["finish_reason"] == alone.response_metadata["finish_reason"]
     # the loop ran its ticker throughout: at least a third of the 10 ms ticks, no stall of a quarter second
-    assert ticks >= max(5, int(elapsed / 0.01 / 3)), (ticks, elapsed)
+    # (at least one tick, not five: with the fallback tokenizer's short prompts the four calls can finish in
+    # 50 ms, which allowed only four ticks and failed a fresh clone without ../shared)
+    assert ticks >= max(1, int(elapsed / 0.01 / 3)), (ticks, elapsed)
     assert longest_gap < 0.25, longest_gap
 
 
