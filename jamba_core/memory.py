@@ -43,11 +43,17 @@ class MemoryEstimate:
         return {**asdict(self), "total": self.total}
 
 
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
 def _dtype(dtype) -> torch.dtype:
+    """A torch dtype from a name (``ValueError`` naming the choices for any other)."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-            "float16": torch.float16, "fp16": torch.float16}[str(dtype)]
+    if str(dtype) not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)} (weight quantization is quantization=)")
+    return _DTYPES[str(dtype)]
 
 
 def kv_capacity(tokens: int) -> int:

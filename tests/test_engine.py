@@ -141,6 +141,11 @@ def test_bf16_kv_cache_for_fp32_weights_halves_the_kv_bytes_and_keeps_greedy_tok
         assert engine.generate(prompt, max_new_tokens=24).token_ids == tiny_engine.generate(prompt, max_new_tokens=24).token_ids
 
 
+def test_unknown_kv_cache_dtype_is_a_clear_error(tiny_checkpoint):
+    with pytest.raises(ValueError, match="unknown dtype 'int8'.*bfloat16"):
+        Engine.from_pretrained(tiny_checkpoint, kv_cache_dtype="int8", progress=False)
+
+
 def test_published_kv_cache_figures():
     from transformers import JambaConfig
 
