@@ -1216,8 +1216,8 @@ static void rows_to_dtype(int dtype, const float* src, void* dst, int64_t n) {
 // n values from dtype `from` to dtype `to` (0 fp32, 1 bf16; round to nearest even): a K/V row into a cache of
 // another dtype than the model's (kv_cache_dtype)
 static void copy_row(int from, const void* src, int to, void* dst, int64_t n) {
-    if (from == to) std::memcpy(dst, src, n * (from == 1 ? 2 : 4));
-    else if (to == 1) for (int64_t i = 0; i < n; ++i) ((bf16*)dst)[i] = f_to_bf16(((const float*)src)[i]);
+    if (from == 0) rows_to_dtype(to, (const float*)src, dst, n);
+    else if (to == 1) std::memcpy(dst, src, n * 2);
     else for (int64_t i = 0; i < n; ++i) ((float*)dst)[i] = bf16_to_f(((const bf16*)src)[i]);
 }
 
