@@ -11,6 +11,8 @@ No timing assertions: the benchmark (benchmarks/bench.py) is where speed is judg
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -311,6 +313,48 @@ def test_fused_feed_forward_decode_matches_the_modules_ops(weights, tokens, moe)
     assert got.shape == expected.shape and got.dtype == expected.dtype
     bound = {"float32": FP32_REL, "bfloat16": BF16_REL, "int8": BF16_REL}[weights]
     assert rel(got, expected) <= bound
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_prefill_pads_expert_groups_only_for_onednn_dtypes(monkeypatch, dtype):
+    """bf16 prefill pads each expert's token group to a multiple of `moe.GROUP_ROWS` rows (a few recurring
+    matmul shapes for oneDNN instead of a new one per group); the padding rows are dropped, so the output
+    equals the unpadded computation to bf16 rounding, and fp32 is not padded at all."""
+    from jamba_core.model import moe
+    from jamba_core.testing import make_config
+
+    config = make_config("tiny", hidden_size=48, intermediate_size=80, num_experts=4, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    module = moe.SparseMoE(config).to(dtype).requires_grad_(False)
+    x = torch.randn(1, 75, 48, generator=torch.Generator().manual_seed(1)).to(dtype)  # groups of ~37 rows
+    rows = []
+    for e in module.experts:
+        monkeypatch.setattr(e, "forward", lambda h, f=e.forward: rows.append(h.shape[0]) or f(h))
+    with torch.inference_mode():
+        padded = module(x)
+        counts, rows[:] = rows[:], []
+        monkeypatch.setattr(moe, "GROUP_ROWS", 1)
+        plain = module(x)
+    assert sum(rows) == 75 * 2 and len(counts) == len(rows)
+    if dtype == torch.bfloat16:
+        assert all(n % 16 == 0 or n <= moe.DECODE_TOKENS for n in counts) and counts != rows
+        assert rel(padded, plain) <= BF16_REL
+    else:
+        assert counts == rows and torch.equal(padded, plain)
+
+
+def test_onednn_shape_caches_are_capped_on_import_unless_set():
+    """Importing jamba_core caps PyTorch's oneDNN shape caches (LRU_CACHE_CAPACITY and
+    ONEDNN_PRIMITIVE_CACHE_CAPACITY: 1,024 entries each by default, ~260 KiB per bf16 matmul shape) and
+    keeps a value the user has set."""
+    import subprocess
+    import sys
+
+    code = "import os, jamba_core; print(os.environ['LRU_CACHE_CAPACITY'], os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
+    env = {k: v for k, v in os.environ.items() if k not in ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")}
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split() == ["64", "64"]
+    env["LRU_CACHE_CAPACITY"] = "8"
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split() == ["8", "64"]
 
 
 # -- whole decoder layers in one call, through the modules --------------------------------------------

@@ -3,6 +3,7 @@
 import json
 import random
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -151,7 +152,7 @@ def test_curriculum_phases_cover_training_and_every_family_makes_batches(tiny_en
     ends = [p["until"] for p in trainer.CURRICULUM]
     assert ends == sorted(ends) and ends[-1] == 1.0
     FAMILIES = {f for p in trainer.CURRICULUM for f in p["mix"]}
-    assert FAMILIES == {"repeat", "spell", "recall", "needle", "tool_call", "json"}
+    assert FAMILIES == {"repeat", "spell", "recall", "needle", "tool_call", "json"} == trainer.FAMILIES
     haystack, seen = Haystack(tiny_engine.tokenizer), set()
     for p in trainer.CURRICULUM:
         assert abs(sum(p["mix"].values()) - 1.0) < 1e-9
@@ -167,6 +168,26 @@ def test_curriculum_phases_cover_training_and_every_family_makes_batches(tiny_en
         if seen == FAMILIES:
             break
     assert seen == FAMILIES
+
+
+def test_a_mix_replaces_the_phases_and_is_checked(tiny_engine, shared_dir):
+    """``mix`` (``--mix tool_call=0.5,spell=0.5``): every batch draws from it, whatever the phase; an
+    unknown family, a negative or an all-zero mix is refused before any training."""
+    import argparse
+
+    from jamba_core.eval.ruler import Haystack
+    from jamba_core.train import trainer
+
+    haystack = Haystack(tiny_engine.tokenizer)
+    families = {trainer.batch(step, 0.1, 3, tiny_engine.tokenizer, haystack, {"spell": 1.0, "json": 1.0})[3] for step in range(12)}
+    assert families == {"spell", "json"}  # the first phase has no spell task
+    assert trainer._parse_mix("tool_call=0.45, spell=0.3") == {"tool_call": 0.45, "spell": 0.3}
+    for bad in ("tool_call=0.5,poetry=0.5", "tool_call", "tool_call=x", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="famil"):
+            trainer._parse_mix(bad)
+    for bad in ({"poetry": 1.0}, {"spell": -1.0, "json": 2.0}, {"spell": 0.0}, {}):
+        with pytest.raises(ValueError, match="mix"):
+            trainer.train(Path("unused"), steps=1, mix=bad)
 
 
 def test_a_continued_run_can_start_later_in_the_curriculum(tmp_path, shared_dir):

@@ -7,6 +7,10 @@ from .linear import Linear
 
 # up to this many tokens the feed-forward tries the fused decode kernel (`ops.ffn_decode`) first
 DECODE_TOKENS = 8
+# bf16 / fp16 CPU matmuls (oneDNN) build a kernel for every new row count: each expert's token group is
+# padded to a multiple of this many rows (repeats of its first token, dropped after), so that a few row
+# counts recur instead of a new one per expert and chunk (see jamba_core/__init__.py)
+GROUP_ROWS = 16
 
 
 class MLP(nn.Module):
@@ -93,10 +97,14 @@ class SparseMoE(nn.Module):
         counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
         token_of = order // self.top_k
         ys = x.new_empty(flat.shape[0], shape[-1])  # (T*k, hidden) expert outputs, grouped by expert
+        pad = GROUP_ROWS if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) else 1
         start = 0
         for e, n in enumerate(counts):
             if n:
-                ys[start : start + n] = self.experts[e](x[token_of[start : start + n]])
+                rows = token_of[start : start + n]
+                if n % pad and n > DECODE_TOKENS:  # small groups take the decode kernel
+                    rows = torch.cat([rows, rows[:1].expand(pad - n % pad)])
+                ys[start : start + n] = self.experts[e](x[rows])[:n]
             start += n
         # back to (token, slot) order with a gather, then the weighted sum over the k slots (a scatter-add
         # into the output is several times slower on CPU)

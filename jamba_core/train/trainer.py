@@ -65,6 +65,8 @@ JSON_MODES = ("schema", "schema", "object")
 # weight of the other tokens' next-token loss (prompt, haystack, template) beside the assistant turns' 1:
 # a dense signal for copying (a tool name read again, a key asked again) that the sparse answers lack
 PROMPT_LOSS_WEIGHT = 0.1
+# the task families `batch` draws (a phase's mix, or ``--mix``)
+FAMILIES = frozenset({"repeat", "spell", "recall", "needle", "tool_call", "json"})
 
 
 def make_tokenizer(seed: int = 0, spaces: str = "attached"):
@@ -87,12 +89,13 @@ def phase(progress: float) -> dict:
     return next(p for p in CURRICULUM if progress < p["until"])
 
 
-def batch(step: int, progress: float, seed: int, tokenizer, haystack):
+def batch(step: int, progress: float, seed: int, tokenizer, haystack, mix: dict | None = None):
     """(ids (b, L) long, assistant-token mask (b, L) bool, real-token mask (b, L) bool, family) for one
-    step, deterministic in (seed, step, progress)."""
+    step, deterministic in (seed, step, progress, mix); ``mix`` (task family -> weight) replaces the
+    phase's."""
     rng = random.Random(seed * 1_000_003 + step)
     p = phase(progress)
-    tokens, mix = p["tokens"], p["mix"]
+    tokens, mix = p["tokens"], p["mix"] if mix is None else mix
     family = rng.choices(list(mix), weights=list(mix.values()))[0]
     convs = []
     if family == "needle":
@@ -140,7 +143,7 @@ def loss_fn(model, ids, mask, real):
 
 def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float | None = None, log_every: int = 20,
           init: Path | None = None, curriculum_from: float = 0.0, spaces: str = "attached",
-          curriculum_until: float = 1.0) -> dict:
+          curriculum_until: float = 1.0, mix: dict | None = None, save_every: int = 250) -> dict:
     """Train and save to ``out``; ``init`` continues from a checkpoint folder this function wrote (its
     weights and tokenizer; the optimizer state starts fresh and the data continues at new seeds).
     ``curriculum_from`` in [0, 1): the `CURRICULUM` progress the data start at (a continued run can skip
@@ -148,7 +151,15 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
     end (a run can stay in one phase, e.g. 0.22 for copying alone); the learning-rate schedule still spans
     the whole run.
     ``spaces``: the new tokenizer's word split (`jamba_core.tokenizer.train_tokenizer`; ignored with
-    ``init``, whose tokenizer is kept)."""
+    ``init``, whose tokenizer is kept). ``mix``: task family -> weight, replacing every phase's mix (a
+    continued run that drills what its checkpoint still gets wrong); families are `batch`'s. The weights
+    are saved to ``out`` every ``save_every`` steps too (a run cut short by the machine keeps its work;
+    training.json and loss.png are written at the end).
+
+    Raises:
+        ValueError: a progress bound outside its range, or a ``mix`` family `batch` does not know."""
+    if mix is not None and (not mix or set(mix) - FAMILIES or any(w < 0 for w in mix.values()) or sum(mix.values()) <= 0):
+        raise ValueError(f"mix must give non-negative weights, not all zero, to families among {sorted(FAMILIES)}, got {mix}")
     if not 0.0 <= curriculum_from < 1.0:
         raise ValueError(f"curriculum_from must be within [0, 1), got {curriculum_from}")
     if not curriculum_from < curriculum_until <= 1.0:
@@ -194,7 +205,8 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
             scale = min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
             for group in opt.param_groups:
                 group["lr"] = lr * scale
-            ids, mask, real, family = batch(step, curriculum_from + (curriculum_until - curriculum_from) * progress, seed, tokenizer, haystack)
+            ids, mask, real, family = batch(step, curriculum_from + (curriculum_until - curriculum_from) * progress, seed, tokenizer,
+                                            haystack, mix)
             objective, loss = loss_fn(model, ids, mask, real)
             opt.zero_grad(set_to_none=True)
             objective.backward()
@@ -202,6 +214,10 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
             opt.step()
             history.append({"step": step, "progress": round(progress, 4), "lr": lr * scale, "loss": round(loss.item(), 4), "family": family, "tokens": int(ids.numel()),
                             "grad_norm": round(float(grad_norm), 3), "elapsed_s": round(time.time() - t0, 1)})
+            if save_every and step and step % save_every == 0:
+                model.eval()
+                save(model, tokenizer, config, out)
+                model.train()
             if step % log_every == 0 or step == steps - 1:
                 print(f"step {step}/{steps} {family:9s} L={ids.shape[1]:5d} loss {loss.item():.4f} "
                       f"gn {float(grad_norm):.2f} {time.time() - t0:.0f}s", flush=True)
@@ -218,7 +234,7 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
         prior = json.loads((Path(init) / "training.json").read_text())
         earlier = prior.pop("earlier_runs", []) + [prior]
     info = {"earlier_runs": earlier, "init": None if init is None else str(init), "curriculum_from": curriculum_from, "curriculum_until": curriculum_until, "seed": seed, "steps_planned": steps, "steps_run": len(history), "lr": lr, "spaces": None if init is not None else spaces, "parameters": n_params,
-            "curriculum": CURRICULUM, "prompt_loss_weight": PROMPT_LOSS_WEIGHT, "config": CONFIG, "train_seconds": round(time.time() - t0, 1),
+            "curriculum": CURRICULUM, "mix": mix, "prompt_loss_weight": PROMPT_LOSS_WEIGHT, "config": CONFIG, "train_seconds": round(time.time() - t0, 1),
             "torch_threads": torch.get_num_threads(), "history": history,
             "error": None if failure is None else f"{type(failure).__name__}: {failure}", "interrupted": interrupted}
     (out / "training.json").write_text(json.dumps(info))
@@ -269,6 +285,18 @@ def plot_loss(runs: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _parse_mix(text: str) -> dict:
+    """``--mix``: "family=weight,..." -> {family: weight}."""
+    expected = f"family=weight,... with families among {', '.join(sorted(FAMILIES))}"
+    try:
+        mix = {k.strip(): float(v) for k, v in (part.split("=") for part in text.split(",") if part.strip())}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not mix or set(mix) - FAMILIES:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return mix
+
+
 def _stop(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -295,9 +323,12 @@ def main(argv=None) -> int:
                         help="curriculum progress (0..1] the data end at, e.g. 0.22 for the copying phase alone")
     parser.add_argument("--spaces", choices=("attached", "isolated"), default="attached",
                         help="a new tokenizer's word split: 'isolated' gives each word one spelling in prose and in JSON")
+    parser.add_argument("--mix", type=_parse_mix, default=None,
+                        help="task mix for every phase, e.g. 'tool_call=0.45,spell=0.3,json=0.1,needle=0.1,recall=0.05'")
+    parser.add_argument("--save-every", type=int, default=250, help="also save the weights every this many steps (0: only at the end)")
     args = parser.parse_args(argv)
     _stop_on_signals()
     info = train(args.out, args.steps, args.seed, args.lr, args.minutes, init=args.init, curriculum_from=args.curriculum_from,
-                 spaces=args.spaces, curriculum_until=args.curriculum_until)
+                 spaces=args.spaces, curriculum_until=args.curriculum_until, mix=args.mix, save_every=args.save_every)
     print(f"{info['parameters']:,} parameters, {info['steps_run']} steps, {info['train_seconds']:.0f} s -> {args.out}")
     return 0
