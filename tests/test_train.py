@@ -241,6 +241,38 @@ def test_needles_fall_back_to_a_single_needle_where_a_task_cannot_fit(shared_dir
     assert "niah_single" in kinds and "variable_tracking" not in kinds
 
 
+def test_needles_come_in_the_forms_applications_send_with_the_same_text_question_and_answer(tiny_engine, shared_dir):
+    """Every `data.NEEDLE_STYLES` form holds RULER's text and question and answers RULER's target: the
+    user message (ruler), the system message (a LangChain prompt), the template's documents, LlamaIndex's
+    chat text-QA prompt; the rendered prompt holds the text once; an unknown style is refused. The
+    documentation haystack leaves out the demo's modules and keeps the book's key words."""
+    from llama_index.core.prompts.chat_prompts import CHAT_TEXT_QA_PROMPT
+
+    from jamba_core.demo import STDLIB_MODULES
+    from jamba_core.eval import ruler
+
+    haystack = ruler.Haystack(tiny_engine.tokenizer)
+    ref = data.needle(random.Random(4), haystack, 512, style="ruler")
+    instruction, rest = ref.messages[0]["content"].split("\n", 1)
+    text, question = rest.rsplit("\n", 1)
+    for style in data.NEEDLE_STYLES:
+        conv = data.needle(random.Random(4), haystack, 512, style=style)
+        assert conv.task == ref.task and conv.messages[-1] == ref.messages[-1]  # the same sample and answer
+        rendered = data.render_chat(tiny_engine.tokenizer, conv.messages[:-1], documents=conv.documents)
+        assert rendered.count(text) == 1 and question in rendered
+        assert (conv.documents is not None) == (style == "documents")
+        if style == "system":
+            assert conv.messages[0]["role"] == "system" and conv.messages[0]["content"].endswith(text)
+        if style == "llamaindex":
+            assert conv.messages[0]["content"] == CHAT_TEXT_QA_PROMPT.message_templates[0].content
+        ids, mask = data.encode(tiny_engine.tokenizer, conv)
+        assert tiny_engine.tokenizer.decode([t for t, m in zip(ids, mask) if m]).strip() == ref.messages[-1]["content"] + "<|eom|>"
+    with pytest.raises(ValueError, match="style"):
+        data.needle(random.Random(4), haystack, 512, style="poem")
+    docs = data.docs_haystack(tiny_engine.tokenizer, haystack)
+    assert not set(data.DOCS_MODULES) & set(STDLIB_MODULES) and docs.words == haystack.words and len(docs.ids) > 50_000
+
+
 @pytest.mark.parametrize("stop", [RuntimeError("a broken batch"), KeyboardInterrupt()], ids=["error", "interrupt"])
 def test_a_failed_or_interrupted_run_saves_what_was_trained(tmp_path, monkeypatch, shared_dir, stop):
     """A failed step: the weights so far are saved, then the error propagates; Ctrl-C: saved, and the run

@@ -80,6 +80,7 @@ class Conversation:
     messages: list[dict]
     tools: list[dict] | None = None
     response_format: dict | None = None
+    documents: list[dict] | None = None
 
 
 # -- tool calls ------------------------------------------------------------------------------------
@@ -329,19 +330,71 @@ def spell(rng: random.Random, max_items: int = 10) -> Conversation:
 
 
 # -- needles ---------------------------------------------------------------------------------------
-def needle(rng: random.Random, haystack, length: int, split: str = "train") -> Conversation:
+# How applications hand a model a document and a question, besides RULER's single user message: the
+# document in the system message (a LangChain prompt template), in the chat template's documents
+# (`ChatJamba(documents=...)`, `JambaDocumentsQueryEngine`), and LlamaIndex's own question-answering
+# prompt (what `SummaryIndex(...).as_query_engine(llm=JambaLLM(...))` sends). Weights of `needle`'s draw.
+NEEDLE_STYLES = {"ruler": 0.4, "system": 0.2, "documents": 0.2, "llamaindex": 0.2}
+_DOC_INTROS = ("Answer from this document:", "Answer from the document below.", "Use the following text to answer the question.",
+               "You answer questions about this text.", "Context:", "Here is a document.")
+_DOC_TITLES = ("Moby-Dick", "document", "notes", "book", "manual", "reference", "report")
+
+
+def needle(rng: random.Random, haystack, length: int, split: str = "train", style: str | None = None) -> Conversation:
     """A RULER sample (`jamba_core.eval.ruler`) of ``length`` tokens, its task drawn 4:2:2:1 from single,
     multi-key, multi-value needles and variable tracking; a task whose fixed text does not fit the length
     with this tokenizer (variable tracking in 256 tokens when every space is a token) falls back to the
-    single needle."""
+    single needle. ``style`` (drawn from `NEEDLE_STYLES` when None): "ruler" (RULER's user message:
+    instruction, text, question), "system" (the text in the system message, the question as the user's),
+    "documents" (the text as the template's one document), "llamaindex" (LlamaIndex's chat text-QA
+    prompt around the text and the question). The answer is RULER's in every style."""
     task = rng.choices(ruler.TASKS, weights=(4, 2, 2, 1))[0]
     depth, seed = rng.uniform(0, 100), rng.randrange(2**31)
+    style = rng.choices(list(NEEDLE_STYLES), weights=list(NEEDLE_STYLES.values()))[0] if style is None else style
+    if style not in NEEDLE_STYLES:
+        raise ValueError(f"style must be one of {sorted(NEEDLE_STYLES)}, got {style!r}")
     try:
         sample = ruler.make_sample(task, length, depth, seed, haystack, split=split)
     except RuntimeError:
         task = ruler.TASKS[0]
         sample = ruler.make_sample(task, length, depth, seed, haystack, split=split)
-    return Conversation(task, [{"role": "user", "content": sample.prompt}, {"role": "assistant", "content": sample.target}])
+    answer = {"role": "assistant", "content": sample.target}
+    if style == "ruler":
+        return Conversation(task, [{"role": "user", "content": sample.prompt}, answer])
+    instruction, rest = sample.prompt.split("\n", 1)  # RULER's prompt: instruction line, text, question line
+    text, question = rest.rsplit("\n", 1)
+    if rng.random() < 0.3:  # the instruction kept in front of the question
+        question = f"{instruction} {question}"
+    title = rng.choice(_DOC_TITLES)
+    if style == "system":
+        return Conversation(task, [{"role": "system", "content": f"{rng.choice(_DOC_INTROS)}\n\n{text}"},
+                                   {"role": "user", "content": question}, answer])
+    if style == "documents":
+        system = [{"role": "system", "content": rng.choice(("Answer from the documents.", "You are a helpful assistant."))}] if rng.random() < 0.5 else []
+        return Conversation(task, system + [{"role": "user", "content": question}, answer],
+                            documents=[{"title": title, "text": text}])
+    from llama_index.core.prompts.chat_prompts import CHAT_TEXT_QA_PROMPT
+
+    context = f"source: {title}\n\n{text}" if rng.random() < 0.5 else text  # a node's metadata, as LlamaIndex shows it
+    messages = [{"role": m.role.value, "content": m.content} for m in CHAT_TEXT_QA_PROMPT.format_messages(context_str=context, query_str=question)]
+    return Conversation(task, messages + [answer])
+
+
+# the demo's document (`jamba_core.demo.STDLIB_MODULES`) stays out of the training haystacks
+DOCS_MODULES = ("collections", "itertools", "functools", "string", "random", "statistics", "datetime", "shutil", "pathlib",
+                "argparse", "logging", "csv", "re", "math", "dataclasses", "enum", "copy", "pprint", "difflib", "zipfile")
+
+
+def docs_haystack(tokenizer, moby):
+    """A second haystack, technical prose unlike the book: the plain-text documentation (pydoc) of the
+    standard-library modules `DOCS_MODULES`, with the book haystack ``moby``'s key words (so keys keep
+    their split)."""
+    import pydoc
+
+    text = "\n\n".join(pydoc.plain(pydoc.render_doc(name, renderer=pydoc.plaintext)) for name in DOCS_MODULES)
+    hay = ruler.Haystack(tokenizer, text=text)
+    hay.words = moby.words
+    return hay
 
 
 def recall(rng: random.Random, haystack, context: int = 128, split: str = "train") -> Conversation:
@@ -370,7 +423,7 @@ def recall(rng: random.Random, haystack, context: int = 128, split: str = "train
 def encode(tokenizer, conv: Conversation) -> tuple[list[int], list[int]]:
     """Token ids of the whole conversation and a 0/1 mask marking the assistant turns' tokens (content
     and closing ``<|eom|>``): the positions whose next-token prediction is trained."""
-    kw = dict(tools=conv.tools, response_format=conv.response_format)
+    kw = dict(tools=conv.tools, response_format=conv.response_format, documents=conv.documents)
     ids = tokenizer.encode(render_chat(tokenizer, conv.messages, add_generation_prompt=False, **kw), add_special_tokens=False)
     mask = [0] * len(ids)
     for i, m in enumerate(conv.messages):

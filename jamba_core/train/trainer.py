@@ -98,10 +98,12 @@ def batch(step: int, progress: float, seed: int, tokenizer, haystack, mix: dict 
     tokens, mix = p["tokens"], p["mix"] if mix is None else mix
     family = rng.choices(list(mix), weights=list(mix.values()))[0]
     convs = []
-    if family == "needle":
+    if family == "needle":  # ``haystack`` may be several (the book, technical documentation): one per batch
         length = rng.choice(p["needle_lengths"])
-        convs = [data.needle(rng, haystack, length) for _ in range(max(1, tokens // length))]
+        hay = rng.choice(haystack) if isinstance(haystack, (list, tuple)) else haystack
+        convs = [data.needle(rng, hay, length) for _ in range(max(1, tokens // length))]
     elif family == "recall":
+        haystack = haystack[0] if isinstance(haystack, (list, tuple)) else haystack
         context, total = rng.choice(p["recall_contexts"]), 0  # one context length per batch: little padding
         while total < tokens:
             convs.append(data.recall(rng, haystack, context))
@@ -185,6 +187,7 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
         model.load_state_dict(weights)
     n_params = sum(p.numel() for p in model.parameters())
     haystack = ruler.Haystack(tokenizer)
+    haystack = (haystack, data.docs_haystack(tokenizer, haystack))  # needles in the book and in documentation
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
