@@ -4,8 +4,9 @@
     python -m benchmarks.trained_eval --lengths 1k,4k --long none --samples 1   # a quick look
 
 Writes ``benchmarks/results/trained/``: ``{trained,random}/results.{json,md}`` and ``heatmap.png``
-(RULER-style accuracy by task x length x depth, `jamba_core.eval.ruler`), ``tools.json`` (tool calls and
-JSON extraction on held-out names and values, `jamba_core.eval.tools`), and ``summary.md`` (the figures
+(RULER-style accuracy by task x length x depth, `jamba_core.eval.ruler`), ``tools.json`` (tool calls, JSON
+extraction and copying on held-out names and values, and a needle in the forms applications send,
+`jamba_core.eval.tools`), and ``summary.md`` (the figures
 the issue asks for, with the training time and parameter count from the checkpoint's training.json).
 Long lengths cost: the attention layers are quadratic, so one 128K sample takes minutes here; the
 ``--long`` stage runs fewer tasks and depths there.
@@ -46,7 +47,7 @@ def random_twin(path: Path, folder: Path, seed: int = 1) -> Path:
 def run(model: Path, name: str, args, out: Path) -> dict:
     from jamba_core.eval import evaluate, write_report
     from jamba_core.eval.ruler import Haystack
-    from jamba_core.eval.tools import evaluate_copying, evaluate_json, evaluate_tool_calls
+    from jamba_core.eval.tools import evaluate_copying, evaluate_json, evaluate_needle_forms, evaluate_tool_calls
     from langchain_jamba import ChatJamba
 
     chat = ChatJamba(model=str(model), temperature=0.0, max_tokens=48)
@@ -74,10 +75,11 @@ def run(model: Path, name: str, args, out: Path) -> dict:
     tools = evaluate_tool_calls(chat, samples=args.tool_samples, seed=args.seed)
     structured = evaluate_json(chat, samples=args.json_samples, seed=args.seed)
     copying = evaluate_copying(chat.bind(max_tokens=96), samples=args.copy_samples, seed=args.seed)
+    forms = evaluate_needle_forms(chat, samples=args.form_samples, seed=args.seed, max_chars=args.form_chars)
     print(f"  {name} tools: parsed {tools['parsed']:.2f} correct {tools['correct']:.2f} answer {tools['answer']:.2f}; "
-          f"json exact {structured['exact']:.2f}; copying exact {copying['exact']:.2f} words {copying['word_accuracy']:.2f} "
-          f"({time.perf_counter() - start:.0f} s)", flush=True)
-    return {"ruler_means": results["means"], "tools": tools, "json": structured, "copying": copying}
+          f"json exact {structured['exact']:.2f}; copying exact {copying['exact']:.2f} words {copying['word_accuracy']:.2f}; "
+          f"needle forms {forms['forms']} ({time.perf_counter() - start:.0f} s)", flush=True)
+    return {"ruler_means": results["means"], "tools": tools, "json": structured, "copying": copying, "needle_forms": forms}
 
 
 def summary(figures: dict, training: dict | None) -> str:
@@ -104,6 +106,16 @@ def summary(figures: dict, training: dict | None) -> str:
         t, j, c = figures[n]["tools"], figures[n]["json"], figures[n].get("copying")
         copied = f"{c['exact']:.2f} ({c['word_accuracy']:.2f})" if c else "-"
         lines.append(f"| {n} | {t['parsed']:.2f} | {t['correct']:.2f} | {t['answer']:.2f} | {j['exact']:.2f} | {copied} |")
+    with_forms = [n for n in names if figures[n].get("needle_forms")]
+    if with_forms:
+        first = figures[with_forms[0]]["needle_forms"]
+        forms = list(first["forms"])
+        lines += ["", f"## A needle in the forms applications send (`evaluate_needle_forms`: the demo's document, "
+                      f"{first['chars']:,} characters, held-out keys, depths spread over 0-100%)", "",
+                  "| model | samples | " + " | ".join(forms) + " |", "|---|---:|" + "---:|" * len(forms)]
+        for n in with_forms:
+            f = figures[n]["needle_forms"]
+            lines.append(f"| {n} | {f['samples']} | " + " | ".join(f"{f['forms'].get(k, float('nan')):.2f}" for k in forms) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -122,6 +134,8 @@ def main(argv=None) -> int:
     p.add_argument("--tool-samples", type=int, default=100)
     p.add_argument("--json-samples", type=int, default=50)
     p.add_argument("--copy-samples", type=int, default=50, help="held-out sequences to repeat verbatim (copying)")
+    p.add_argument("--form-samples", type=int, default=8, help="needles per form in the demo's document (evaluate_needle_forms)")
+    p.add_argument("--form-chars", type=int, default=48_000, help="characters of the demo's document (all of it: ~21.6K tokens)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args(argv)
@@ -130,9 +144,10 @@ def main(argv=None) -> int:
     figures = {"trained": run(model, "trained", args, args.out)}
     with tempfile.TemporaryDirectory() as tmp:
         twin = random_twin(model, Path(tmp) / "random")
-        quick = argparse.Namespace(**{**vars(args), "lengths": args.random_lengths, "long": "none"})
+        quick = argparse.Namespace(**{**vars(args), "lengths": args.random_lengths, "long": "none", "form_samples": min(4, args.form_samples)})
         figures["random"] = run(twin, "random", quick, args.out)
-    (args.out / "tools.json").write_text(json.dumps({n: {"tools": f["tools"], "json": f["json"], "copying": f["copying"]} for n, f in figures.items()}, indent=1, default=str))
+    (args.out / "tools.json").write_text(json.dumps({n: {k: f[k] for k in ("tools", "json", "copying", "needle_forms")} for n, f in figures.items()},
+                                                    indent=1, default=str))
     training_file = model / "training.json"
     training = json.loads(training_file.read_text()) if training_file.is_file() else None
     text = summary(figures, training)

@@ -188,3 +188,49 @@ def test_copying_scores_an_echo_one_a_shifted_copy_partly_and_a_refusal_zero(sha
     assert evaluate_copying(_ScriptedChat(reply=lambda p: "I don't know"), samples=12)["word_accuracy"] == 0.0
     test_words = set(data.words("test"))
     assert any(w in test_words for f in short["failures"] for w in f["expected"].replace(",", " ").split())
+
+
+class _ReaderChat(BaseChatModel):
+    """Reads every message for RULER needles and answers the value of the key the last message asks
+    about (a perfect reader), or a fixed ``answer``."""
+
+    answer: str | None = None
+
+    @property
+    def _llm_type(self) -> str:
+        return "reader"
+
+    def _generate(self, messages, stop=None, run_manager=None, **kwargs) -> ChatResult:
+        import re
+
+        found = dict(re.findall(r"special magic numbers for (\S+) is: (\d+)", "\n".join(m.content for m in messages)))
+        key = re.search(r"special magic number for (\S+) mentioned", messages[-1].content).group(1)
+        reply = self.answer if self.answer is not None else f"The special magic number for {key} is: {found.get(key)}."
+        return ChatResult(generations=[ChatGeneration(message=AIMessage(reply))])
+
+
+def test_needle_forms_score_a_reader_one_and_a_refusal_zero_with_held_out_keys(shared_dir):
+    """`evaluate_needle_forms`: the needle sits in the document each form carries (user message, system
+    message, LlamaIndex's text-QA prompt), so a model that reads the messages finds it in every form; a
+    refusal scores 0 with its failures reported; keys come from held-out words; "documents" is asked only
+    of ChatJamba (other chat models take no ``documents``)."""
+    from jamba_core.eval.tools import evaluate_needle_forms
+    from jamba_core.train import data
+
+    doc = "\n\n".join(f"Paragraph {i} of a plain document." for i in range(40))
+    good = evaluate_needle_forms(_ReaderChat(), samples=5, document=doc)
+    assert good["forms"] == {"ruler": 1.0, "system": 1.0, "llamaindex": 1.0} and good["failures"] == []
+    bad = evaluate_needle_forms(_ReaderChat(answer="I cannot say."), samples=5, document=doc)
+    assert set(bad["forms"].values()) == {0.0} and len(bad["failures"]) == 10
+    depths = sorted({f["depth"] for f in bad["failures"]})
+    assert depths[0] == 0.1 and depths[-1] >= 0.5
+    key = bad["failures"][0]["needle"].split(" for ", 1)[1].split(" is:", 1)[0]
+    assert set(key.split("-")) <= set(data.words("test"))
+
+
+def test_needle_forms_ask_chatjamba_through_its_documents_too(tiny_checkpoint, shared_dir):
+    from jamba_core.eval.tools import evaluate_needle_forms
+    from langchain_jamba import ChatJamba
+
+    result = evaluate_needle_forms(ChatJamba(model=str(tiny_checkpoint), max_tokens=4), samples=1, max_chars=2000)
+    assert set(result["forms"]) == {"ruler", "system", "llamaindex", "documents"} and result["chars"] == 2000

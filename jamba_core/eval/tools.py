@@ -103,6 +103,53 @@ def evaluate_copying(chat_model, samples: int = 50, seed: int = 0, split: str = 
     return {"samples": samples, "split": split, "exact": exact / samples, "word_accuracy": words / samples, "failures": failures}
 
 
+NEEDLE_FORMS = ("ruler", "system", "llamaindex", "documents")
+
+
+def evaluate_needle_forms(chat_model, samples: int = 12, seed: int = 0, document: str | None = None,
+                          max_chars: int = 40_000) -> dict:
+    """A needle ("One of the special magic numbers for KEY is: VALUE.", KEY from held-out words) hidden in
+    a document at depths spread over 0..1, asked for in the forms applications send
+    (`jamba_core.train.data.NEEDLE_STYLES`): "ruler" (RULER's user message), "system" (the document in the
+    system message, as a LangChain prompt template puts it), "llamaindex" (LlamaIndex's chat text-QA
+    prompt, what its query engines send) and "documents" (the chat template's documents; only for a
+    `ChatJamba`). ``document``: default the demo's (pydoc of `jamba_core.demo.STDLIB_MODULES`, which no
+    training haystack uses), cut to ``max_chars``. Returns ``{"samples", "chars", "forms": {form: share
+    of replies holding the value}, "failures"}`` (the first 10)."""
+    from langchain_core.messages import HumanMessage, SystemMessage
+    from llama_index.core.prompts.chat_prompts import CHAT_TEXT_QA_PROMPT
+
+    from ..demo import stdlib_documentation
+    from .ruler import _NIAH_INSTRUCTION, _NIAH_NEEDLE, _NIAH_QUESTION
+
+    text = (stdlib_documentation() if document is None else document)[:max_chars]
+    paragraphs = text.split("\n\n")
+    forms = [f for f in NEEDLE_FORMS if f != "documents" or type(chat_model).__name__ == "ChatJamba"]
+    hits, failures = dict.fromkeys(forms, 0), []
+    vocab = data.words("test")
+    for i in range(samples):
+        rng = random.Random(f"forms:{seed}:{i}")
+        key, value = f"{rng.choice(vocab)}-{rng.choice(vocab)}", str(rng.randint(1_000_000, 9_999_999))
+        at = int(len(paragraphs) * (i + 0.5) / samples)
+        doc = "\n\n".join(paragraphs[:at] + [_NIAH_NEEDLE.format(key=key, value=value)] + paragraphs[at:])
+        question = _NIAH_QUESTION.format(key=key)
+        for form in forms:
+            if form == "ruler":
+                reply = chat_model.invoke([HumanMessage(f"{_NIAH_INSTRUCTION}\n{doc}\n{question}")])
+            elif form == "system":
+                reply = chat_model.invoke([SystemMessage(f"Answer from this document:\n\n{doc}"), HumanMessage(question)])
+            elif form == "llamaindex":
+                msgs = CHAT_TEXT_QA_PROMPT.format_messages(context_str=doc, query_str=question)
+                reply = chat_model.invoke([SystemMessage(m.content) if m.role.value == "system" else HumanMessage(m.content) for m in msgs])
+            else:
+                reply = chat_model.invoke([HumanMessage(question)], documents=[{"title": "document", "text": doc}])
+            got = reply.content if isinstance(reply.content, str) else str(reply.content)
+            hits[form] += value in got
+            if value not in got and len(failures) < 10:
+                failures.append({"form": form, "depth": round((i + 0.5) / samples, 3), "needle": _NIAH_NEEDLE.format(key=key, value=value), "got": got})
+    return {"samples": samples, "chars": len(text), "forms": {f: n / samples for f, n in hits.items()}, "failures": failures}
+
+
 def _same(a, b) -> bool:
     """Equal as JSON (so ``True`` is not ``1`` and ``5`` is not ``"5"``)."""
     return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
