@@ -853,6 +853,10 @@ void attend_keys(const float* q, const T* k, const T* v, int64_t lo, int64_t hi,
 // passes of 1K-32K keys; the exp2 below in place of vexp (+10-15%); K and V vectors pinned in registers (GCC
 // had reloaded them for every row, which left P.V twice as slow as QK^T: +15% at 32K keys). Without the exp
 // the kernel is no faster (so the softmax is not what limits it); QK^T and P.V take about half each.
+// Session 11: the P.V loops kept V's vectors in an array, which GCC also stored to the stack on every key
+// pair (4 zmm stores per 16 VDPBF16PS, seen in the assembly); named registers: bf16 286-299 -> 306-333
+// GFLOP/s, fp32 155-163 -> 181-186. Reading each 64 keys' K and V once for all rows of a tile (L1 reuse
+// instead of L2) changed nothing.
 // The fp32 form (any AVX-512 CPU; plain FMAs, K packed as [group of 16 keys][dim][16 keys]): 165-169 GFLOP/s
 // against torch's 149-152 (fp32 matmul ~200); bench-small fp32 prefill at 128K 705 -> 779 tokens/s.
 #if defined(__AVX512F__)
@@ -923,14 +927,16 @@ inline void pv_rows4_f32(const float* p, const float* vp, int64_t hd, int64_t i0
     for (int r = 0; r < 4; ++r)
         for (int j = 0; j < NV; ++j) a[r][j] = _mm512_mul_ps(_mm512_loadu_ps(acc + r * hd + i0 + 16 * j), _mm512_set1_ps(corr[r]));
     for (int t = 0; t < FK; ++t) {
-        __m512 vv[NV];
-        for (int j = 0; j < NV; ++j) {
-            vv[j] = _mm512_loadu_ps(vp + t * hd + i0 + 16 * j);
-            __asm__("" : "+v"(vv[j]));  // keep it in a register (see pv_rows4)
-        }
+        const float* vt = vp + t * hd + i0;  // named registers, pinned (see pv_rows4)
+        __m512 v0 = _mm512_loadu_ps(vt), v1 = NV > 1 ? _mm512_loadu_ps(vt + 16) : v0, v2 = NV > 2 ? _mm512_loadu_ps(vt + 32) : v0,
+               v3 = NV > 3 ? _mm512_loadu_ps(vt + 48) : v0;
+        __asm__("" : "+v"(v0), "+v"(v1), "+v"(v2), "+v"(v3));
         for (int r = 0; r < 4; ++r) {
             const __m512 pb = _mm512_set1_ps(p[r * FK + t]);
-            for (int j = 0; j < NV; ++j) a[r][j] = _mm512_fmadd_ps(pb, vv[j], a[r][j]);
+            a[r][0] = _mm512_fmadd_ps(pb, v0, a[r][0]);
+            if constexpr (NV > 1) a[r][1] = _mm512_fmadd_ps(pb, v1, a[r][1]);
+            if constexpr (NV > 2) a[r][2] = _mm512_fmadd_ps(pb, v2, a[r][2]);
+            if constexpr (NV > 3) a[r][3] = _mm512_fmadd_ps(pb, v3, a[r][3]);
         }
     }
     for (int r = 0; r < 4; ++r)
@@ -1033,14 +1039,17 @@ inline void pv_rows4(const uint32_t* p32, const uint32_t* vp, int64_t hd, int64_
     for (int r = 0; r < 4; ++r)
         for (int j = 0; j < NV; ++j) a[r][j] = _mm512_mul_ps(_mm512_loadu_ps(acc + r * hd + i0 + 16 * j), _mm512_set1_ps(corr[r]));
     for (int t = 0; t < FK / 2; ++t) {
-        __m512bh vv[NV];
-        for (int j = 0; j < NV; ++j) {
-            vv[j] = bh(vp + t * hd + i0 + 16 * j);
-            __asm__("" : "+v"(vv[j]));  // keep it in a register: GCC otherwise reloads it for every row
-        }
+        // V's vectors in named registers, pinned by an empty asm: GCC otherwise reloads them for every row,
+        // and kept out of an array, which GCC then also stores to the stack on every key pair
+        const uint32_t* vt = vp + t * hd + i0;
+        __m512bh v0 = bh(vt), v1 = NV > 1 ? bh(vt + 16) : v0, v2 = NV > 2 ? bh(vt + 32) : v0, v3 = NV > 3 ? bh(vt + 48) : v0;
+        __asm__("" : "+v"(v0), "+v"(v1), "+v"(v2), "+v"(v3));
         for (int r = 0; r < 4; ++r) {
             const __m512bh pb = bh_set1(p32[r * (FK / 2) + t]);
-            for (int j = 0; j < NV; ++j) a[r][j] = _mm512_dpbf16_ps(a[r][j], vv[j], pb);
+            a[r][0] = _mm512_dpbf16_ps(a[r][0], v0, pb);
+            if constexpr (NV > 1) a[r][1] = _mm512_dpbf16_ps(a[r][1], v1, pb);
+            if constexpr (NV > 2) a[r][2] = _mm512_dpbf16_ps(a[r][2], v2, pb);
+            if constexpr (NV > 3) a[r][3] = _mm512_dpbf16_ps(a[r][3], v3, pb);
         }
     }
     for (int r = 0; r < 4; ++r)
