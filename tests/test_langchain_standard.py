@@ -4,8 +4,9 @@ By default the checkpoint is the random-weight `tiny` one from conftest: everyth
 chat model's plumbing (invoke, stream, async, batch, usage, tool-call and structured-output mechanics,
 tool-message histories) must pass on it. The standard tests whose assertions need a model that
 understands the prompt (exact arguments, choosing a tool unprompted, copying CJK names, keys asked for
-in JSON mode) are marked xfail, and only while ``JAMBA_LOCAL_TEST_MODEL`` (a checkpoint folder or Hub
-id) is unset, so that with a capable checkpoint there the same tests run unmodified. Forced calls and
+in JSON mode) run on the small checkpoint this project trained (`checkpoints/jamba-tiny-chat`), and
+those it still fails are marked xfail with what it gets wrong; with ``JAMBA_LOCAL_TEST_MODEL`` (a
+checkpoint folder or Hub id) set, every test runs unmodified on that checkpoint. Forced calls and
 JSON answers finish within ``max_tokens`` on random weights because the grammar closes the output as
 the budget runs out (`jamba_core.chat.grammar.GrammarConstraint.remaining_tokens`).
 
@@ -32,8 +33,19 @@ from pydantic import BaseModel, Field  # noqa: E402
 
 from langchain_jamba import ChatJamba  # noqa: E402
 
+from jamba_core.testing import TRAINED_CHECKPOINT  # noqa: E402
+
 TEST_MODEL = os.environ.get("JAMBA_LOCAL_TEST_MODEL")
+TRAINED = str(TRAINED_CHECKPOINT) if (TRAINED_CHECKPOINT / "model.safetensors").is_file() else None
 _CHECKPOINT: dict[str, str | None] = {"model": TEST_MODEL, "override": None}
+# what the trained checkpoint (6.1M parameters) still gets wrong, measured: standard test -> reason
+# (session 11's checkpoint: the other capable tests pass: exact arguments, the agent loop, runnables as tools)
+FAILS_ON_TRAINED: dict[str, str] = {
+    "test_unicode_tool_call_integration": "it calls unicode_customer but writes other CJK characters than the "
+                                          "request's '你好' (copying characters it rarely saw)",
+    "test_json_mode": "in JSON mode without a schema it writes an object, but not with the keys 'setup' and 'punchline' "
+                      "that only the request names",
+}
 
 
 def _own_copy(test):
@@ -49,10 +61,19 @@ def _own_copy(test):
     return run
 
 
+_CAPABLE: set[str] = set()
+
+
 def _needs_capable_model(test, reason: str):
-    """The standard test `test`, expected to fail on random weights only (its assertions need a model
-    that follows the prompt). Runs unmodified, not xfailed, when JAMBA_LOCAL_TEST_MODEL is set."""
-    return pytest.mark.xfail(TEST_MODEL is None, reason=f"needs a capable model: {reason}", strict=False)(_own_copy(test))
+    """The standard test `test`, whose assertions need a model that follows the prompt: run on the
+    trained checkpoint (xfail where `FAILS_ON_TRAINED` says it fails there; everywhere without one, on
+    random weights), unmodified on JAMBA_LOCAL_TEST_MODEL when that is set."""
+    _CAPABLE.add(test.__name__)
+    if TEST_MODEL is None and TRAINED is None:
+        return pytest.mark.xfail(reason=f"needs a capable model: {reason}", strict=False)(_own_copy(test))
+    if TEST_MODEL is None and test.__name__ in FAILS_ON_TRAINED:
+        return pytest.mark.xfail(reason=f"the trained checkpoint fails it: {FAILS_ON_TRAINED[test.__name__]}", strict=False)(_own_copy(test))
+    return _own_copy(test)
 
 
 _ARGS_3 = "the exact arguments {'input': 3} must be read from the prompt; random weights fill the schema with noise"
@@ -68,12 +89,14 @@ class TestChatJambaStandard(ChatModelIntegrationTests):
     @pytest.fixture(autouse=True)
     def _checkpoint(self, request, tmp_path_factory):
         if TEST_MODEL is None:
-            _CHECKPOINT["model"] = str(request.getfixturevalue("tiny_checkpoint"))
-        if _CHECKPOINT["override"] is None and Path(_CHECKPOINT["model"]).is_dir():
+            capable = TRAINED is not None and request.node.originalname in _CAPABLE
+            _CHECKPOINT["model"] = TRAINED if capable else str(request.getfixturevalue("tiny_checkpoint"))
+        base = TEST_MODEL or str(request.getfixturevalue("tiny_checkpoint"))
+        if _CHECKPOINT["override"] is None and Path(base).is_dir():
             # The same checkpoint under a second name: a per-call `model=` override reaches the engine
             # (shared, as both names resolve to one folder) and shows in response_metadata.
             link = tmp_path_factory.mktemp("override") / "jamba-override"
-            link.symlink_to(Path(_CHECKPOINT["model"]).resolve(), target_is_directory=True)
+            link.symlink_to(Path(base).resolve(), target_is_directory=True)
             _CHECKPOINT["override"] = str(link)
 
     @property
@@ -85,7 +108,7 @@ class TestChatJambaStandard(ChatModelIntegrationTests):
         # random weights rarely emit EOS: every call runs to max_tokens, so keep it small (64: enough for the
         # tiny tokenizer to finish a forced call with an integer argument)
         # one call per forced choice on random weights, which never choose to stop calling on their own
-        if TEST_MODEL:
+        if TEST_MODEL or _CHECKPOINT["model"] == TRAINED:
             return {"model": _CHECKPOINT["model"], "max_tokens": 256}
         return {"model": _CHECKPOINT["model"], "max_tokens": 96, "parallel_tool_calls": False}
 

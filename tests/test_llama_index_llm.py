@@ -28,6 +28,7 @@ from llama_index.core.prompts import PromptTemplate
 from llama_index.core.tools import FunctionTool
 
 from jamba_core.engine import Engine, StreamChunk, Timings, Usage
+from jamba_core.testing import TRAINED_CHECKPOINT
 from llama_index_jamba import JambaLLM
 from llama_index_jamba.base import to_jamba_message
 
@@ -366,10 +367,18 @@ def test_text_and_tool_call_both_stream(tiny_engine):
     assert final.raw["finish_reason"] == "tool_calls"
 
 
-@pytest.mark.xfail(not os.environ.get("JAMBA_LOCAL_TEST_MODEL"), run=False,
-                   reason="needs a capable checkpoint in JAMBA_LOCAL_TEST_MODEL")
+# JAMBA_LOCAL_TEST_MODEL, else the small checkpoint this project trained (checkpoints/jamba-tiny-chat)
+CAPABLE_MODEL = os.environ.get("JAMBA_LOCAL_TEST_MODEL") or (
+    str(TRAINED_CHECKPOINT) if (TRAINED_CHECKPOINT / "model.safetensors").is_file() else None)
+
+
+@pytest.mark.xfail(CAPABLE_MODEL is None, run=False,
+                   reason="needs a capable checkpoint: JAMBA_LOCAL_TEST_MODEL or the trained checkpoints/jamba-tiny-chat")
+@pytest.mark.xfail(not os.environ.get("JAMBA_LOCAL_TEST_MODEL") and CAPABLE_MODEL is not None, strict=False,
+                   reason="the trained checkpoint calls add for 'times': multiply and add are names its training never used "
+                          "(held out for this suite), and it picks between them by name, not by description")
 def test_capable_model_streams_its_tool_call():
-    llm = JambaLLM(model=os.environ["JAMBA_LOCAL_TEST_MODEL"], max_new_tokens=128)
+    llm = JambaLLM(model=CAPABLE_MODEL, max_new_tokens=128)
     stream = list(llm.stream_chat_with_tools(TOOLS, user_msg="Use a tool: what is 37 times 91?"))
     calls = llm.get_tool_calls_from_response(stream[-1], error_on_no_tool_call=False)
     assert [c.tool_name for c in calls] == ["multiply"] and calls[0].tool_kwargs == {"a": 37, "b": 91}

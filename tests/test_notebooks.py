@@ -87,6 +87,19 @@ def test_notebook_runs_on_the_tiny_checkpoint(name, tiny_model, kernel_dirs):
         assert "Moby-Dick:" in out
 
 
+@pytest.mark.parametrize("name", ["01_quickstart.ipynb", "03_llamaindex_long_context_rag.ipynb"])
+def test_notebook_runs_on_its_default_the_trained_checkpoint(name, monkeypatch, kernel_dirs):
+    """Without JAMBA_LOCAL_MODEL the notebooks use the trained checkpoint, and hide facts for it to find."""
+    from jamba_core.testing import TRAINED_CHECKPOINT
+
+    if not (TRAINED_CHECKPOINT / "model.safetensors").is_file():
+        pytest.skip("no trained checkpoint in this tree")
+    monkeypatch.delenv("JAMBA_LOCAL_MODEL", raising=False)
+    out = text_of(execute(name, kernel_dirs))
+    assert "(the small Jamba trained by this project)" in out and "random weights" not in out
+    assert ("hidden: One of the special magic numbers" if name.startswith("01") else "the question: 'What is the special magic") in out
+
+
 def test_performance_notebook_says_when_the_results_are_absent(tmp_path, monkeypatch, kernel_dirs):
     monkeypatch.setenv("JAMBA_LOCAL_BENCH_JSON", str(tmp_path / "absent.json"))
     nb = execute("04_performance.ipynb", kernel_dirs)
