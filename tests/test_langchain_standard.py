@@ -73,7 +73,7 @@ def _needs_capable_model(test, reason: str):
         return pytest.mark.xfail(reason=f"needs a capable model: {reason}", strict=False)(_own_copy(test))
     if TEST_MODEL is None and test.__name__ in FAILS_ON_TRAINED:
         return pytest.mark.xfail(reason=f"the trained checkpoint fails it: {FAILS_ON_TRAINED[test.__name__]}", strict=False)(_own_copy(test))
-    return _own_copy(test)
+    return test  # the suite's own function: LangChain's test_no_overrides refuses an unmarked override
 
 
 _ARGS_3 = "the exact arguments {'input': 3} must be read from the prompt; random weights fill the schema with noise"
