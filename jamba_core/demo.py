@@ -34,13 +34,15 @@ QUESTION = "What is this document about? Answer in one sentence."
 NEEDLE_KEYS = ("amber-lantern", "quiet-harbor", "silver-compass", "copper-anchor", "hollow-beacon")
 
 
-def hide_needle(text: str, seed: int = 0, depth: float = 0.6) -> tuple[str, str, str, str]:
+def hide_needle(text: str, seed: int = 0, depth: float = 0.6, key: str | None = None,
+                value: str | None = None) -> tuple[str, str, str, str]:
     """``text`` with RULER's needle ("One of the special magic numbers for KEY is: VALUE.") inserted as
-    a paragraph at ``depth`` (0..1) of its paragraphs; returns (text, needle, question, value)."""
+    a paragraph at ``depth`` (0..1) of its paragraphs; returns (text, needle, question, value). ``key`` and
+    ``value`` default to a seeded choice of `NEEDLE_KEYS` and a seeded 7-digit number."""
     from jamba_core.eval.ruler import _NIAH_NEEDLE, _NIAH_QUESTION
 
     rng = random.Random(seed)
-    key, value = rng.choice(NEEDLE_KEYS), str(rng.randint(1_000_000, 9_999_999))
+    key, value = key or rng.choice(NEEDLE_KEYS), value or str(rng.randint(1_000_000, 9_999_999))
     paragraphs = text.split("\n\n")
     at = int(len(paragraphs) * depth)
     needle = _NIAH_NEEDLE.format(key=key, value=value)

@@ -119,20 +119,17 @@ def evaluate_needle_forms(chat_model, samples: int = 12, seed: int = 0, document
     from langchain_core.messages import HumanMessage, SystemMessage
     from llama_index.core.prompts.chat_prompts import CHAT_TEXT_QA_PROMPT
 
-    from ..demo import stdlib_documentation
-    from .ruler import _NIAH_INSTRUCTION, _NIAH_NEEDLE, _NIAH_QUESTION
+    from ..demo import hide_needle, stdlib_documentation
+    from .ruler import _NIAH_INSTRUCTION
 
     text = (stdlib_documentation() if document is None else document)[:max_chars]
-    paragraphs = text.split("\n\n")
     forms = [f for f in NEEDLE_FORMS if f != "documents" or type(chat_model).__name__ == "ChatJamba"]
     hits, failures = dict.fromkeys(forms, 0), []
     vocab = data.words("test")
     for i in range(samples):
         rng = random.Random(f"forms:{seed}:{i}")
         key, value = f"{rng.choice(vocab)}-{rng.choice(vocab)}", str(rng.randint(1_000_000, 9_999_999))
-        at = int(len(paragraphs) * (i + 0.5) / samples)
-        doc = "\n\n".join(paragraphs[:at] + [_NIAH_NEEDLE.format(key=key, value=value)] + paragraphs[at:])
-        question = _NIAH_QUESTION.format(key=key)
+        doc, needle, question, _ = hide_needle(text, depth=(i + 0.5) / samples, key=key, value=value)
         for form in forms:
             if form == "ruler":
                 reply = chat_model.invoke([HumanMessage(f"{_NIAH_INSTRUCTION}\n{doc}\n{question}")])
@@ -146,7 +143,7 @@ def evaluate_needle_forms(chat_model, samples: int = 12, seed: int = 0, document
             got = reply.content if isinstance(reply.content, str) else str(reply.content)
             hits[form] += value in got
             if value not in got and len(failures) < 10:
-                failures.append({"form": form, "depth": round((i + 0.5) / samples, 3), "needle": _NIAH_NEEDLE.format(key=key, value=value), "got": got})
+                failures.append({"form": form, "depth": round((i + 0.5) / samples, 3), "needle": needle, "got": got})
     return {"samples": samples, "chars": len(text), "forms": {f: n / samples for f, n in hits.items()}, "failures": failures}
 
 
