@@ -1,6 +1,7 @@
 """The training path: its scan (forward and gradients) against the plain recurrence, and its data."""
 
 import json
+import math
 import random
 import re
 from pathlib import Path
@@ -333,3 +334,54 @@ def test_the_cli_saves_on_sigterm_and_sigint_even_in_the_background(tmp_path, sh
     info = json.loads((tmp_path / "out" / "training.json").read_text())
     assert info["interrupted"] and info["error"] is None and 1 <= info["steps_run"] < 100000
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_vocabulary_transfer_moves_each_token_to_its_spelling_in_the_old_vocabulary(shared_dir):
+    """A model moved from an attached-space tokenizer to an isolated-space one: a word's new token takes
+    the old token of that word after a space (its prose form), a text the old vocabulary lacks takes the
+    mean of the old tokens spelling it, special tokens keep their rows, the lone space takes the old space's
+    embedding and the mean output row of the old space-led tokens; no other weight changes."""
+    from jamba_core.model import JambaForCausalLM
+    from jamba_core.testing import make_config, random_weights
+    from jamba_core.tokenizer import train_tokenizer
+    from jamba_core.train import trainer
+
+    old, new = train_tokenizer(2000), train_tokenizer(2000, spaces="isolated")
+    assert (trainer.tokenizer_spaces(old), trainer.tokenizer_spaces(new)) == ("attached", "isolated")
+    model = JambaForCausalLM(make_config("tiny", vocab_size=2048))
+    model.load_state_dict(random_weights(model.config, seed=3))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer.transfer_vocabulary(model, old, new)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k not in ("model.embed_tokens.weight", "lm_head.weight"))
+    E, W = before["model.embed_tokens.weight"], before["lm_head.weight"]
+    E2, W2 = after["model.embed_tokens.weight"], after["lm_head.weight"]
+    ov, nv = old.get_vocab(), new.get_vocab()
+    word = next(t for t in ("whale", "ship", "the") if t in nv and "\u0120" + t in ov)
+    assert torch.equal(E2[nv[word]], E[ov["\u0120" + word]]) and torch.equal(W2[nv[word]], W[ov["\u0120" + word]])
+    for special in ("<|startoftext|>", "<|endoftext|>", "<|eom|>"):
+        assert nv[special] == ov[special] and torch.equal(E2[nv[special]], E[ov[special]])
+    spaced = [i for t, i in ov.items() if t.startswith("\u0120")]
+    assert torch.equal(E2[nv["\u0120"]], E[ov["\u0120"]]) and torch.allclose(W2[nv["\u0120"]], W[spaced].mean(0))
+    absent = next(t for t in nv if t not in ov and "\u0120" + t not in ov and t not in new.all_special_tokens)
+    pieces = old(new.convert_tokens_to_string([absent]), add_special_tokens=False)["input_ids"]
+    assert len(pieces) > 1 and torch.allclose(E2[nv[absent]], E[pieces].mean(0))
+    small = JambaForCausalLM(make_config("tiny", vocab_size=1024))
+    with pytest.raises(ValueError, match="tokenizers of"):
+        trainer.transfer_vocabulary(small, old, new)
+
+
+def test_a_continued_run_can_move_to_the_other_word_split(tmp_path, shared_dir):
+    """--init with the other --spaces: the run trains on a new tokenizer of that split and saves it."""
+    from jamba_core.testing import TRAINED_CHECKPOINT
+    from jamba_core.tokenizer import load_tokenizer
+    from jamba_core.train import trainer
+
+    if not (TRAINED_CHECKPOINT / "model.safetensors").is_file():
+        pytest.skip("no trained checkpoint in this tree")
+    own = trainer.tokenizer_spaces(load_tokenizer(TRAINED_CHECKPOINT))
+    other = {"attached": "isolated", "isolated": "attached"}[own]
+    info = trainer.train(tmp_path / "out", steps=2, seed=4, init=TRAINED_CHECKPOINT, spaces=other, curriculum_from=0.8,
+                         log_every=100)
+    assert info["spaces"] == other == trainer.tokenizer_spaces(load_tokenizer(tmp_path / "out"))
+    assert len(info["history"]) == 2 and all(math.isfinite(h["loss"]) for h in info["history"])

@@ -29,7 +29,7 @@ from .. import ops
 from ..eval import ruler
 from ..model import JambaForCausalLM
 from ..testing import make_config, random_weights
-from ..tokenizer import shared_dir, train_tokenizer
+from ..tokenizer import SPECIAL_TOKENS, shared_dir, train_tokenizer
 from . import data, scan
 
 ops.register("train", scan)
@@ -82,6 +82,47 @@ def make_tokenizer(seed: int = 0, spaces: str = "attached"):
                                           add_generation_prompt=False))
     book = (shared_dir() / "data" / "moby-dick.txt").read_text(encoding="utf-8")
     return train_tokenizer(CONFIG["vocab_size"], text=book + "\n".join(extra), spaces=spaces)
+
+
+def tokenizer_spaces(tokenizer) -> str:
+    """"isolated" when the tokenizer splits every space off before its byte-level split
+    (`jamba_core.tokenizer.train_tokenizer`), else "attached"."""
+    pre = json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre])
+    return "isolated" if any(p.get("type") == "Split" and p.get("behavior") == "Isolated" for p in parts) else "attached"
+
+
+def transfer_vocabulary(model, old, new) -> None:
+    """Move a trained model onto another tokenizer in place (vocabulary transfer): each new token's
+    embedding and output rows start as the old token with the same text after a space (a word as prose
+    spells it), else the same text, else the mean of the old tokens that spell it; the special tokens
+    keep theirs (same ids in both: `SPECIAL_TOKENS`). Every other weight is kept. The new token for a lone
+    space takes the old one's embedding and the mean output row of the old tokens that start with a space.
+
+    Raises:
+        ValueError: the tokenizers' vocabularies exceed the model's."""
+    emb, head = model.model.embed_tokens.weight, model.lm_head.weight
+    if max(len(old), len(new)) > emb.shape[0]:
+        raise ValueError(f"tokenizers of {len(old)} and {len(new)} tokens for a model of {emb.shape[0]}")
+    old_vocab, special = old.get_vocab(), set(new.all_special_tokens) | set(SPECIAL_TOKENS)
+    spaced = [i for t, i in old_vocab.items() if t.startswith("\u0120") and t not in special]
+    E, W = emb.detach().clone(), head.detach().clone()
+    with torch.no_grad():
+        for text, i in new.get_vocab().items():
+            if text in special:
+                j = old_vocab.get(text)
+                if j is not None:
+                    emb[i], head[i] = E[j], W[j]
+                continue
+            if text == "\u0120":
+                emb[i], head[i] = E[old_vocab[text]], W[spaced].mean(0)
+                continue
+            j = old_vocab.get("\u0120" + text, old_vocab.get(text))
+            if j is not None:
+                emb[i], head[i] = E[j], W[j]
+            else:
+                pieces = old(new.convert_tokens_to_string([text]), add_special_tokens=False)["input_ids"] or [old.unk_token_id]
+                emb[i], head[i] = E[pieces].mean(0), W[pieces].mean(0)
 
 
 def phase(progress: float) -> dict:
@@ -144,7 +185,7 @@ def loss_fn(model, ids, mask, real):
 
 
 def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float | None = None, log_every: int = 20,
-          init: Path | None = None, curriculum_from: float = 0.0, spaces: str = "attached",
+          init: Path | None = None, curriculum_from: float = 0.0, spaces: str | None = None,
           curriculum_until: float = 1.0, mix: dict | None = None, save_every: int = 250) -> dict:
     """Train and save to ``out``; ``init`` continues from a checkpoint folder this function wrote (its
     weights and tokenizer; the optimizer state starts fresh and the data continues at new seeds).
@@ -152,8 +193,9 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
     the phases its checkpoint has learned), ``curriculum_until`` in (``curriculum_from``, 1]: where they
     end (a run can stay in one phase, e.g. 0.22 for copying alone); the learning-rate schedule still spans
     the whole run.
-    ``spaces``: the new tokenizer's word split (`jamba_core.tokenizer.train_tokenizer`; ignored with
-    ``init``, whose tokenizer is kept). ``mix``: task family -> weight, replacing every phase's mix (a
+    ``spaces``: the new tokenizer's word split (`jamba_core.tokenizer.train_tokenizer`). With ``init``,
+    None or the init tokenizer's own split keeps that tokenizer; the other split makes a new tokenizer
+    and moves the checkpoint onto it (`transfer_vocabulary`). ``mix``: task family -> weight, replacing every phase's mix (a
     continued run that drills what its checkpoint still gets wrong); families are `batch`'s. The weights
     are saved to ``out`` every ``save_every`` steps too (a run cut short by the machine keeps its work;
     training.json and loss.png are written at the end).
@@ -175,8 +217,12 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
 
         tokenizer, config = load_tokenizer(init), load_config(init)
         model = load_model(Path(init), config, progress=False)  # the serving loader: errors name the file
+        if spaces is not None and spaces != tokenizer_spaces(tokenizer):
+            new = make_tokenizer(seed, spaces)
+            transfer_vocabulary(model, tokenizer, new)
+            tokenizer = new
     else:
-        tokenizer = make_tokenizer(seed, spaces)
+        tokenizer = make_tokenizer(seed, spaces or "attached")
         eom = tokenizer.convert_tokens_to_ids("<|eom|>")
         config = make_config("tiny", **CONFIG, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                              eos_token_id=[tokenizer.eos_token_id, eom])
@@ -236,7 +282,7 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
     if init is not None and (Path(init) / "training.json").exists():
         prior = json.loads((Path(init) / "training.json").read_text())
         earlier = prior.pop("earlier_runs", []) + [prior]
-    info = {"earlier_runs": earlier, "init": None if init is None else str(init), "curriculum_from": curriculum_from, "curriculum_until": curriculum_until, "seed": seed, "steps_planned": steps, "steps_run": len(history), "lr": lr, "spaces": None if init is not None else spaces, "parameters": n_params,
+    info = {"earlier_runs": earlier, "init": None if init is None else str(init), "curriculum_from": curriculum_from, "curriculum_until": curriculum_until, "seed": seed, "steps_planned": steps, "steps_run": len(history), "lr": lr, "spaces": tokenizer_spaces(tokenizer), "parameters": n_params,
             "curriculum": CURRICULUM, "mix": mix, "prompt_loss_weight": PROMPT_LOSS_WEIGHT, "config": CONFIG, "train_seconds": round(time.time() - t0, 1),
             "torch_threads": torch.get_num_threads(), "history": history,
             "error": None if failure is None else f"{type(failure).__name__}: {failure}", "interrupted": interrupted}
@@ -324,8 +370,9 @@ def main(argv=None) -> int:
                         help="curriculum progress (0..1) the data start at, e.g. 0.45 to skip the copying phases on --init")
     parser.add_argument("--curriculum-until", type=float, default=1.0,
                         help="curriculum progress (0..1] the data end at, e.g. 0.22 for the copying phase alone")
-    parser.add_argument("--spaces", choices=("attached", "isolated"), default="attached",
-                        help="a new tokenizer's word split: 'isolated' gives each word one spelling in prose and in JSON")
+    parser.add_argument("--spaces", choices=("attached", "isolated"), default=None,
+                        help="the tokenizer's word split (default: attached, or --init's): 'isolated' gives each word one "
+                             "spelling in prose and in JSON; with --init of the other split, its weights move to a new tokenizer")
     parser.add_argument("--mix", type=_parse_mix, default=None,
                         help="task mix for every phase, e.g. 'tool_call=0.45,spell=0.3,json=0.1,needle=0.1,recall=0.05'")
     parser.add_argument("--save-every", type=int, default=250, help="also save the weights every this many steps (0: only at the end)")
