@@ -91,18 +91,19 @@ def main(argv=None) -> int:
     from llama_index.core import Document, SummaryIndex
 
     from jamba_core.engine import get_engine
-    from jamba_core.testing import TRAINED_CHECKPOINT, make_checkpoint
+    from jamba_core.testing import make_checkpoint, trained_checkpoint
     from langchain_jamba import ChatJamba
     from llama_index_jamba import JambaLLM, use_jamba_tokenizer
 
     t0 = time.perf_counter()
+    default = None if args.random else trained_checkpoint(missing_ok=True)
     if args.model:
         model, kind = args.model, "real weights"
-    elif not args.random and (TRAINED_CHECKPOINT / "model.safetensors").is_file():
-        model, kind = str(TRAINED_CHECKPOINT), "the small Jamba trained by this project (needles, tools, JSON; python -m jamba_core.train)"
+    elif default is not None:
+        model, kind = str(default), "the small Jamba trained by this project (needles, tools, JSON; python -m jamba_core.train)"
     else:
         model, kind = str(make_checkpoint(DEFAULT_CHECKPOINT / args.preset, preset=args.preset)), "random weights: the answers below are noise"
-    trained = model == str(TRAINED_CHECKPOINT)
+    trained = default is not None and model == str(default)
     engine = get_engine(model, dtype=args.dtype)
     if args.document:
         text, source = args.document.read_text(encoding="utf-8"), str(args.document)

@@ -38,8 +38,9 @@ PRESETS: dict[str, dict] = {
 TRAINED_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "jamba-tiny-chat"
 
 
-def trained_checkpoint() -> Path:
-    """The trained small checkpoint's folder (``$JAMBA_LOCAL_TRAINED`` overrides its place).
+def trained_checkpoint(missing_ok: bool = False) -> Path | None:
+    """The trained small checkpoint's folder (``$JAMBA_LOCAL_TRAINED`` overrides its place); with
+    ``missing_ok``, None where it is missing.
 
     Raises:
         FileNotFoundError: the folder or its ``model.safetensors`` is missing (an installed package
@@ -47,6 +48,8 @@ def trained_checkpoint() -> Path:
     """
     path = Path(os.environ.get("JAMBA_LOCAL_TRAINED") or TRAINED_CHECKPOINT)
     if not (path / "model.safetensors").is_file():
+        if missing_ok:
+            return None
         raise FileNotFoundError(f"no trained checkpoint at {path} (model.safetensors missing); it ships in the "
                                 f"repository's checkpoints/ folder, or make one: python -m jamba_core.train --out {path}")
     return path

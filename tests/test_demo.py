@@ -4,7 +4,9 @@ the trained one that ships in checkpoints/ (on a shortened document)."""
 import pytest
 
 from jamba_core.demo import hide_needle, main
-from jamba_core.testing import TRAINED_CHECKPOINT
+from jamba_core.testing import trained_checkpoint
+
+TRAINED_CHECKPOINT = trained_checkpoint(missing_ok=True)  # $JAMBA_LOCAL_TRAINED, else the repository's
 
 
 def test_demo_answers_through_llamaindex_and_langchain(tmp_path, monkeypatch, capsys):
@@ -17,7 +19,7 @@ def test_demo_answers_through_llamaindex_and_langchain(tmp_path, monkeypatch, ca
     assert "random weights" in out and "hidden" not in out and "tool_calls" not in out
 
 
-@pytest.mark.skipif(not (TRAINED_CHECKPOINT / "model.safetensors").is_file(), reason="no trained checkpoint in this tree")
+@pytest.mark.skipif(TRAINED_CHECKPOINT is None, reason="no trained checkpoint in this tree")
 def test_demo_defaults_to_the_trained_checkpoint_with_a_hidden_fact_and_a_tool_call(capsys):
     assert main(["--max-document-chars", "12000", "--max-new-tokens", "24"]) == 0
     out = capsys.readouterr().out
@@ -35,3 +37,12 @@ def test_hide_needle_puts_the_fact_at_the_depth_and_asks_for_it():
     key = needle.split(" for ", 1)[1].split(" is:", 1)[0]
     assert question == f"What is the special magic number for {key} mentioned in the provided text?"
     assert hide_needle(text, seed=3) == (hidden, needle, question, value)  # seeded
+
+
+def test_trained_checkpoint_follows_its_variable_and_says_when_missing(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAMBA_LOCAL_TRAINED", str(tmp_path))
+    assert trained_checkpoint(missing_ok=True) is None
+    with pytest.raises(FileNotFoundError, match="model.safetensors missing"):
+        trained_checkpoint()
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert trained_checkpoint() == trained_checkpoint(missing_ok=True) == tmp_path

@@ -28,7 +28,7 @@ from llama_index.core.prompts import PromptTemplate
 from llama_index.core.tools import FunctionTool
 
 from jamba_core.engine import Engine, StreamChunk, Timings, Usage
-from jamba_core.testing import TRAINED_CHECKPOINT
+from jamba_core.testing import trained_checkpoint
 from llama_index_jamba import JambaLLM
 from llama_index_jamba.base import to_jamba_message
 
@@ -369,7 +369,7 @@ def test_text_and_tool_call_both_stream(tiny_engine):
 
 # JAMBA_LOCAL_TEST_MODEL, else the small checkpoint this project trained (checkpoints/jamba-tiny-chat)
 CAPABLE_MODEL = os.environ.get("JAMBA_LOCAL_TEST_MODEL") or (
-    str(TRAINED_CHECKPOINT) if (TRAINED_CHECKPOINT / "model.safetensors").is_file() else None)
+    str(trained) if (trained := trained_checkpoint(missing_ok=True)) else None)
 
 
 @pytest.mark.xfail(CAPABLE_MODEL is None, run=False,

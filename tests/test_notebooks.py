@@ -92,7 +92,7 @@ def test_notebook_runs_on_its_default_the_trained_checkpoint(name, monkeypatch, 
     """Without JAMBA_LOCAL_MODEL the notebooks use the trained checkpoint, and hide facts for it to find."""
     from jamba_core.testing import TRAINED_CHECKPOINT
 
-    if not (TRAINED_CHECKPOINT / "model.safetensors").is_file():
+    if not (TRAINED_CHECKPOINT / "model.safetensors").is_file():  # the notebooks' default is the repository's folder
         pytest.skip("no trained checkpoint in this tree")
     monkeypatch.delenv("JAMBA_LOCAL_MODEL", raising=False)
     out = text_of(execute(name, kernel_dirs))

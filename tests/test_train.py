@@ -192,10 +192,11 @@ def test_a_mix_replaces_the_phases_and_is_checked(tiny_engine, shared_dir):
 
 
 def test_a_continued_run_can_start_later_in_the_curriculum(tmp_path, shared_dir):
-    from jamba_core.testing import TRAINED_CHECKPOINT
+    from jamba_core.testing import trained_checkpoint
     from jamba_core.train import trainer
 
-    if not (TRAINED_CHECKPOINT / "model.safetensors").is_file():
+    TRAINED_CHECKPOINT = trained_checkpoint(missing_ok=True)
+    if TRAINED_CHECKPOINT is None:
         pytest.skip("no trained checkpoint in this tree")
     with pytest.raises(ValueError, match="curriculum_from"):
         trainer.train(tmp_path / "x", steps=1, init=TRAINED_CHECKPOINT, curriculum_from=1.0)
@@ -213,10 +214,11 @@ def test_a_continued_run_can_start_later_in_the_curriculum(tmp_path, shared_dir)
 def test_a_run_can_stay_within_one_phase_of_the_curriculum(tmp_path, shared_dir, monkeypatch):
     """curriculum_until: the data end where asked (here within the copying phase), so a run can repeat a
     phase its checkpoint has not learned; an empty or reversed range is refused."""
-    from jamba_core.testing import TRAINED_CHECKPOINT
+    from jamba_core.testing import trained_checkpoint
     from jamba_core.train import trainer
 
-    if not (TRAINED_CHECKPOINT / "model.safetensors").is_file():
+    TRAINED_CHECKPOINT = trained_checkpoint(missing_ok=True)
+    if TRAINED_CHECKPOINT is None:
         pytest.skip("no trained checkpoint in this tree")
     for until in (0.3, 1.5):
         with pytest.raises(ValueError, match="curriculum_until"):
@@ -373,11 +375,12 @@ def test_vocabulary_transfer_moves_each_token_to_its_spelling_in_the_old_vocabul
 
 def test_a_continued_run_can_move_to_the_other_word_split(tmp_path, shared_dir):
     """--init with the other --spaces: the run trains on a new tokenizer of that split and saves it."""
-    from jamba_core.testing import TRAINED_CHECKPOINT
+    from jamba_core.testing import trained_checkpoint
     from jamba_core.tokenizer import load_tokenizer
     from jamba_core.train import trainer
 
-    if not (TRAINED_CHECKPOINT / "model.safetensors").is_file():
+    TRAINED_CHECKPOINT = trained_checkpoint(missing_ok=True)
+    if TRAINED_CHECKPOINT is None:
         pytest.skip("no trained checkpoint in this tree")
     own = trainer.tokenizer_spaces(load_tokenizer(TRAINED_CHECKPOINT))
     other = {"attached": "isolated", "isolated": "attached"}[own]
