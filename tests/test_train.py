@@ -171,6 +171,30 @@ def test_curriculum_phases_cover_training_and_every_family_makes_batches(tiny_en
     assert seen == FAMILIES
 
 
+def test_common_keys_sets_how_many_book_tool_parameters_have_frequent_names(shared_dir, tiny_engine, monkeypatch):
+    """``common_keys`` (``--common-keys``): the share of book-word tools' parameters named by
+    `data.PARAM_NAMES`, the rest by book words the call must copy; the default leaves the evaluation's
+    samples as they were drawn; the trainer passes it to its batches and refuses one outside [0, 1]."""
+    from jamba_core.eval.ruler import Haystack
+    from jamba_core.train import trainer
+
+    def share(p, seeds=range(300)):
+        keys = [k for s in seeds for t in data.tool_call(random.Random(s), "test", common_keys=p).tools
+                for k in t["function"]["parameters"]["properties"]]
+        return sum(k in data.PARAM_NAMES for k in keys) / len(keys)
+
+    assert share(1.0) == 1.0 and share(0.0) < 0.05  # a book word may happen to be a frequent key
+    assert 0.5 < share(0.6) < 0.7 and 0.2 < share(0.3) < 0.4
+    assert data.tool_call(random.Random(11), "test").tools == data.tool_call(random.Random(11), "test", common_keys=0.6).tools
+    seen, tool_call = [], data.tool_call
+    monkeypatch.setattr(data, "tool_call", lambda *a, **kw: seen.append(kw["common_keys"]) or tool_call(*a, **kw))
+    for step in range(6):
+        trainer.batch(step, 0.9, 1, tiny_engine.tokenizer, Haystack(tiny_engine.tokenizer), {"tool_call": 1.0}, common_keys=0.25)
+    assert seen and set(seen) == {0.25}
+    with pytest.raises(ValueError, match="common_keys"):
+        trainer.train(Path("unused"), steps=1, common_keys=1.5)
+
+
 def test_a_mix_replaces_the_phases_and_is_checked(tiny_engine, shared_dir):
     """``mix`` (``--mix tool_call=0.5,spell=0.5``): every batch draws from it, whatever the phase; an
     unknown family, a negative or an all-zero mix is refused before any training."""

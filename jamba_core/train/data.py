@@ -100,13 +100,15 @@ def _say(value) -> str:
     return ("true" if value else "false") if isinstance(value, bool) else str(value)
 
 
-def random_tool(rng: random.Random, vocab) -> dict:
-    """An OpenAI-style function tool with 1-3 typed parameters, all required."""
+def random_tool(rng: random.Random, vocab, common_keys: float = 0.6) -> dict:
+    """An OpenAI-style function tool with 1-3 typed parameters, all required; each parameter's name is one
+    of `PARAM_NAMES` with probability ``common_keys``, else a word of ``vocab`` (the held-out evaluation
+    draws with the default)."""
     noun = rng.choice(vocab)
     name = rng.choice((f"{rng.choice(VERBS)}_{noun}", noun, f"{noun}_{rng.choice(vocab)}"))
     props, n = {}, rng.choice((1, 1, 2, 2, 3))
     while len(props) < n:
-        pname = rng.choice(PARAM_NAMES) if rng.random() < 0.6 else rng.choice(vocab)
+        pname = rng.choice(PARAM_NAMES) if rng.random() < common_keys else rng.choice(vocab)
         kind = rng.choice(("string", "string", "integer", "number", "boolean", "enum"))
         spec = {"type": "string" if kind == "enum" else kind, "description": f"The {pname}."}
         if kind == "enum":
@@ -182,18 +184,18 @@ def _request(name: str, args: dict, rng: random.Random) -> str:
                        f"Please run {name} for {listing}.", f"I need {name}: {listing}"))
 
 
-def tool_call(rng: random.Random, split: str = "train", rounds: int = 1, style: str = "book") -> Conversation:
+def tool_call(rng: random.Random, split: str = "train", rounds: int = 1, style: str = "book", common_keys: float = 0.6) -> Conversation:
     """1-3 random tools, then ``rounds`` exchanges of: a request naming one tool and its arguments, the
     call, the tool's result, an answer quoting it (more rounds: more call tokens per sample). The first
     round draws from ``rng`` the same way whatever ``rounds`` is, so evaluation samples stay fixed.
     ``style``: "book" (tool names and values from the split's book words: the held-out evaluation) or
     "common" (`common_tool`'s names, `_common_value`'s arguments, half the one-argument requests worded
-    naturally; enum values still from the split's words)."""
+    naturally; enum values still from the split's words). ``common_keys``: `random_tool`'s, for "book"."""
     vocab = words(split)
     if style not in ("book", "common"):
         raise ValueError(f"style must be 'book' or 'common', got {style!r}")
-    make_tool, make_value = (random_tool, _value) if style == "book" else (common_tool, _common_value)
-    tools = [make_tool(rng, vocab) for _ in range(rng.choice((1, 2, 3)))]
+    make_value = _value if style == "book" else _common_value
+    tools = [random_tool(rng, vocab, common_keys) if style == "book" else common_tool(rng, vocab) for _ in range(rng.choice((1, 2, 3)))]
     messages = []
     for r in range(rounds):
         chosen = rng.choice(tools)["function"]
