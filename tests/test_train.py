@@ -195,6 +195,22 @@ def test_common_keys_sets_how_many_book_tool_parameters_have_frequent_names(shar
         trainer.train(Path("unused"), steps=1, common_keys=1.5)
 
 
+def test_needle_lengths_replace_the_curriculums_and_are_checked(tiny_engine, shared_dir):
+    """``needle_lengths`` (``--needle-lengths 2048,4096,8192``): needle batches take one of them in every
+    phase; none under 256 tokens (RULER's fixed text would not fit)."""
+    from jamba_core.eval.ruler import Haystack
+    from jamba_core.train import trainer
+
+    haystack = Haystack(tiny_engine.tokenizer)
+    for lengths in ((384,), (768,)):
+        ids, _, real, family = trainer.batch(4, 0.9, 2, tiny_engine.tokenizer, haystack, {"needle": 1.0}, needle_lengths=lengths)
+        assert family == "needle" and lengths[0] - 64 <= int(real.sum(1).max()) <= lengths[0] + 64
+        assert ids.shape[0] == 2048 // lengths[0]  # the phase's tokens per batch, as many needles as fit
+    for bad in ((), (128, 4096)):
+        with pytest.raises(ValueError, match="needle_lengths"):
+            trainer.train(Path("unused"), steps=1, needle_lengths=bad)
+
+
 def test_a_mix_replaces_the_phases_and_is_checked(tiny_engine, shared_dir):
     """``mix`` (``--mix tool_call=0.5,spell=0.5``): every batch draws from it, whatever the phase; an
     unknown family, a negative or an all-zero mix is refused before any training."""

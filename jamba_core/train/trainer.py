@@ -132,17 +132,19 @@ def phase(progress: float) -> dict:
     return next(p for p in CURRICULUM if progress < p["until"])
 
 
-def batch(step: int, progress: float, seed: int, tokenizer, haystack, mix: dict | None = None, common_keys: float = 0.6):
+def batch(step: int, progress: float, seed: int, tokenizer, haystack, mix: dict | None = None, common_keys: float = 0.6,
+          needle_lengths: tuple[int, ...] | None = None):
     """(ids (b, L) long, assistant-token mask (b, L) bool, real-token mask (b, L) bool, family) for one
     step, deterministic in (seed, step, progress, mix, common_keys); ``mix`` (task family -> weight) replaces the
-    phase's; ``common_keys``: `data.random_tool`'s, for the book-word tools."""
+    phase's; ``common_keys``: `data.random_tool`'s, for the book-word tools; ``needle_lengths`` (tokens)
+    replace the phase's needle lengths."""
     rng = random.Random(seed * 1_000_003 + step)
     p = phase(progress)
     tokens, mix = p["tokens"], p["mix"] if mix is None else mix
     family = rng.choices(list(mix), weights=list(mix.values()))[0]
     convs = []
     if family == "needle":  # ``haystack`` may be several (the book, technical documentation): one per batch
-        length = rng.choice(p["needle_lengths"])
+        length = rng.choice(needle_lengths or p["needle_lengths"])
         hay = rng.choice(haystack) if isinstance(haystack, (list, tuple)) else haystack
         convs = [data.needle(rng, hay, length) for _ in range(max(1, tokens // length))]
     elif family == "recall":
@@ -188,7 +190,8 @@ def loss_fn(model, ids, mask, real):
 
 def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float | None = None, log_every: int = 20,
           init: Path | None = None, curriculum_from: float = 0.0, spaces: str | None = None,
-          curriculum_until: float = 1.0, mix: dict | None = None, save_every: int = 250, common_keys: float = 0.6) -> dict:
+          curriculum_until: float = 1.0, mix: dict | None = None, save_every: int = 250, common_keys: float = 0.6,
+          needle_lengths: tuple[int, ...] | None = None) -> dict:
     """Train and save to ``out``; ``init`` continues from a checkpoint folder this function wrote (its
     weights and tokenizer; the optimizer state starts fresh and the data continues at new seeds).
     ``curriculum_from`` in [0, 1): the `CURRICULUM` progress the data start at (a continued run can skip
@@ -200,14 +203,19 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
     and moves the checkpoint onto it (`transfer_vocabulary`). ``mix``: task family -> weight, replacing every phase's mix (a
     continued run that drills what its checkpoint still gets wrong); families are `batch`'s. The weights
     ``common_keys``: the probability that a book-word tool's parameter is named by a frequent key
-    (`data.PARAM_NAMES`) rather than a word (lower: more keys to copy from the schema). The weights
+    (`data.PARAM_NAMES`) rather than a word (lower: more keys to copy from the schema). ``needle_lengths``:
+    the needle samples' lengths in tokens for every phase (longer than the curriculum's 2,048: attention
+    that stays sharp over longer text, at more seconds per step). The weights
     are saved to ``out`` every ``save_every`` steps too (a run cut short by the machine keeps its work;
     training.json and loss.png are written at the end).
 
     Raises:
-        ValueError: a progress bound or ``common_keys`` outside its range, or a ``mix`` family `batch` does not know."""
+        ValueError: a progress bound or ``common_keys`` outside its range, a needle length under 256 tokens,
+            or a ``mix`` family `batch` does not know."""
     if mix is not None and (not mix or set(mix) - FAMILIES or any(w < 0 for w in mix.values()) or sum(mix.values()) <= 0):
         raise ValueError(f"mix must give non-negative weights, not all zero, to families among {sorted(FAMILIES)}, got {mix}")
+    if needle_lengths is not None and (not needle_lengths or min(needle_lengths) < 256):
+        raise ValueError(f"needle_lengths must be lengths of at least 256 tokens, got {needle_lengths}")
     if not 0.0 <= common_keys <= 1.0:
         raise ValueError(f"common_keys must be within [0, 1], got {common_keys}")
     if not 0.0 <= curriculum_from < 1.0:
@@ -261,7 +269,7 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
             for group in opt.param_groups:
                 group["lr"] = lr * scale
             ids, mask, real, family = batch(step, curriculum_from + (curriculum_until - curriculum_from) * progress, seed, tokenizer,
-                                            haystack, mix, common_keys)
+                                            haystack, mix, common_keys, needle_lengths)
             objective, loss = loss_fn(model, ids, mask, real)
             opt.zero_grad(set_to_none=True)
             objective.backward()
@@ -289,7 +297,7 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
         prior = json.loads((Path(init) / "training.json").read_text())
         earlier = prior.pop("earlier_runs", []) + [prior]
     info = {"earlier_runs": earlier, "init": None if init is None else str(init), "curriculum_from": curriculum_from, "curriculum_until": curriculum_until, "seed": seed, "steps_planned": steps, "steps_run": len(history), "lr": lr, "spaces": tokenizer_spaces(tokenizer), "parameters": n_params,
-            "curriculum": CURRICULUM, "mix": mix, "common_keys": common_keys, "prompt_loss_weight": PROMPT_LOSS_WEIGHT, "config": CONFIG, "train_seconds": round(time.time() - t0, 1),
+            "curriculum": CURRICULUM, "mix": mix, "common_keys": common_keys, "needle_lengths": needle_lengths, "prompt_loss_weight": PROMPT_LOSS_WEIGHT, "config": CONFIG, "train_seconds": round(time.time() - t0, 1),
             "torch_threads": torch.get_num_threads(), "history": history,
             "error": None if failure is None else f"{type(failure).__name__}: {failure}", "interrupted": interrupted}
     (out / "training.json").write_text(json.dumps(info))
@@ -384,11 +392,13 @@ def main(argv=None) -> int:
     parser.add_argument("--common-keys", type=float, default=0.6,
                         help="probability that a book-word tool's parameter has a frequent name (input, query, ...) "
                              "rather than a word to copy from the schema")
+    parser.add_argument("--needle-lengths", type=lambda t: tuple(int(x) for x in t.split(",")), default=None,
+                        help="needle lengths in tokens for every phase, e.g. 2048,4096,8192 (default: the curriculum's)")
     parser.add_argument("--save-every", type=int, default=250, help="also save the weights every this many steps (0: only at the end)")
     args = parser.parse_args(argv)
     _stop_on_signals()
     info = train(args.out, args.steps, args.seed, args.lr, args.minutes, init=args.init, curriculum_from=args.curriculum_from,
                  spaces=args.spaces, curriculum_until=args.curriculum_until, mix=args.mix, save_every=args.save_every,
-                 common_keys=args.common_keys)
+                 common_keys=args.common_keys, needle_lengths=args.needle_lengths)
     print(f"{info['parameters']:,} parameters, {info['steps_run']} steps, {info['train_seconds']:.0f} s -> {args.out}")
     return 0
