@@ -39,7 +39,7 @@ TEST_MODEL = os.environ.get("JAMBA_LOCAL_TEST_MODEL")
 TRAINED = str(trained) if (trained := trained_checkpoint(missing_ok=True)) else None
 _CHECKPOINT: dict[str, str | None] = {"model": TEST_MODEL, "override": None}
 # what the trained checkpoint (6.1M parameters) still gets wrong, measured: standard test -> reason
-# (session 11's checkpoint: the other capable tests pass: exact arguments, the agent loop, runnables as tools)
+# (session 13's checkpoint: the other capable tests pass: exact arguments, the agent loop, runnables as tools)
 FAILS_ON_TRAINED: dict[str, str] = {
     "test_unicode_tool_call_integration": "it calls unicode_customer but writes other CJK characters than the "
                                           "request's '你好' (copying characters it rarely saw)",

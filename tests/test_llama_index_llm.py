@@ -374,9 +374,6 @@ CAPABLE_MODEL = os.environ.get("JAMBA_LOCAL_TEST_MODEL") or (
 
 @pytest.mark.xfail(CAPABLE_MODEL is None, run=False,
                    reason="needs a capable checkpoint: JAMBA_LOCAL_TEST_MODEL or the trained checkpoints/jamba-tiny-chat")
-@pytest.mark.xfail(not os.environ.get("JAMBA_LOCAL_TEST_MODEL") and CAPABLE_MODEL is not None, strict=False,
-                   reason="the trained checkpoint calls add for 'times': multiply and add are names its training never used "
-                          "(held out for this suite), and it picks between them by name, not by description")
 def test_capable_model_streams_its_tool_call():
     llm = JambaLLM(model=CAPABLE_MODEL, max_new_tokens=128)
     stream = list(llm.stream_chat_with_tools(TOOLS, user_msg="Use a tool: what is 37 times 91?"))
