@@ -135,7 +135,7 @@ def phase(progress: float) -> dict:
 def batch(step: int, progress: float, seed: int, tokenizer, haystack, mix: dict | None = None, common_keys: float = 0.6,
           needle_lengths: tuple[int, ...] | None = None):
     """(ids (b, L) long, assistant-token mask (b, L) bool, real-token mask (b, L) bool, family) for one
-    step, deterministic in (seed, step, progress, mix, common_keys); ``mix`` (task family -> weight) replaces the
+    step, deterministic in its arguments; ``mix`` (task family -> weight) replaces the
     phase's; ``common_keys``: `data.random_tool`'s, for the book-word tools; ``needle_lengths`` (tokens)
     replace the phase's needle lengths."""
     rng = random.Random(seed * 1_000_003 + step)
@@ -201,11 +201,11 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
     ``spaces``: the new tokenizer's word split (`jamba_core.tokenizer.train_tokenizer`). With ``init``,
     None or the init tokenizer's own split keeps that tokenizer; the other split makes a new tokenizer
     and moves the checkpoint onto it (`transfer_vocabulary`). ``mix``: task family -> weight, replacing every phase's mix (a
-    continued run that drills what its checkpoint still gets wrong); families are `batch`'s. The weights
+    continued run that drills what its checkpoint still gets wrong); families are `batch`'s.
     ``common_keys``: the probability that a book-word tool's parameter is named by a frequent key
     (`data.PARAM_NAMES`) rather than a word (lower: more keys to copy from the schema). ``needle_lengths``:
-    the needle samples' lengths in tokens for every phase (longer than the curriculum's 2,048: attention
-    that stays sharp over longer text, at more seconds per step). The weights
+    the needle samples' lengths in tokens for every phase (longer than the curriculum's 2,048: needles
+    over more text, at more seconds per step). The weights
     are saved to ``out`` every ``save_every`` steps too (a run cut short by the machine keeps its work;
     training.json and loss.png are written at the end).
 
