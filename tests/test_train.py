@@ -188,8 +188,9 @@ def test_common_keys_sets_how_many_book_tool_parameters_have_frequent_names(shar
     assert data.tool_call(random.Random(11), "test").tools == data.tool_call(random.Random(11), "test", common_keys=0.6).tools
     seen, tool_call = [], data.tool_call
     monkeypatch.setattr(data, "tool_call", lambda *a, **kw: seen.append(kw["common_keys"]) or tool_call(*a, **kw))
+    haystack = Haystack(tiny_engine.tokenizer)
     for step in range(6):
-        trainer.batch(step, 0.9, 1, tiny_engine.tokenizer, Haystack(tiny_engine.tokenizer), {"tool_call": 1.0}, common_keys=0.25)
+        trainer.batch(step, 0.9, 1, tiny_engine.tokenizer, haystack, {"tool_call": 1.0}, common_keys=0.25)
     assert seen and set(seen) == {0.25}
     with pytest.raises(ValueError, match="common_keys"):
         trainer.train(Path("unused"), steps=1, common_keys=1.5)

@@ -35,6 +35,8 @@ VERBS = ("get", "find", "lookup", "fetch", "compute", "convert", "search", "chec
          "update", "book", "cancel", "translate", "measure", "track", "score", "rate")
 PARAM_NAMES = ("input", "query", "city", "location", "name", "id", "amount", "unit", "date", "count", "text", "limit",
                "language", "currency", "user", "item", "size", "color", "price", "code", "value", "topic", "level")
+# the share of book-word tool parameters named by `PARAM_NAMES` (`random_tool`): the held-out evaluation draws with it
+COMMON_KEYS = 0.6
 # Tools as applications name them (``get_weather``, ``multiply``, ``greeting_generator``): common English
 # verbs, nouns and adjectives, for `tool_call`'s ``style="common"``, so the checkpoint meets tool names and
 # requests worded the way LangChain's and LlamaIndex's suites and users word them, not only book words.
@@ -100,10 +102,9 @@ def _say(value) -> str:
     return ("true" if value else "false") if isinstance(value, bool) else str(value)
 
 
-def random_tool(rng: random.Random, vocab, common_keys: float = 0.6) -> dict:
+def random_tool(rng: random.Random, vocab, common_keys: float = COMMON_KEYS) -> dict:
     """An OpenAI-style function tool with 1-3 typed parameters, all required; each parameter's name is one
-    of `PARAM_NAMES` with probability ``common_keys``, else a word of ``vocab`` (the held-out evaluation
-    draws with the default)."""
+    of `PARAM_NAMES` with probability ``common_keys``, else a word of ``vocab``."""
     noun = rng.choice(vocab)
     name = rng.choice((f"{rng.choice(VERBS)}_{noun}", noun, f"{noun}_{rng.choice(vocab)}"))
     props, n = {}, rng.choice((1, 1, 2, 2, 3))
@@ -184,7 +185,7 @@ def _request(name: str, args: dict, rng: random.Random) -> str:
                        f"Please run {name} for {listing}.", f"I need {name}: {listing}"))
 
 
-def tool_call(rng: random.Random, split: str = "train", rounds: int = 1, style: str = "book", common_keys: float = 0.6) -> Conversation:
+def tool_call(rng: random.Random, split: str = "train", rounds: int = 1, style: str = "book", common_keys: float = COMMON_KEYS) -> Conversation:
     """1-3 random tools, then ``rounds`` exchanges of: a request naming one tool and its arguments, the
     call, the tool's result, an answer quoting it (more rounds: more call tokens per sample). The first
     round draws from ``rng`` the same way whatever ``rounds`` is, so evaluation samples stay fixed.

@@ -132,7 +132,7 @@ def phase(progress: float) -> dict:
     return next(p for p in CURRICULUM if progress < p["until"])
 
 
-def batch(step: int, progress: float, seed: int, tokenizer, haystack, mix: dict | None = None, common_keys: float = 0.6,
+def batch(step: int, progress: float, seed: int, tokenizer, haystack, mix: dict | None = None, common_keys: float = data.COMMON_KEYS,
           needle_lengths: tuple[int, ...] | None = None):
     """(ids (b, L) long, assistant-token mask (b, L) bool, real-token mask (b, L) bool, family) for one
     step, deterministic in its arguments; ``mix`` (task family -> weight) replaces the
@@ -190,7 +190,7 @@ def loss_fn(model, ids, mask, real):
 
 def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float | None = None, log_every: int = 20,
           init: Path | None = None, curriculum_from: float = 0.0, spaces: str | None = None,
-          curriculum_until: float = 1.0, mix: dict | None = None, save_every: int = 250, common_keys: float = 0.6,
+          curriculum_until: float = 1.0, mix: dict | None = None, save_every: int = 250, common_keys: float = data.COMMON_KEYS,
           needle_lengths: tuple[int, ...] | None = None) -> dict:
     """Train and save to ``out``; ``init`` continues from a checkpoint folder this function wrote (its
     weights and tokenizer; the optimizer state starts fresh and the data continues at new seeds).
@@ -360,6 +360,14 @@ def _parse_mix(text: str) -> dict:
     return mix
 
 
+def _parse_lengths(text: str) -> tuple[int, ...]:
+    """``--needle-lengths``: "2048,4096" -> (2048, 4096)."""
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected token counts separated by commas, e.g. 2048,4096, got {text!r}") from None
+
+
 def _stop(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -389,10 +397,10 @@ def main(argv=None) -> int:
                              "spelling in prose and in JSON; with --init of the other split, its weights move to a new tokenizer")
     parser.add_argument("--mix", type=_parse_mix, default=None,
                         help="task mix for every phase, e.g. 'tool_call=0.45,spell=0.3,json=0.1,needle=0.1,recall=0.05'")
-    parser.add_argument("--common-keys", type=float, default=0.6,
+    parser.add_argument("--common-keys", type=float, default=data.COMMON_KEYS,
                         help="probability that a book-word tool's parameter has a frequent name (input, query, ...) "
                              "rather than a word to copy from the schema")
-    parser.add_argument("--needle-lengths", type=lambda t: tuple(int(x) for x in t.split(",")), default=None,
+    parser.add_argument("--needle-lengths", type=_parse_lengths, default=None,
                         help="needle lengths in tokens for every phase, e.g. 2048,4096,8192 (default: the curriculum's)")
     parser.add_argument("--save-every", type=int, default=250, help="also save the weights every this many steps (0: only at the end)")
     args = parser.parse_args(argv)
