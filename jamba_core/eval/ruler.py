@@ -199,6 +199,10 @@ def make_sample(task: str, length: int, depth: float, seed: int, haystack: Hayst
 
     Returns:
         The same `Sample` for the same arguments.
+
+    Raises:
+        ValueError: an unknown task or split, a depth outside 0..100, or a length too short for the task's
+            fixed text (variable tracking needs more than 256 tokens with some tokenizers).
     """
     if not 0 <= depth <= 100:
         raise ValueError(f"depth must be within 0..100, got {depth}")
@@ -219,7 +223,8 @@ def make_sample(task: str, length: int, depth: float, seed: int, haystack: Hayst
             break
         n -= excess
     else:
-        raise RuntimeError(f"could not fit a {task} prompt into {length} tokens")
+        raise ValueError(f"could not fit a {task} prompt into {length} tokens: its question and needles alone take about "
+                         f"{haystack.count(render(0))} tokens")
     return Sample(task=task, prompt=prompt, answers=list(answers), length=length, depth=float(depth),
                   target=target)
 
@@ -258,9 +263,16 @@ def evaluate(chat_model, tasks, lengths, depths, samples_per_cell: int, tokenize
         {"model", "split", "seed", "max_new_tokens", "tasks", "lengths", "depths", "samples_per_cell",
          "cells": [{"task", "length", "depth", "accuracy", "latency_s", "prompt_tokens", "samples": [...]}],
          "means": [{"task", "length", "accuracy"}]}; accuracy in 0..1, latency in seconds per sample.
+
+    Raises:
+        ValueError: an empty grid (no task, length or depth, or fewer than 1 sample per cell), or what
+            `make_sample` raises for a cell.
     """
     from langchain_core.messages import HumanMessage
 
+    if samples_per_cell < 1 or not tasks or not lengths or not depths:
+        raise ValueError(f"nothing to evaluate: {samples_per_cell} samples per cell over {len(tasks)} tasks, {len(lengths)} "
+                         f"lengths and {len(depths)} depths (each must be at least 1)")
     haystack = haystack or Haystack(tokenizer)
     def sample_seed(task, length, depth, i):
         return zlib.crc32(f"{seed}:{task}:{length}:{depth}:{i}".encode())

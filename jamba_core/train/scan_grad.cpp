@@ -18,13 +18,20 @@
 #endif
 
 // Decayed states and adjoints underflow towards zero over long spans; in subnormal range every multiply
-// and exp costs ~100x (a training run stalled in the backward). Flush them to zero on this thread.
-static inline void flush_denormals() {
+// and exp costs ~100x (a training run stalled in the backward). Flush them to zero on this thread while
+// the kernel runs, and restore the thread's mode after: the calling thread is Python's, and a mode left
+// set changed every later float operation of the process (denormals read as zero; hypothesis refused
+// to run in a test session that had trained first).
+struct DenormalsFlushed {
 #if defined(__SSE2__)
-    _MM_SET_FLUSH_ZERO_MODE(_MM_FLUSH_ZERO_ON);
-    _MM_SET_DENORMALS_ZERO_MODE(_MM_DENORMALS_ZERO_ON);
+    unsigned int saved = _mm_getcsr();
+    DenormalsFlushed() {
+        _MM_SET_FLUSH_ZERO_MODE(_MM_FLUSH_ZERO_ON);
+        _MM_SET_DENORMALS_ZERO_MODE(_MM_DENORMALS_ZERO_ON);
+    }
+    ~DenormalsFlushed() { _mm_setcsr(saved); }
 #endif
-}
+};
 
 extern "C" {
 
@@ -33,7 +40,7 @@ void jl_scan_fwd(int64_t b, int64_t d, int64_t L, int64_t N, const float* x, con
                  const float* B, const float* C, float* y, int nthreads) {
 #pragma omp parallel num_threads(nthreads)
     {
-    flush_denormals();
+    DenormalsFlushed flushed;
 #pragma omp for collapse(2) schedule(static)
     for (int64_t i = 0; i < b; ++i)
         for (int64_t c = 0; c < d; ++c) {
@@ -64,7 +71,7 @@ void jl_scan_bwd(int64_t b, int64_t d, int64_t L, int64_t N, const float* x, con
     std::vector<std::vector<float>> part(nthreads, std::vector<float>(2 * b * L * N, 0.f));
 #pragma omp parallel num_threads(nthreads)
     {
-        flush_denormals();
+        DenormalsFlushed flushed;
         int tid = omp_get_thread_num();
         float* pB = part[tid].data();
         float* pC = pB + b * L * N;
