@@ -231,10 +231,26 @@ def test_citations_are_stripped_and_parsed():
 
 
 @pytest.mark.parametrize("text", ["x<citations>[0, two]</citations>", "x<citations>0, 1</citations>",
-                                  "x<citations>[-1]</citations>", "x<citations>[0, 1"])
+                                  "x<citations>[-1]</citations>", "x<citations>[0, 1",
+                                  "x<citations>[" + "9" * 5000 + "]</citations>"])  # past int()'s 4,300 digits
 def test_malformed_citations_stay_in_content_verbatim(text):
     parsed = parse_output(text)
     assert parsed.content == text and parsed.citations == []
+
+
+@pytest.mark.parametrize("args", ["[" * 5000 + "]" * 5000, '"' + "[" * 5000 + '"', '{"a": ' * 3000 + "1" + "}" * 3000])
+def test_arguments_nested_past_what_json_reads_make_an_invalid_call(args):
+    """A degenerate loop can write thousands of brackets; Python's json gives up (RecursionError) around a
+    thousand levels: the call is invalid, nothing raises, whole or streamed (the string case is valid)."""
+    text = 'Sure.<tool_calls>[{"name": "get_weather", "arguments": {"city": ' + args + "}}]</tool_calls>"
+    parsed = parse_output(text)
+    if args.startswith('"'):
+        assert calls_of(parsed) == [("get_weather", {"city": args[1:-1]})]
+        return
+    assert parsed.content == "Sure." and parsed.tool_calls == []
+    assert [c["error"] for c in parsed.invalid_tool_calls] == ["tool-call JSON is nested too deeply to read"]
+    content, calls, invalid, _ = assemble(stream(text, range(0, len(text), 997))[0])
+    assert content == "Sure." and [e.error for e in invalid.values()] == ["tool-call JSON is nested too deeply to read"]
 
 
 def test_citations_and_calls_together():

@@ -162,7 +162,10 @@ def _parse_citations(body: str) -> list[int] | None:
         match = _CITATION_ITEM.fullmatch(item)
         if match is None:
             return None
-        ids.append(int(next(g for g in match.groups() if g is not None)))
+        try:
+            ids.append(int(next(g for g in match.groups() if g is not None)))
+        except ValueError:  # more digits than Python converts (4,300): no document has that index
+            return None
     return ids
 
 
@@ -183,6 +186,8 @@ def _call_from_json(obj) -> tuple[str, dict]:
             args = json.loads(args)
         except json.JSONDecodeError as exc:
             raise ValueError(f"'arguments' is a string that is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise ValueError("'arguments' is a string of JSON nested too deeply to read") from None
     if not isinstance(args, dict):
         raise ValueError(f"'arguments' must be a JSON object, got {type(args).__name__}")
     return name, args
@@ -566,6 +571,8 @@ class StreamingToolCallParser:
                 error = f"invalid JSON: {exc}"
             except ValueError as exc:
                 error = str(exc)
+            except RecursionError:  # arguments nested deeper than Python's json reads (about 1,000 levels)
+                error = "tool-call JSON is nested too deeply to read"
         if error is None:
             streamed = "".join(call.args) if call.args_kind == "raw" else ""
             if call.index is not None and name != call.name:
@@ -617,7 +624,7 @@ class StreamingToolCallParser:
 def _loads_or_none(text: str):
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return None
 
 
