@@ -25,8 +25,9 @@ def load_config(path: str | Path) -> JambaConfig:
     """Read ``config.json`` from a checkpoint folder (or the file itself).
 
     Accepts keys that older checkpoints carry (``num_logits_to_keep``, ``sliding_window``, a list
-    ``eos_token_id``). Raises ``FileNotFoundError`` naming the missing file and ``ValueError`` when
-    the file is not valid JSON or not a Jamba config (``model_type`` other than ``"jamba"``).
+    ``eos_token_id``). Raises ``FileNotFoundError`` naming the missing file and ``ValueError`` naming
+    the file when it is not valid JSON, not a Jamba config (``model_type`` other than ``"jamba"``), or
+    its sizes are not positive integers (`check_config`).
     """
     path = Path(path)
     file = path / "config.json" if path.is_dir() else path
@@ -36,13 +37,45 @@ def load_config(path: str | Path) -> JambaConfig:
         raw = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{file} is not valid JSON: {err}") from err
+    if not isinstance(raw, dict):
+        raise ValueError(f"{file} holds a JSON {type(raw).__name__}, not an object of config fields")
     model_type = raw.get("model_type")
     if model_type != "jamba":
         raise ValueError(
             f"{file} has model_type={model_type!r}; jamba-local runs only Jamba checkpoints (model_type 'jamba')"
         )
     raw.pop("auto_map", None)  # never remote code
-    return JambaConfig.from_dict(raw)
+    from huggingface_hub.errors import StrictDataclassError  # transformers' typed-field checks raise it
+
+    try:
+        config = JambaConfig.from_dict(raw)
+        check_config(config)
+    except (TypeError, ValueError, StrictDataclassError) as err:
+        raise ValueError(f"{file}: {err}") from err
+    return config
+
+
+_POSITIVE = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "num_experts", "num_experts_per_tok", "attn_layer_period", "expert_layer_period",
+             "mamba_d_state", "mamba_d_conv", "mamba_expand")
+
+
+def check_config(config: JambaConfig) -> None:
+    """Raise ``ValueError`` naming the field when a size the model divides by or allocates with is not a
+    positive integer, the attention heads do not divide the hidden size or group the K/V heads, or the
+    router's top-k exceeds the experts (``num_experts_per_tok <= num_experts``)."""
+    for name in _POSITIVE:
+        value = getattr(config, name, None)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if config.hidden_size % config.num_attention_heads:
+        raise ValueError(f"hidden_size {config.hidden_size} is not a multiple of num_attention_heads {config.num_attention_heads}")
+    if config.num_attention_heads % config.num_key_value_heads:
+        raise ValueError(f"num_attention_heads {config.num_attention_heads} is not a multiple of num_key_value_heads "
+                         f"{config.num_key_value_heads}")
+    if config.num_experts_per_tok > config.num_experts:
+        raise ValueError(f"num_experts_per_tok {config.num_experts_per_tok} exceeds num_experts {config.num_experts} "
+                         "(the router picks top-k of the experts)")
 
 
 def is_attention_layer(config: JambaConfig, i: int) -> bool:

@@ -8,6 +8,7 @@ token at a time through the same cache.
 
 from __future__ import annotations
 
+import operator
 import threading
 import time
 from dataclasses import dataclass, field
@@ -108,8 +109,10 @@ class Engine:
         `jamba_core.loading`). ``kv_cache_dtype``: the attention layers' K/V cache dtype when it should
         differ from the compute dtype: "bfloat16" with fp32 weights halves the KV cache (as llama.cpp's f16
         cache does) and runs prefill attention in bf16 (our flash kernel on an AVX512-BF16 CPU); attention
-        then computes on bf16 K/V and queries, scores, softmax and sums staying fp32.
+        then computes on bf16 K/V and queries, scores, softmax and sums staying fp32. ``device``: a torch
+        device ("cpu", "cuda", "cuda:1"); ``ValueError`` for one torch cannot name or this build cannot use.
         """
+        check_device(device)
         folder = resolve_checkpoint(path_or_hub_id)
         config = load_config(folder)
         tokenizer = load_tokenizer(folder)
@@ -212,16 +215,23 @@ class Engine:
         those filters; ``seed`` makes sampling reproducible. Generation ends at any id of the config's
         ``eos_token_id`` (and ``<|eom|>``), at a ``stop`` string (never echoed, found even when it spans
         tokens), when ``constraint`` (see `jamba_core.chat.grammar`) terminates (``finish_reason``
-        "stop"), or after ``max_new_tokens`` ("length"). Raises ``ValueError`` for an empty prompt,
-        ``max_new_tokens < 1`` or a prompt that does not fit the context window.
+        "stop"), or after ``max_new_tokens`` ("length"). Raises ``ValueError`` for an empty prompt, token
+        ids outside the vocabulary, ``max_new_tokens < 1``, ``temperature < 0``, ``top_k < 0``, ``top_p``
+        outside (0, 1], or a prompt that does not fit the context window; ``TypeError`` for a prompt of
+        another type or a non-integer ``max_new_tokens``. Empty stop strings are ignored.
         """
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        check_sampling(max_new_tokens, temperature, top_p, top_k)
+        if prompt is None:
+            raise TypeError("prompt must be text, a list of token ids, or a list of chat message dicts, got None")
         ids = [] if isinstance(prompt, str) and not prompt else self.encode(prompt, tools, documents, response_format, citations)
         if not ids:
             raise ValueError("the prompt is empty: give at least one token of text")
+        vocab = self.config.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
         self.check_fits(len(ids), max_new_tokens)
-        stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
+        stops = [s for s in ([stop] if isinstance(stop, str) else stop or []) if s]
         with self.lock:
             yield from self._generate(ids, max_new_tokens, temperature, top_p, top_k, seed, stops, constraint)
 
@@ -388,6 +398,35 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, g
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     probs = torch.softmax(logits, -1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def check_device(device) -> None:
+    """Raise ``ValueError`` for a device torch cannot parse, or CUDA where this torch build or machine has none."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device {device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1'): {err}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+        raise ValueError(f"device {device!r} asked, but {why}; use device='cpu'")
+
+
+def check_sampling(max_new_tokens, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0) -> None:
+    """Raise ``ValueError`` (``TypeError`` for a non-integer count) for sampling settings no sampler
+    takes: ``max_new_tokens < 1``, ``temperature < 0``, ``top_p`` outside (0, 1], ``top_k < 0``; the
+    adapters call it when they are built, so that a bad setting fails there rather than at the first call."""
+    try:
+        max_new_tokens = operator.index(max_new_tokens)  # ints and integer scalars, not 2.5
+    except TypeError:
+        raise TypeError(f"max_new_tokens must be an integer, got {max_new_tokens!r}") from None
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not temperature >= 0:  # also NaN
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (1 keeps every token), got {top_p}")
+    if not hasattr(top_k, "__index__") or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0 keeps every token), got {top_k!r}")
 
 
 def _find_stop(text: str, stops: list[str]) -> int | None:

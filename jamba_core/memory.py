@@ -9,7 +9,10 @@ SSM ``d_inner x d_state`` in fp32. ``runtime`` is the process itself before any 
 
 from __future__ import annotations
 
+import operator
+import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -61,6 +64,18 @@ def kv_capacity(tokens: int) -> int:
     return -(-tokens // KV_BLOCK) * KV_BLOCK
 
 
+def _config_of(name) -> JambaConfig:
+    """A released checkpoint's config by Hub id, else the config.json of a folder (or the file itself)."""
+    from .config import known_config, load_config
+    from .loading import resolve_checkpoint
+
+    known = known_config(str(name))
+    if known is not None:
+        return known
+    path = Path(name).expanduser()
+    return load_config(path if path.is_file() else resolve_checkpoint(name))
+
+
 def estimate_memory(
     config: JambaConfig,
     context_tokens: int,
@@ -83,7 +98,21 @@ def estimate_memory(
     (`jamba_core.quant.weight_bytes`). ``runtime_bytes`` is the process's own memory before the weights
     load (`RUNTIME_BYTES`, measured for the CPU build; pass 0 to count the model alone).
     ``kv_cache_dtype``: the K/V's dtype when it differs from ``dtype`` (as `Engine`'s ``kv_cache_dtype``).
+    ``config`` may also be a checkpoint folder or a released Hub id (as ``jamba-local info --model``).
+
+    Raises ``ValueError`` when ``context_tokens`` is negative or ``batch_size`` / ``prefill_chunk_tokens``
+    are below 1 (and ``TypeError`` when they are not integers).
     """
+    if isinstance(config, (str, os.PathLike)):
+        config = _config_of(config)
+    for name, value, least in (("context_tokens", context_tokens, 0), ("batch_size", batch_size, 1),
+                               ("prefill_chunk_tokens", prefill_chunk_tokens, 1)):
+        try:
+            value = operator.index(value)  # ints and integer scalars (numpy, 0-d tensors); not floats or "4k"
+        except TypeError:
+            raise TypeError(f"{name} must be an integer, got {value!r}") from None
+        if value < least:
+            raise ValueError(f"{name} must be >= {least}, got {value}")
     dt = _dtype(dtype)
     esize = torch.tensor([], dtype=dt).element_size()
     params = parameter_count(config)

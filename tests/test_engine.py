@@ -1,6 +1,7 @@
 """The engine: generation, streaming, stops, sampling, memory prediction and bad input."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -166,6 +167,44 @@ def test_rejects_empty_prompt_and_bad_max_new_tokens(tiny_engine):
         tiny_engine.generate(PROMPT, max_new_tokens=0)
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(top_k=-1, temperature=1.0), "top_k must be an integer >= 0"),
+    (dict(temperature=-0.5), "temperature must be >= 0"),
+    (dict(temperature=float("nan")), "temperature must be >= 0"),
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+])
+def test_rejects_sampling_settings_no_sampler_takes(tiny_engine, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_engine.generate(PROMPT, max_new_tokens=2, **kwargs)
+
+
+def test_rejects_prompts_and_counts_of_the_wrong_kind(tiny_engine):
+    vocab = tiny_engine.config.vocab_size
+    for ids in ([vocab], [-1], [1, 2, vocab + 7]):
+        with pytest.raises(ValueError, match=f"token id {ids[-1]} is outside the vocabulary \\(0..{vocab - 1}\\)"):
+            tiny_engine.generate(ids, max_new_tokens=2)
+    with pytest.raises(TypeError, match="prompt must be.*got None"):
+        tiny_engine.generate(None, max_new_tokens=2)
+    with pytest.raises(TypeError, match="max_new_tokens must be an integer, got 2.5"):
+        tiny_engine.generate(PROMPT, max_new_tokens=2.5)
+
+
+def test_an_empty_stop_string_is_ignored_alone_or_in_a_list(tiny_engine):
+    want = tiny_engine.generate(PROMPT, max_new_tokens=6)
+    for stop in ("", [""], ["", None]):
+        got = tiny_engine.generate(PROMPT, max_new_tokens=6, stop=stop)
+        assert (got.text, got.finish_reason) == (want.text, want.finish_reason)
+
+
+def test_a_device_torch_cannot_use_is_a_clear_error(tiny_checkpoint):
+    with pytest.raises(ValueError, match="'gpu' is not a torch device"):
+        Engine.from_pretrained(tiny_checkpoint, device="gpu", progress=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device 'cuda' asked, but .*use device='cpu'"):
+            Engine.from_pretrained(tiny_checkpoint, device="cuda", progress=False)
+
+
 def test_prompt_longer_than_the_context_says_tokens_and_memory(tmp_path):
     path = make_checkpoint(tmp_path / "short", preset="tiny", max_position_embeddings=32)
     engine = Engine.from_pretrained(path, progress=False)
@@ -205,6 +244,23 @@ def test_non_jamba_config_is_refused(broken):
     (broken / "config.json").write_text(json.dumps(raw))
     with pytest.raises(ValueError, match="model_type='llama'"):
         Engine.from_pretrained(broken, progress=False)
+
+
+@pytest.mark.parametrize("patch, message", [
+    ([1, 2], "holds a JSON list, not an object"),
+    ({"hidden_size": "192"}, "hidden_size"),
+    ({"num_attention_heads": 0}, "num_attention_heads must be a positive integer, got 0"),
+    ({"num_attention_heads": 5}, "not a multiple of num_attention_heads 5"),
+    ({"num_experts_per_tok": 9}, "num_experts_per_tok 9 exceeds num_experts"),
+])
+def test_a_config_with_impossible_fields_names_the_file_and_field(broken, patch, message):
+    """Caught when the checkpoint loads (a router top-k above the experts used to load, then fail in
+    torch.topk at the first MoE layer; zero heads divided by zero)."""
+    raw = patch if isinstance(patch, list) else {**json.loads((broken / "config.json").read_text()), **patch}
+    (broken / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="config.json") as err:
+        Engine.from_pretrained(broken, progress=False)
+    assert re.search(message, str(err.value))
 
 
 def test_wrong_tensor_shape_names_the_key(broken):
@@ -257,6 +313,61 @@ def test_cli_reports_a_missing_checkpoint_as_an_error_message(capsys):
     assert main(["info", "--model", "/no/such/folder"]) == 2
     err = capsys.readouterr().err
     assert "error" in err and "/no/such/folder" in err and "Traceback" not in err
+
+
+def test_cli_bad_values_are_usage_errors_not_tracebacks(capsys, tiny_checkpoint):
+    from jamba_core.cli import main
+
+    mini = "ai21labs/AI21-Jamba-1.5-Mini"
+    for argv, message in ((["info", "--model", mini, "--batch", "-2"], "--batch: must be at least 1, got -2"),
+                          (["info", "--model", mini, "--context", "abc"], "'abc' is not a token count"),
+                          (["eval", str(tiny_checkpoint), "--samples", "0"], "--samples: must be at least 1"),
+                          (["eval", str(tiny_checkpoint), "--lengths", "0"], "a token count must be at least 1")):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+    for argv, message in ((["info", "--model", mini, "--fits", "nan"], "--fits must be a positive number of GiB"),
+                          (["generate", "--model", str(tiny_checkpoint / "config.json"), "hi"], "is a file; pass the checkpoint folder"),
+                          (["generate", "--model", str(tiny_checkpoint), "--device", "gpu", "hi"], "not a torch device"),
+                          (["generate", "--model", str(tiny_checkpoint), "--top-k", "-2", "--temperature", "1", "hi"], "top_k must be")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+
+
+def test_cli_info_takes_a_config_file_and_k_suffixed_contexts(capsys, tiny_checkpoint):
+    from jamba_core.cli import main
+
+    assert main(["info", "--model", str(tiny_checkpoint / "config.json"), "--context", "4k", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["estimate"]["context_tokens"] == 4096
+    assert info["estimate"]["kv_cache"] == estimate_memory(load_config(tiny_checkpoint), 4096, 1, "bfloat16").kv_cache
+
+
+def test_cli_hands_every_argument_to_demo_and_bench(capsys, tmp_path, monkeypatch):
+    """`jamba-local demo --help` / `bench --help` reach their own parsers (argparse's REMAINDER dropped a
+    leading option), and `bench` finds the repository's benchmarks/ from any working directory."""
+    from jamba_core.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    for command, option in (("demo", "--max-document-chars"), ("bench", "--ref-max-context")):
+        with pytest.raises(SystemExit) as exit_:
+            main([command, "--help"])
+        assert exit_.value.code == 0 and option in capsys.readouterr().out
+    assert main(["demo", "--document", str(tmp_path / "absent.txt")]) == 2
+    assert "absent.txt" in capsys.readouterr().err
+
+
+def test_memory_estimate_rejects_impossible_sizes_and_takes_a_name():
+    from jamba_core.config import known_config
+
+    mini = "ai21labs/AI21-Jamba-1.5-Mini"
+    assert estimate_memory(mini, 4096) == estimate_memory(known_config(mini), 4096)
+    for args, error, message in (((mini, 4096, -1), ValueError, "batch_size must be >= 1, got -1"),
+                                 ((mini, -5), ValueError, "context_tokens must be >= 0, got -5"),
+                                 ((mini, "4k"), TypeError, "context_tokens must be an integer, got '4k'")):
+        with pytest.raises(error, match=message):
+            estimate_memory(*args)
 
 
 def test_memory_estimate_counts_the_runtime_once_and_can_leave_it_out():
