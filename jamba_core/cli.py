@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _engine(args):
@@ -78,11 +79,12 @@ def cmd_chat(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .config import known_config, layer_layout, load_config, parameter_count
-    from .loading import resolve_checkpoint
-    from .memory import estimate_memory
+    from .config import layer_layout, parameter_count
+    from .memory import _config_of, estimate_memory
 
-    config = known_config(args.model) or load_config(resolve_checkpoint(args.model))
+    if args.fits is not None and not (0 < args.fits < float("inf")):
+        raise ValueError(f"--fits must be a positive number of GiB, got {args.fits}")
+    config = _config_of(args.model)
     params = parameter_count(config)
     per_1k = estimate_memory(config, 1024, 1, args.dtype, kv_cache_dtype=args.kv_cache_dtype).kv_cache
     est = estimate_memory(config, args.context, args.batch, args.dtype, quantization=args.quantization,
@@ -116,9 +118,29 @@ def cmd_info(args) -> int:
 
 
 def _tokens(text: str) -> int:
-    """"4k" -> 4096, "128K" -> 131072, "1000" -> 1000."""
+    """"4k" -> 4096, "128K" -> 131072, "1000" -> 1000 (an argparse type: bad text is a usage error)."""
     text = text.strip().lower()
-    return int(text[:-1]) * 1024 if text.endswith("k") else int(text)
+    try:
+        n = int(text[:-1]) * 1024 if text.endswith("k") else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a token count (e.g. 4096 or 4k)") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"a token count must be at least 1, got {text!r}")
+    return n
+
+
+def _token_list(text: str) -> list[int]:
+    return [_tokens(n) for n in text.split(",")]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
 
 
 def cmd_eval(args) -> int:
@@ -134,7 +156,7 @@ def cmd_eval(args) -> int:
         print(f"{cell['task']:18s} {cell['length']:>7d} tokens  depth {cell['depth']:5.1f}%  accuracy {cell['accuracy']:.2f}  "
               f"{cell['latency_s']:.1f} s", file=sys.stderr, flush=True)
 
-    results = evaluate(chat, args.tasks.split(","), [_tokens(n) for n in args.lengths.split(",")],
+    results = evaluate(chat, args.tasks.split(","), args.lengths,
                        [float(d) for d in args.depths.split(",")], args.samples, tokenizer, seed=args.seed,
                        max_new_tokens=args.max_new_tokens, progress=progress)
     paths = write_report(results, args.out)
@@ -143,19 +165,32 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def cmd_bench(args) -> int:
+def cmd_bench(rest: list[str]) -> int:
+    # the benchmarks live beside the package in a checkout (an editable install), not in the wheel
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "benchmarks" / "bench.py").is_file():
+        raise FileNotFoundError("the benchmark ships with the repository, not the installed package: run "
+                                "`python -m benchmarks.bench` in a checkout of jamba-local")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
     from benchmarks.bench import main as bench_main
 
-    return bench_main(args.rest)
+    return bench_main(rest)
 
 
-def cmd_demo(args) -> int:
+def cmd_demo(rest: list[str]) -> int:
     from .demo import main as demo_main
 
-    return demo_main(args.rest)
+    return demo_main(rest)
+
+
+_PASS_THROUGH = {"bench": cmd_bench, "demo": cmd_demo}  # their own argument parsers take every argument after the name
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in _PASS_THROUGH:
+        return _run(argv[0], _PASS_THROUGH[argv[0]], argv[1:])
     parser = argparse.ArgumentParser(prog="jamba-local", description="Run Jamba checkpoints locally.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("generate", help="complete a prompt (argument or stdin), streaming")
@@ -170,8 +205,8 @@ def main(argv=None) -> int:
     p.set_defaults(func=cmd_chat)
     p = sub.add_parser("info", help="parameters, layer layout, cache bytes and a memory estimate")
     p.add_argument("--model", required=True, help="checkpoint folder, config.json, or a released Hub id (e.g. ai21labs/AI21-Jamba-1.5-Mini)")
-    p.add_argument("--context", type=int, default=262144)
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--context", type=_tokens, default=262144, help="tokens, e.g. 262144 or 256k")
+    p.add_argument("--batch", type=_positive_int, default=1)
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--quantization", default=None, help=_QUANT_HELP)
     p.add_argument("--kv-cache-dtype", default=None, choices=["float32", "bfloat16", "float16"], help=_KV_HELP)
@@ -181,9 +216,9 @@ def main(argv=None) -> int:
     p = sub.add_parser("eval", help="RULER-style long-context accuracy (needles, variable tracking) over Moby-Dick")
     p.add_argument("model", metavar="MODEL_PATH", help="checkpoint folder or Hub id")
     p.add_argument("--tasks", default="niah_single,niah_multikey,niah_multivalue,variable_tracking")
-    p.add_argument("--lengths", default="1k,4k,16k", help="context lengths in tokens, e.g. 1k,4k,16k or 2000")
+    p.add_argument("--lengths", type=_token_list, default="1k,4k,16k", help="context lengths in tokens, e.g. 1k,4k,16k or 2000")
     p.add_argument("--depths", default="0,25,50,75,100", help="needle depths in percent")
-    p.add_argument("--samples", type=int, default=2, help="samples per (task, length, depth) cell")
+    p.add_argument("--samples", type=_positive_int, default=2, help="samples per (task, length, depth) cell")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--out", default="ruler-results", help="folder for results.json, results.md, heatmap.png")
@@ -192,15 +227,18 @@ def main(argv=None) -> int:
     p.add_argument("--quantization", default=None, help=_QUANT_HELP)
     p.add_argument("--kv-cache-dtype", default=None, choices=["float32", "bfloat16"], help=_KV_HELP)
     p.set_defaults(func=cmd_eval)
-    for name, func, text in (("bench", cmd_bench, "speed and memory against transformers"), ("demo", cmd_demo, "the main job: RAG over a long document")):
-        p = sub.add_parser(name, help=text, add_help=False)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=func)
+    for name, text in (("bench", "speed and memory against transformers (`jamba-local bench --help`)"),
+                       ("demo", "the main job: RAG over a long document (`jamba-local demo --help`)")):
+        sub.add_parser(name, help=text, add_help=False)  # listed in --help; main() hands their arguments on before parsing
     args = parser.parse_args(argv)
+    return _run(args.command, args.func, args)
+
+
+def _run(command: str, func, arg) -> int:
     try:
-        return args.func(args)
-    except (FileNotFoundError, ValueError) as err:  # bad input: a message, not a traceback
-        print(f"jamba-local {args.command}: error: {err}", file=sys.stderr)
+        return func(arg)
+    except (OSError, ValueError) as err:  # bad input (missing or unreadable files, bad values): a message, not a traceback
+        print(f"jamba-local {command}: error: {err}", file=sys.stderr)
         return 2
 
 

@@ -172,4 +172,6 @@ def count_llm_calls():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .cli import _run
+
+    sys.exit(_run("demo", main, sys.argv[1:]))
