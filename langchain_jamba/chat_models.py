@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.documents import Document
+from langchain_core.exceptions import OutputParserException
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.language_models.model_profile import ModelProfile
 from langchain_core.messages import (
@@ -247,8 +248,9 @@ class ChatJamba(BaseChatModel):
 
         `method="function_calling"` (the default) forces a call to a tool made from the schema;
         `method="json_schema"` constrains the answer to JSON that validates against it. Either way the
-        output is guaranteed to parse. `include_raw=True` returns the raw message and any parsing error
-        too.
+        output parses unless `max_tokens` cuts it off: then invoking raises `OutputParserException`
+        saying so (raise `max_tokens`). `include_raw=True` returns the raw message and any parsing error
+        instead of raising.
 
     JSON mode:
         ```python
@@ -357,6 +359,9 @@ class ChatJamba(BaseChatModel):
             raise ValueError("ChatJamba needs a checkpoint: pass model=<folder or Hub id> or set JAMBA_LOCAL_MODEL")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1 (or None), got {self.max_tokens}")
+        from jamba_core.engine import check_sampling
+
+        check_sampling(self.max_tokens or 1, self.temperature, self.top_p, self.top_k)
         return self
 
     # -- LangChain's descriptive hooks ------------------------------------------------------------
@@ -598,17 +603,17 @@ class ChatJamba(BaseChatModel):
             tool_name = convert_to_openai_tool(schema)["function"]["name"]
             llm = self.bind_tools([schema], tool_choice=tool_name, strict=strict,
                                   ls_structured_output_format={**trace, "schema": convert_to_openai_tool(schema)})
-            parser: Runnable = (PydanticToolsParser(tools=[schema], first_tool_only=True) if is_pydantic
-                                else JsonOutputKeyToolsParser(key_name=tool_name, first_tool_only=True))
+            parser: Runnable = (_PydanticToolsParser(tools=[schema], first_tool_only=True) if is_pydantic
+                                else _JsonOutputKeyToolsParser(key_name=tool_name, first_tool_only=True))
         elif method == "json_schema":
             json_schema = convert_to_json_schema(schema, strict=strict)
             response_format = {"type": "json_schema", "json_schema": {
                 "name": json_schema.get("title", "response"), "schema": json_schema, "strict": bool(strict)}}
             llm = self.bind(response_format=response_format, ls_structured_output_format=trace)
-            parser = PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()
+            parser = _PydanticOutputParser(pydantic_object=schema) if is_pydantic else _JsonOutputParser()
         elif method == "json_mode":
             llm = self.bind(response_format={"type": "json_object"}, ls_structured_output_format=trace)
-            parser = PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()
+            parser = _PydanticOutputParser(pydantic_object=schema) if is_pydantic else _JsonOutputParser()
         else:
             raise ValueError(f"method must be 'function_calling', 'json_schema' or 'json_mode', got {method!r}")
         if not include_raw:
@@ -628,6 +633,39 @@ class _Request:
     messages: list[dict[str, Any]]
     params: dict[str, Any]
     max_tokens: int | None
+
+
+class _CutOffCheck:
+    """Mixed into LangChain's output parsers for `with_structured_output`: the complete answer's parse
+    raises `OutputParserException` when generation stopped at `max_tokens` (finish_reason "length"),
+    where the parsers alone would return None (no valid tool call) or fail on JSON without saying why.
+    Partial parses (streaming) are left alone."""
+
+    def parse_result(self, result: list[Any], *, partial: bool = False) -> Any:
+        message = getattr(result[0], "message", None) if result else None
+        meta = getattr(message, "response_metadata", None) or {}
+        if not partial and meta.get("finish_reason") == "length":
+            used = (getattr(message, "usage_metadata", None) or {}).get("output_tokens")
+            raise OutputParserException(
+                f"the structured answer was cut off at max_tokens ({used} tokens generated) before it was complete: "
+                "raise max_tokens", llm_output=str(message.content) if message is not None else None)
+        return super().parse_result(result, partial=partial)
+
+
+class _PydanticToolsParser(_CutOffCheck, PydanticToolsParser):
+    pass
+
+
+class _JsonOutputKeyToolsParser(_CutOffCheck, JsonOutputKeyToolsParser):
+    pass
+
+
+class _PydanticOutputParser(_CutOffCheck, PydanticOutputParser):
+    pass
+
+
+class _JsonOutputParser(_CutOffCheck, JsonOutputParser):
+    pass
 
 
 def _last_result(events: Iterator[Any]) -> Any:

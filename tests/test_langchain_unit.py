@@ -484,3 +484,27 @@ def test_pinned_documents_are_read_from_cache(tiny_checkpoint):
         assert usage["input_token_details"]["cache_read"] == len(handle)
         assert usage["input_tokens"] - len(handle) < 20
     llm.release(handle)
+
+
+def test_structured_output_cut_off_by_max_tokens_says_so(tiny_checkpoint):
+    """A forced call or a JSON answer that `max_tokens` cuts off used to come back as None (no valid
+    tool call) or as a JSON error that did not say why: now the parse names max_tokens."""
+    from langchain_core.exceptions import OutputParserException
+
+    class Joke(BaseModel):
+        setup: str
+        punchline: str
+
+    llm = ChatJamba(model=str(tiny_checkpoint), max_tokens=4)
+    for method in ("function_calling", "json_schema"):
+        with pytest.raises(OutputParserException, match=r"cut off at max_tokens \(4 tokens generated\).*raise max_tokens"):
+            llm.with_structured_output(Joke, method=method).invoke("Tell me a joke")
+        out = llm.with_structured_output(Joke, method=method, include_raw=True).invoke("Tell me a joke")
+        assert out["parsed"] is None and "max_tokens" in str(out["parsing_error"])
+        assert out["raw"].response_metadata["finish_reason"] == "length"
+
+
+def test_sampling_settings_are_checked_when_the_model_is_built():
+    for kwargs in (dict(top_k=-1), dict(temperature=-1.0), dict(top_p=0.0), dict(top_p=1.01)):
+        with pytest.raises(ValueError, match="top_k|temperature|top_p"):
+            ChatJamba(model=HUB_ID, **kwargs)
