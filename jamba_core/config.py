@@ -63,7 +63,8 @@ _POSITIVE = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layer
 def check_config(config: JambaConfig) -> None:
     """Raise ``ValueError`` naming the field when a size the model divides by or allocates with is not a
     positive integer, the attention heads do not divide the hidden size or group the K/V heads, or the
-    router's top-k exceeds the experts (``num_experts_per_tok <= num_experts``)."""
+    router's top-k exceeds the experts (``num_experts_per_tok <= num_experts`` where ``num_experts > 1``;
+    with one expert every layer is a dense MLP and top-k is unused)."""
     for name in _POSITIVE:
         value = getattr(config, name, None)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -73,7 +74,7 @@ def check_config(config: JambaConfig) -> None:
     if config.num_attention_heads % config.num_key_value_heads:
         raise ValueError(f"num_attention_heads {config.num_attention_heads} is not a multiple of num_key_value_heads "
                          f"{config.num_key_value_heads}")
-    if config.num_experts_per_tok > config.num_experts:
+    if config.num_experts > 1 and config.num_experts_per_tok > config.num_experts:  # one expert: no MoE layer, no router
         raise ValueError(f"num_experts_per_tok {config.num_experts_per_tok} exceeds num_experts {config.num_experts} "
                          "(the router picks top-k of the experts)")
 
