@@ -636,20 +636,26 @@ class _Request:
 
 
 class _CutOffCheck:
-    """Mixed into LangChain's output parsers for `with_structured_output`: the complete answer's parse
-    raises `OutputParserException` when generation stopped at `max_tokens` (finish_reason "length"),
-    where the parsers alone would return None (no valid tool call) or fail on JSON without saying why.
-    Partial parses (streaming) are left alone."""
+    """Mixed into LangChain's output parsers for `with_structured_output`: when the complete answer does
+    not parse (the tool parsers return None, the JSON ones raise) and generation stopped at `max_tokens`
+    (finish_reason "length"), raise `OutputParserException` saying so. An answer that the grammar closed
+    on the last token parses and is returned; partial parses (streaming) are left alone."""
 
     def parse_result(self, result: list[Any], *, partial: bool = False) -> Any:
         message = getattr(result[0], "message", None) if result else None
-        meta = getattr(message, "response_metadata", None) or {}
-        if not partial and meta.get("finish_reason") == "length":
+        cut = not partial and (getattr(message, "response_metadata", None) or {}).get("finish_reason") == "length"
+        try:
+            parsed = super().parse_result(result, partial=partial)
+        except OutputParserException:
+            if not cut:
+                raise
+            parsed = None
+        if parsed is None and cut:
             used = (getattr(message, "usage_metadata", None) or {}).get("output_tokens")
             raise OutputParserException(
                 f"the structured answer was cut off at max_tokens ({used} tokens generated) before it was complete: "
-                "raise max_tokens", llm_output=str(message.content) if message is not None else None)
-        return super().parse_result(result, partial=partial)
+                "raise max_tokens", llm_output=str(message.content))
+        return parsed
 
 
 class _PydanticToolsParser(_CutOffCheck, PydanticToolsParser):

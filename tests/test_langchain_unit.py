@@ -508,3 +508,14 @@ def test_sampling_settings_are_checked_when_the_model_is_built():
     for kwargs in (dict(top_k=-1), dict(temperature=-1.0), dict(top_p=0.0), dict(top_p=1.01)):
         with pytest.raises(ValueError, match="top_k|temperature|top_p"):
             ChatJamba(model=HUB_ID, **kwargs)
+
+
+def test_an_answer_complete_on_the_last_token_parses_though_its_finish_reason_is_length():
+    """The grammar can close the JSON on the budget's last token: finish_reason is then "length", but the
+    answer is whole and is returned (a random-weight model's JSON evaluation raised on exactly this)."""
+    from langchain_core.outputs import ChatGeneration
+
+    from langchain_jamba.chat_models import _JsonOutputParser
+
+    done = AIMessage('{"a": 1}', response_metadata={"finish_reason": "length"})
+    assert _JsonOutputParser().parse_result([ChatGeneration(message=done)]) == {"a": 1}

@@ -68,7 +68,9 @@ def evaluate_tool_calls(chat_model, samples: int = 100, seed: int = 0, split: st
 def evaluate_json(chat_model, samples: int = 100, seed: int = 0, split: str = "test") -> dict:
     """JSON extraction through ``with_structured_output(schema, method="json_schema")`` (constrained to
     the schema where the model supports it): ``{"samples", "exact", "failures"}``, exact = the returned
-    object equals the record described in the text."""
+    object equals the record described in the text; an answer that does not parse (cut off, not JSON)
+    counts as wrong, its error kept in the failure."""
+    from langchain_core.exceptions import OutputParserException
     from langchain_core.messages import HumanMessage
 
     exact, failures = 0, []
@@ -76,7 +78,10 @@ def evaluate_json(chat_model, samples: int = 100, seed: int = 0, split: str = "t
         conv = data.json_extraction(random.Random(f"json:{seed}:{i}"), split)
         expected = json.loads(conv.messages[-1]["content"])
         schema = conv.response_format["json_schema"]["schema"]
-        got = chat_model.with_structured_output(schema, method="json_schema").invoke([HumanMessage(conv.messages[0]["content"])])
+        try:
+            got = chat_model.with_structured_output(schema, method="json_schema").invoke([HumanMessage(conv.messages[0]["content"])])
+        except OutputParserException as err:
+            got = {"error": str(err).splitlines()[0]}
         exact += got == expected
         if got != expected and len(failures) < 10:
             failures.append({"text": conv.messages[0]["content"], "expected": expected, "got": got})
