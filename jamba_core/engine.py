@@ -147,6 +147,9 @@ class Engine:
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         if prompt and not all(isinstance(t, int) for t in prompt):
             raise TypeError("prompt must be text, a list of token ids, or a list of chat message dicts")
+        bad = next((t for t in prompt if not 0 <= t < self.config.vocab_size), None)  # ids the caller gave
+        if bad is not None:
+            raise ValueError(f"token id {bad} is outside the vocabulary (0..{self.config.vocab_size - 1})")
         return prompt
 
     def count_tokens(self, prompt, tools=None, documents=None, response_format=None, citations: bool = False) -> int:
@@ -226,10 +229,6 @@ class Engine:
         ids = [] if isinstance(prompt, str) and not prompt else self.encode(prompt, tools, documents, response_format, citations)
         if not ids:
             raise ValueError("the prompt is empty: give at least one token of text")
-        vocab = self.config.vocab_size
-        bad = next((t for t in ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
         self.check_fits(len(ids), max_new_tokens)
         stops = [s for s in ([stop] if isinstance(stop, str) else stop or []) if s]
         with self.lock:

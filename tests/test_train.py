@@ -253,7 +253,11 @@ def test_a_continued_run_can_start_later_in_the_curriculum(tmp_path, shared_dir)
         pytest.skip("no trained checkpoint in this tree")
     with pytest.raises(ValueError, match="curriculum_from"):
         trainer.train(tmp_path / "x", steps=1, init=TRAINED_CHECKPOINT, curriculum_from=1.0)
+    from jamba_core import ops
+
+    before = ops.active()
     info = trainer.train(tmp_path / "out", steps=3, seed=5, init=TRAINED_CHECKPOINT, curriculum_from=0.8, log_every=100)
+    assert ops.active() == before  # the training scan's backend is the loop's only (it left it set once)
     last = trainer.CURRICULUM[-1]["mix"]
     assert info["curriculum_from"] == 0.8 and len(info["history"]) == 3
     assert all(h["family"] in last for h in info["history"])

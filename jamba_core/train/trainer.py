@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from .. import ops
+from ..cli import _token_list
 from ..eval import ruler
 from ..model import JambaForCausalLM
 from ..testing import make_config, random_weights
@@ -253,7 +254,8 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
     warmup = max(1, steps // 50)
     history = []
-    ops.use("train")
+    previous_ops = ops.active()
+    ops.use("train")  # the training scan (zero state, with a backward) for this loop only: restored below
     model.train()
     t_train = time.time()
     failure, interrupted = None, False
@@ -290,6 +292,8 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
     except Exception as err:  # a failed batch or step loses nothing: what was trained is saved, then it propagates
         failure = err
         print(f"stopping at step {len(history)}: {type(err).__name__}: {err}; saving the weights trained so far", flush=True)
+    finally:
+        ops.use(previous_ops)  # left on "train", every later forward of the process (inference, cache continuation) failed
     model.eval()
     save(model, tokenizer, config, out)
     earlier = []  # the runs that made ``init``, oldest first, each with its per-step history
@@ -360,14 +364,6 @@ def _parse_mix(text: str) -> dict:
     return mix
 
 
-def _parse_lengths(text: str) -> tuple[int, ...]:
-    """``--needle-lengths``: "2048,4096" -> (2048, 4096)."""
-    try:
-        return tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected token counts separated by commas, e.g. 2048,4096, got {text!r}") from None
-
-
 def _stop(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -400,7 +396,7 @@ def main(argv=None) -> int:
     parser.add_argument("--common-keys", type=float, default=data.COMMON_KEYS,
                         help="probability that a book-word tool's parameter has a frequent name (input, query, ...) "
                              "rather than a word to copy from the schema")
-    parser.add_argument("--needle-lengths", type=_parse_lengths, default=None,
+    parser.add_argument("--needle-lengths", type=lambda text: tuple(_token_list(text)), default=None,
                         help="needle lengths in tokens for every phase, e.g. 2048,4096,8192 (default: the curriculum's)")
     parser.add_argument("--save-every", type=int, default=250, help="also save the weights every this many steps (0: only at the end)")
     args = parser.parse_args(argv)
