@@ -1,7 +1,8 @@
 """Per-step cost of grammar-constrained decoding on a 65536-token vocabulary.
 
 Walks each constraint (forced tool call, named tool, JSON schema, JSON mode) along a valid output and
-times the engine's per-step calls (`mask_logits` on a (vocab,) float32 logits vector, then `accept`), and
+times the engine's per-step calls (`mask_logits` on a (vocab,) float32 logits vector, then `accept`), also
+with 64 tokens left at every step (the closing rules' walk, done in a budget's last 64 tokens), and
 the grammar compile time (cold: the compiler cache cleared; warm: cached). With ``--decode-step-ms`` (a
 decode step of the model, e.g. from the engine benchmark) it also prints the mask time as a fraction of it.
 
@@ -26,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from jamba_core.chat.grammar import _context, response_format_constraint, tool_choice_constraint  # noqa: E402
+from jamba_core.chat.grammar import GrammarConstraint, _context, response_format_constraint, tool_choice_constraint  # noqa: E402
 from jamba_core.tokenizer import load_tokenizer, shared_dir, train_tokenizer  # noqa: E402
 
 VOCAB = 65536
@@ -92,16 +93,19 @@ def ms(start: float) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def walk(constraint, forced: list[int], vocab: int) -> list[float]:
-    """Times (ms) of mask_logits + accept along ``forced`` token ids."""
+def walk(constraint, forced: list[int], vocab: int, remaining: int | None = None) -> list[float]:
+    """Times (ms) of mask_logits + accept along ``forced`` token ids; with ``remaining``, the constraint is
+    told at every step that this many tokens are left (`GrammarConstraint.remaining_tokens`)."""
     logits, times = torch.randn(vocab), []
     for token in forced:
+        constraint.remaining_tokens = remaining
         work = logits.clone()
         start = time.perf_counter()
         constraint.mask_logits(work)
         constraint.accept(token)
         times.append(ms(start))
-        assert work[token] > float("-inf"), "the path left the grammar"
+        # (with ``remaining``, the closing rules may mask the path's next token: the grammar still allows it)
+        assert remaining is not None or work[token] > float("-inf"), "the path left the grammar"
     return times
 
 
@@ -152,10 +156,13 @@ def main() -> None:
         start = time.perf_counter()
         constraint = build()
         warm = ms(start)
-        times = []
+        times, closing = [], []
         for _ in range(3):
             times += walk(build(), path, vocab)
-        results["cases"][name] = {"compile_cold_ms": cold, "build_warm_ms": warm, **summary(times)}
+            # as if within a budget's last 64 tokens at every step: each step plans its closing
+            closing += walk(build(), path, vocab, remaining=GrammarConstraint.last_item_window)
+        results["cases"][name] = {"compile_cold_ms": cold, "build_warm_ms": warm, **summary(times),
+                                  "closing": summary(closing)}
         del constraint
 
     if args.llguidance:
@@ -170,6 +177,10 @@ def main() -> None:
         r["share_of_decode_step"] = r["median_ms"] / args.decode_step_ms if args.decode_step_ms else None
         print(f"{name:<20}{r['compile_cold_ms']:>12.1f}{r['build_warm_ms']:>11.2f}{r['median_ms']:>23.3f}"
               f"{r['p90_ms']:>8.3f}{r['max_ms']:>8.2f}{share:>22}")
+    print(f"the same in a budget's last {GrammarConstraint.last_item_window} tokens (each step plans the closing):")
+    for name, r in results["cases"].items():
+        c = r["closing"]
+        print(f"{name:<20}{'':>23}{c['median_ms']:>23.3f}{c['p90_ms']:>8.3f}{c['max_ms']:>8.2f}")
     if "llguidance" in results:
         r = results["llguidance"]
         print(f"llguidance json_schema: tokenizer {r['tokenizer_ms']:.0f} ms, compile {r['compile_ms']:.1f} ms, "

@@ -361,7 +361,7 @@ def test_json_schema_answer_finishes_within_the_token_budget_on_random_weights(t
 
     from jamba_core.chat import chat
 
-    # what the closing window (24 tokens) must hold once a string is cut: the rest of this structure
+    # what closing must still write once the string is cut: the rest of this structure
     schema = {"type": "object", "properties": {"title": {"type": "string"}, "year": {"type": "integer"}},
               "required": ["title", "year"]}
     for seed in range(20):
@@ -421,3 +421,65 @@ def test_a_model_that_keeps_adding_calls_still_ends_within_the_budget(tok, vocab
         assert parsed.tool_calls and not parsed.invalid_tool_calls, parsed
         for call in parsed.tool_calls:
             jsonschema.validate(call["args"], BUDGET_SCHEMAS[call["name"]])
+
+
+def write_with_budget(constraint, tok, budget: int, text: str) -> list[int]:
+    """A model that knows what it wants to write (``text``): each step it prefers the longest allowed
+    token that continues it, else any allowed one; the constraint is told how many tokens are left."""
+    texts = {i: tok.decode([i]) for i in range(len(tok))}
+    ids, written = [], ""
+    vocab = len(tok) + PAD_IDS
+    for step in range(budget):
+        constraint.remaining_tokens = budget - step
+        logits = torch.zeros(vocab)
+        for i, piece in texts.items():
+            if piece and text.startswith(written + piece):
+                logits[i] = 10.0 + len(piece)
+        constraint.mask_logits(logits)
+        ids.append(int(torch.argmax(logits)))
+        written += texts.get(ids[-1], "")
+        constraint.accept(ids[-1])
+        if constraint.is_terminated():
+            return ids
+    raise AssertionError(f"not terminated within {budget} tokens: {tok.decode(ids)!r}")
+
+
+def test_a_value_that_fits_the_budget_is_left_whole(tok, vocab, stops):
+    """The budget's closing rules act only where the tokens left are what closing needs: with
+    ``closing_margin`` tokens to spare, the answer the model wants is written whole; with fewer, it is cut
+    but still valid, down to the structure's own length. (A fixed 24-token window emptied the string at any
+    budget under its natural length + 24: ``ChatJamba(max_tokens=40)`` called get_weather(city='').)"""
+    schema = {"type": "object", "properties": {"title": {"type": "string"}, "year": {"type": "integer"}},
+              "required": ["title", "year"]}
+    want = '{"title": "Moby-Dick; or, The Whale", "year": 1851}'
+    fmt = {"type": "json_schema", "json_schema": {"name": "book", "schema": schema}}
+    natural = len(write_with_budget(response_format_constraint(tok, fmt, vocab_size=vocab, stop_token_ids=stops), tok, 200, want))
+    whole = write_with_budget(response_format_constraint(tok, fmt, vocab_size=vocab, stop_token_ids=stops), tok,
+                              natural + GrammarConstraint.closing_margin, want)
+    assert decode(tok, whole, stops) == want
+    shortest = len(write_with_budget(response_format_constraint(tok, fmt, vocab_size=vocab, stop_token_ids=stops), tok, 200,
+                                     '{"title": "", "year": 0}'))
+    for budget in range(shortest + 1, natural):
+        ids = write_with_budget(response_format_constraint(tok, fmt, vocab_size=vocab, stop_token_ids=stops), tok, budget, want)
+        answer = json.loads(decode(tok, ids, stops))
+        jsonschema.validate(answer, schema)
+        assert want.startswith(decode(tok, ids, stops).split('", "year"')[0])  # the title cut, not changed
+
+
+@pytest.mark.parametrize("call_format", ["jamba", "hermes"])
+def test_a_tool_call_that_fits_the_budget_keeps_its_arguments(tok, vocab, stops, call_format):
+    """The same for a forced call: at its natural length and ``closing_margin`` its arguments are the
+    model's, and no shorter budget from the structure's own length up leaves the call invalid."""
+    args = {"city": "Nantucket, MA", "days": 3}
+    call = json.dumps({"name": "get_weather", "arguments": args})
+    want = (f"<tool_calls>[\n    {call}\n]</tool_calls>" if call_format == "jamba" else f"<tool_call>\n{call}\n</tool_call>")
+    make = lambda: tool_choice_constraint(tok, BUDGET_TOOLS, "get_weather", call_format=call_format, vocab_size=vocab,
+                                          stop_token_ids=stops)
+    natural = len(write_with_budget(make(), tok, 200, want))
+    parsed = parse_output(decode(tok, write_with_budget(make(), tok, natural + GrammarConstraint.closing_margin, want), stops), call_format)
+    assert [c["args"] for c in parsed.tool_calls] == [args]
+    shortest = len(write_with_budget(make(), tok, 200, want.replace("Nantucket, MA", "").replace("3", "0")))
+    for budget in range(shortest + 1, natural):
+        parsed = parse_output(decode(tok, write_with_budget(make(), tok, budget, want), stops), call_format)
+        assert len(parsed.tool_calls) == 1 and not parsed.invalid_tool_calls, (budget, parsed)
+        jsonschema.validate(parsed.tool_calls[0]["args"], BUDGET_SCHEMAS["get_weather"])

@@ -208,6 +208,35 @@ def test_common_keys_sets_how_many_book_tool_parameters_have_frequent_names(shar
         trainer.train(Path("unused"), steps=1, common_keys=1.5)
 
 
+def test_keyless_sets_how_many_one_argument_requests_leave_the_key_to_the_schema(shared_dir, tiny_engine, monkeypatch):
+    """``keyless`` (``--keyless``): the share of one-argument requests that name no key ("Use the X tool on
+    V."); the default leaves the evaluation's samples as they were drawn; the trainer passes it on and
+    refuses one outside [0, 1]."""
+    from jamba_core.eval.ruler import Haystack
+    from jamba_core.train import trainer
+
+    def share(p, seeds=range(400)):
+        named = []
+        for s in seeds:
+            conv = data.tool_call(random.Random(s), "test", keyless=p)
+            call, request = conv.messages[-3]["tool_calls"][0]["function"], conv.messages[-4]["content"]
+            if len(call["arguments"]) == 1:
+                named.append(next(iter(call["arguments"])) in request.replace(call["name"], ""))
+        return 1 - sum(named) / len(named)
+
+    assert share(0.0) < 0.05 and share(1.0) > 0.95  # a key may happen to be a word of the value
+    assert 0.2 < share(0.3) < 0.4 and 0.6 < share(0.7) < 0.8
+    assert data.tool_call(random.Random(11), "test").messages == data.tool_call(random.Random(11), "test", keyless=0.3).messages
+    seen, tool_call = [], data.tool_call
+    monkeypatch.setattr(data, "tool_call", lambda *a, **kw: seen.append(kw["keyless"]) or tool_call(*a, **kw))
+    haystack = Haystack(tiny_engine.tokenizer)
+    for step in range(6):
+        trainer.batch(step, 0.9, 1, tiny_engine.tokenizer, haystack, {"tool_call": 1.0}, keyless=0.8)
+    assert seen and set(seen) == {0.8}
+    with pytest.raises(ValueError, match="keyless"):
+        trainer.train(Path("unused"), steps=1, keyless=-0.1)
+
+
 def test_needle_lengths_replace_the_curriculums_and_are_checked(tiny_engine, shared_dir):
     """``needle_lengths`` (``--needle-lengths 2048,4096,8192``): needle batches take one of them in every
     phase; none under 256 tokens (RULER's fixed text would not fit)."""

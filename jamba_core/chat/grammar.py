@@ -42,6 +42,7 @@ import torch
 from .tool_calls import CALL_MARKERS
 
 END = -1  # automaton state: done
+_NEVER = 1 << 30  # `_Context.text_lengths` of a token that is never text
 _SEPARATORS = (", ", ": ")
 _JAMBA_INDENT = "    "  # the template's indentation of each call in the array
 
@@ -82,6 +83,10 @@ class _Context:
     lock: threading.Lock = field(default_factory=threading.Lock)
     _ban_tensors: dict = field(default_factory=dict)
     _closing: dict = field(default_factory=dict)
+    _lengths: Any = None  # the text tables (`_text_tables`)
+    _by_length: Any = None
+    _by_text: Any = None
+    texts: Any = None  # info.decoded_vocab (bytes per token), once `_text_tables` has run
 
     def closing_ids(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         """Tokens that only close JSON, in the tiers a budget running out prefers (see
@@ -103,6 +108,47 @@ class _Context:
                     tiers[3].append(i)
             self._closing[device] = tuple(torch.tensor(t, dtype=torch.long, device=device) for t in tiers)
         return self._closing[device]
+
+    def _text_tables(self) -> None:
+        """Text tokens (not blanked, not empty) by byte length, their lengths, and text -> id; built once."""
+        if self._by_text is None:
+            texts = self.info.decoded_vocab
+            ids = [i for i, raw in enumerate(texts[: self.token_count]) if raw and i not in self.never_text]
+            ids.sort(key=lambda i: len(texts[i]))
+            self._lengths = torch.full((self.vocab_size,), _NEVER, dtype=torch.long)
+            self._lengths[ids] = torch.tensor([len(texts[i]) for i in ids], dtype=torch.long)
+            self._by_length = torch.tensor(ids, dtype=torch.long)
+            self.texts = texts
+            self._by_text = {texts[i]: i for i in ids}  # last: the tables are ready once it is set
+
+    def text_lengths(self) -> torch.Tensor:
+        """(vocab_size,) long: each token's text in bytes; `_NEVER` for tokens that are never text (blanked,
+        empty, past the tokenizer's ids)."""
+        self._text_tables()
+        return self._lengths
+
+    def forced_token(self, forced: str, mask: torch.Tensor) -> int | None:
+        """The longest token allowed by ``mask`` (an xgrammar bitmask, (1, ceil(vocab_size / 32)) int32)
+        whose text starts ``forced`` (the text the grammar admits alone from here: xgrammar's jump-forward
+        string), or None."""
+        self._text_tables()
+        raw = forced.encode()
+        for n in range(min(len(raw), 64), 0, -1):
+            i = self._by_text.get(raw[:n])
+            if i is not None and _bits(mask, torch.tensor([i]))[0]:
+                return i
+        return None
+
+    def shortest_allowed(self, mask: torch.Tensor, count: int, chunk: int = 4096) -> torch.Tensor:
+        """Up to ``count`` text tokens allowed by ``mask``, fewest bytes first."""
+        self._text_tables()
+        found = []
+        for start in range(0, len(self._by_length), chunk):
+            ids = self._by_length[start: start + chunk]
+            found.append(ids[_bits(mask, ids)])
+            if sum(len(f) for f in found) >= count:
+                break
+        return torch.cat(found)[:count] if found else self._by_length[:0]
 
     def utf8_ban_tensor(self, lead: int, device: torch.device) -> torch.Tensor:
         key = (lead, device)
@@ -214,6 +260,24 @@ class _GrammarStep:
     next: dict[int, int]
 
 
+def _scan_string(state: tuple[bool, bool], raw: bytes) -> tuple[bool, bool]:
+    """(inside a JSON string, after its backslash) once ``raw`` follows a text in ``state``."""
+    inside, escaped = state
+    for b in raw:
+        if escaped:
+            escaped = False
+        elif inside and b == 0x5C:  # backslash
+            escaped = True
+        elif b == 0x22:  # quote
+            inside = not inside
+    return inside, escaped
+
+
+def _bits(mask: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """(len(ids),) bool: whether an xgrammar bitmask ((1, words) int32) allows each of ``ids``."""
+    return ((mask[0, ids // 32] >> (ids % 32)) & 1).bool()
+
+
 def _allowed(logits: torch.Tensor, ids: torch.Tensor) -> bool:
     """Whether any of ``ids`` has a finite logit."""
     return bool(torch.isfinite(logits.index_select(-1, ids[ids < logits.shape[-1]])).any())
@@ -236,14 +300,17 @@ class GrammarConstraint:
     Built by `tool_choice_constraint` and `response_format_constraint`; one instance per generation.
 
     Budget: the engine sets ``remaining_tokens`` before each step. Within the last ``last_item_window``
-    tokens no comma opens another call, array item or key where the structure could close instead (a
-    call's fixed text alone is a dozen tokens). Within the last ``closing_window`` tokens, where the
-    grammar allows a token that only closes (a quote, brace or bracket), ends a value (a comma) or ends
-    the step, only those are allowed, so a call or JSON answer completes within ``max_new_tokens``
-    instead of being cut off mid-string. Earlier steps are untouched.
+    tokens no comma or call marker opens another call, array item or key where the structure could
+    close instead (a call's fixed text alone is a dozen tokens), and each step plans how the output
+    would end from there (`_closing_need`: a walk on the matcher to the exit, rolled back, redone only
+    when the text written leaves the plan). Once the tokens left are no more than that plan plus
+    ``closing_margin`` (the closing window), only the plan's kind of token is allowed (`_closing_choice`:
+    the forced text of keys and separators, then closers), so a call or JSON answer completes within
+    ``max_new_tokens`` instead of being cut off mid-string, and a value that fits is left whole (a fixed
+    window of 24 tokens emptied ``{"city": ""}`` at ``max_new_tokens=40``). Earlier steps are untouched.
     """
 
-    closing_window = 24
+    closing_margin = 1
     last_item_window = 64
 
     def __init__(self, ctx: _Context, steps: list[_TokenStep | _GrammarStep], stop_ids: Iterable[int]):
@@ -260,6 +327,9 @@ class GrammarConstraint:
     def _enter(self, index: int) -> None:
         self._at = index
         self._lead = -1  # the last byte of the text so far when it opens a UTF-8 sequence (see the guard)
+        self._plan: tuple[int, list[int]] | None = None  # `_closing_need`'s (need, walk), kept while it holds
+        self._written: list[int] = []  # this grammar step's tokens, and how far `_string_state` has read them
+        self._string = (0, (False, False))
         self._matcher = None
         if index != END and isinstance(self._steps[index], _GrammarStep):
             step = self._steps[index]
@@ -282,6 +352,11 @@ class GrammarConstraint:
         """Set the logits of every token not allowed next to -inf, in place. ``logits``: (vocab,)."""
         if self._matcher is None:  # a forced-token step (or done)
             ids = self._ids(self._at, logits.device)
+            if self._at != END and self.remaining_tokens is not None and self.remaining_tokens <= self.last_item_window:
+                # no new call opens near the budget's end where the output can end instead
+                ending = [i for i, to in self._steps[self._at].next.items() if self._tail(to) < self.remaining_tokens]
+                if ending:
+                    ids = torch.tensor(sorted(ending), dtype=torch.long, device=logits.device)
             ids = ids[ids < logits.shape[-1]]
             kept = logits.index_select(-1, ids)
             logits.fill_(float("-inf"))
@@ -302,22 +377,126 @@ class GrammarConstraint:
         if logits.shape[-1] > self._ctx.token_count:
             logits[..., self._ctx.token_count:] = float("-inf")
         if self.remaining_tokens is not None and self.remaining_tokens <= self.last_item_window:
-            self._prefer_closing(logits, strict=self.remaining_tokens <= self.closing_window)
+            need = self._planned_need(self.remaining_tokens)
+            self._prefer_closing(logits, strict=self.remaining_tokens <= need + self.closing_margin)
+
+    def _tail(self, index: int, seen: frozenset = frozenset()) -> int:
+        """Forced tokens from step ``index`` to the end (shortest path through token steps; END: 0)."""
+        if index == END:
+            return 0
+        step = self._steps[index]
+        if isinstance(step, _GrammarStep) or index in seen:
+            return 1 << 20
+        return 1 + min(self._tail(i, seen | {index}) for i in step.next.values())
+
+    def _string_state(self) -> tuple[bool, bool]:
+        """(inside a JSON string, after its backslash) at the end of this grammar step's text so far (its
+        text is JSON and the fixed text around it, which holds no quote)."""
+        read, state = self._string
+        self._ctx.text_lengths()
+        for token in self._written[read:]:
+            state = _scan_string(state, self._ctx.texts[token])
+        self._string = (len(self._written), state)
+        return state
+
+    def _planned_need(self, limit: int) -> int:
+        """`_closing_need`, walked again only where the last walk no longer holds: its next token no
+        longer allowed (this step's mask is in ``self._bitmask``). A token that leaves it allowed (text
+        inside a string or number that the walk closes) leaves the structure after it as it was; a token
+        that is the walk's own (`accept`) shortens it by one."""
+        if self._plan is not None and self._plan[1] and _bits(self._bitmask, torch.tensor(self._plan[1][:1]))[0]:
+            return min(limit, self._plan[0])
+        need, walk = self._closing_need(limit)
+        self._plan = (need, walk)
+        return need
+
+    def _closing_need(self, limit: int) -> tuple[int, list[int]]:
+        """(tokens that ending the output takes from here: the rest of this grammar step, its exit token
+        and the forced tokens after it, at most ``limit``; the walk's tokens). The walk on the matcher
+        (rolled back after) takes one of the tokens the closing window keeps (`_closing_choice`) at each
+        step, so it is what the window writes, up to where it leaves the model free (rare)."""
+        ctx, step = self._ctx, self._steps[self._at]
+        exits = torch.tensor(sorted(step.next), dtype=torch.long)
+        exits = exits[exits < ctx.vocab_size]
+        walk, string = [], self._string_state()
+        try:
+            while len(walk) < limit:
+                self._matcher.fill_next_token_bitmask(self._lookahead)
+                if _bits(self._lookahead, exits).any():
+                    return min(limit, len(walk) + 1 + min(self._tail(i) for i in step.next.values())), walk
+                keep = self._closing_choice(self._lookahead, string[0])
+                if keep is None:
+                    keep = ctx.shortest_allowed(self._lookahead, 1)
+                if not len(keep) or not self._matcher.accept_token(int(keep[0])):
+                    return limit, walk
+                walk.append(int(keep[0]))
+                string = _scan_string(string, ctx.texts[walk[-1]])
+            return limit, walk
+        finally:
+            if walk:
+                self._matcher.rollback(len(walk))
+
+    def _closing_choice(self, mask: torch.Tensor, in_string: bool) -> torch.Tensor | None:
+        """The tokens the closing window keeps (ids, CPU) where the grammar's ``mask`` (an xgrammar
+        bitmask) allows no exit, or None to leave the model's choice. In order: the longest token of the
+        text the grammar admits alone from here (`_Context.forced_token`: a key, a separator) where it is
+        not all of that text; inside a string, the longest quote-first closer; the longest brace/bracket
+        closer (`_Context.closing_ids`); those of the 16 shortest allowed tokens after which an exit or one of
+        those closers is allowed (whitespace before ``]``, a number's first digit, ``" 3"`` after ``":"``);
+        the token of all the forced text; the longest comma closer (a value ends where a required key
+        follows); those of the 16 shortest after which a comma is allowed. ``mask`` may be
+        ``self._lookahead``, which this overwrites."""
+        ctx = self._ctx
+        quote, brace, comma, _ = ctx.closing_ids(torch.device("cpu"))
+        lengths = ctx.text_lengths()
+        jump = self._matcher.find_jump_forward_string()
+        forced = ctx.forced_token(jump, mask)
+        if forced is not None and lengths[forced] < len(jump.encode()):
+            return torch.tensor([forced])
+        for tier in (quote, brace) if in_string else (brace,):  # outside, a quote opens a string
+            tier = tier[_bits(mask, tier)]
+            if len(tier):
+                return tier[lengths[tier].argmax()].view(1)
+        commas = comma[_bits(mask, comma)]
+        short = ctx.shortest_allowed(mask, 16)
+        short = short[~torch.isin(short, comma)].tolist()
+        exits = torch.tensor(sorted(self._steps[self._at].next), dtype=torch.long)
+        closing = torch.cat([exits[exits < ctx.vocab_size], quote, brace])
+        to_close, to_comma = [], []
+        for i in short:  # one token of lookahead each
+            if self._matcher.accept_token(i):
+                self._matcher.fill_next_token_bitmask(self._lookahead)
+                self._matcher.rollback(1)
+                if _bits(self._lookahead, closing).any():
+                    to_close.append(i)
+                elif _bits(self._lookahead, comma).any():
+                    to_comma.append(i)
+        if to_close:
+            return torch.tensor(to_close)
+        if forced is not None:  # the whole forced text, where no token of it and more leads to a closer
+            return torch.tensor([forced])
+        if len(commas):
+            return commas[lengths[commas].argmax()].view(1)
+        return torch.tensor(to_comma) if to_comma else None
 
     def _prefer_closing(self, logits: torch.Tensor, strict: bool) -> None:
-        """``strict`` (the closing window): keep only the first tier the grammar allows: the step's exits,
-        quote-first closers, brace/bracket closers, a whitespace token after which one of those is allowed
-        (one token of lookahead on the matcher), then comma ones; when it allows none, leave the mask.
-        Not strict (the wider window): outside a string (no quote allowed), mask the comma tokens when a
-        brace/bracket closer, or a whitespace token leading to one, is allowed: no new call or item opens."""
+        """``strict`` (the closing window): keep only the step's exits when allowed, else what
+        `_closing_choice` keeps. Not strict (the wider window): where the step's exits are allowed, keep
+        only them (a separator would open another call); outside a string (no quote allowed), mask the
+        comma tokens when a brace/bracket closer, or a whitespace token leading to one, is allowed: no new
+        call or item opens."""
         exits = torch.tensor(sorted(self._steps[self._at].next), dtype=torch.long, device=logits.device)
-        quote, brace, comma, space = self._ctx.closing_ids(logits.device)
-        if strict:
-            if _keep_only(logits, exits) or _keep_only(logits, quote) or _keep_only(logits, brace):
-                return
-        elif _allowed(logits, quote) or not _allowed(logits, comma):
+        if _keep_only(logits, exits):  # the output may end here: no separator opens another call
             return
-        elif _allowed(logits, exits) or _allowed(logits, brace):
+        quote, brace, comma, space = self._ctx.closing_ids(logits.device)
+        if strict:  # self._bitmask: this step's grammar mask (the guards' bans are in the logits only)
+            keep = self._closing_choice(self._bitmask, self._string_state()[0])
+            if keep is not None:
+                _keep_only(logits, keep.to(logits.device))
+            return
+        if _allowed(logits, quote) or not _allowed(logits, comma):
+            return
+        if _allowed(logits, exits) or _allowed(logits, brace):
             logits.index_fill_(-1, comma[comma < logits.shape[-1]], float("-inf"))
             return
         closers = torch.cat([exits, quote, brace]).cpu()
@@ -328,13 +507,8 @@ class GrammarConstraint:
             self._matcher.fill_next_token_bitmask(self._lookahead)
             self._matcher.rollback(1)
             if ((self._lookahead[0, closers // 32] >> (closers % 32)) & 1).any():
-                if strict:
-                    _keep_only(logits, torch.tensor([w], device=logits.device))
-                else:
-                    logits.index_fill_(-1, comma[comma < logits.shape[-1]], float("-inf"))
+                logits.index_fill_(-1, comma[comma < logits.shape[-1]], float("-inf"))
                 return
-        if strict:
-            _keep_only(logits, comma)
 
     def accept(self, token_id: int) -> None:
         """Advance past ``token_id``. Raises ValueError when the token was not allowed."""
@@ -354,8 +528,12 @@ class GrammarConstraint:
             raise ValueError(f"token {token_id} does not match the grammar here")
         if self._matcher.is_terminated():
             self._enter(step.next[token_id])
-        elif token_id < len(ctx.last_byte):
+            return
+        if token_id < len(ctx.last_byte):
             self._lead = ctx.last_byte[token_id]
+        self._written.append(token_id)
+        if self._plan is not None and self._plan[1] and self._plan[1][0] == token_id:
+            self._plan = (self._plan[0] - 1, self._plan[1][1:])
 
     def is_terminated(self) -> bool:
         """True once the constrained output (and its end token) is complete."""

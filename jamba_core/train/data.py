@@ -37,6 +37,8 @@ PARAM_NAMES = ("input", "query", "city", "location", "name", "id", "amount", "un
                "language", "currency", "user", "item", "size", "color", "price", "code", "value", "topic", "level")
 # the share of book-word tool parameters named by `PARAM_NAMES` (`random_tool`): the held-out evaluation draws with it
 COMMON_KEYS = 0.6
+# the share of one-argument requests that name no key (`_request`): the held-out evaluation draws with it
+KEYLESS = 0.3
 # Tools as applications name them (``get_weather``, ``multiply``, ``greeting_generator``): common English
 # verbs, nouns and adjectives, for `tool_call`'s ``style="common"``, so the checkpoint meets tool names and
 # requests worded the way LangChain's and LlamaIndex's suites and users word them, not only book words.
@@ -170,9 +172,11 @@ def _natural_request(name: str, args: dict, rng: random.Random) -> str:
                        f"Can you {' '.join(words)} with {key.replace('_', ' ')} '{said}'?", f"I want the {noun} for '{said}'."))
 
 
-def _request(name: str, args: dict, rng: random.Random) -> str:
+def _request(name: str, args: dict, rng: random.Random, keyless: float = KEYLESS) -> str:
+    """A request naming the tool and its arguments; a one-argument request leaves the key out with
+    probability ``keyless`` (``Use the {name} tool on {value}.``: the key is read from the tool's schema)."""
     pairs = [(k, _say(v)) for k, v in args.items()]
-    if len(pairs) == 1 and rng.random() < 0.3:
+    if len(pairs) == 1 and rng.random() < keyless:
         return rng.choice((f"What is the value of {name}({pairs[0][1]})? Use the tool.",
                            f"Use the {name} tool on {pairs[0][1]}."))
     listing = rng.choice((
@@ -185,13 +189,15 @@ def _request(name: str, args: dict, rng: random.Random) -> str:
                        f"Please run {name} for {listing}.", f"I need {name}: {listing}"))
 
 
-def tool_call(rng: random.Random, split: str = "train", rounds: int = 1, style: str = "book", common_keys: float = COMMON_KEYS) -> Conversation:
+def tool_call(rng: random.Random, split: str = "train", rounds: int = 1, style: str = "book", common_keys: float = COMMON_KEYS,
+              keyless: float = KEYLESS) -> Conversation:
     """1-3 random tools, then ``rounds`` exchanges of: a request naming one tool and its arguments, the
     call, the tool's result, an answer quoting it (more rounds: more call tokens per sample). The first
     round draws from ``rng`` the same way whatever ``rounds`` is, so evaluation samples stay fixed.
     ``style``: "book" (tool names and values from the split's book words: the held-out evaluation) or
     "common" (`common_tool`'s names, `_common_value`'s arguments, half the one-argument requests worded
-    naturally; enum values still from the split's words). ``common_keys``: `random_tool`'s, for "book"."""
+    naturally; enum values still from the split's words). ``common_keys``: `random_tool`'s, for "book".
+    ``keyless``: `_request`'s (the evaluation's samples are drawn at the default)."""
     vocab = words(split)
     if style not in ("book", "common"):
         raise ValueError(f"style must be 'book' or 'common', got {style!r}")
@@ -210,7 +216,7 @@ def tool_call(rng: random.Random, split: str = "train", rounds: int = 1, style: 
             messages.append({"role": "system", "content": "You are a helpful assistant."})
         natural = style == "common" and len(args) == 1 and rng.random() < 0.5
         messages += [
-            {"role": "user", "content": _natural_request(chosen["name"], args, rng) if natural else _request(chosen["name"], args, rng)},
+            {"role": "user", "content": _natural_request(chosen["name"], args, rng) if natural else _request(chosen["name"], args, rng, keyless)},
             {"role": "assistant", "content": "", "tool_calls": [{"id": f"call_{r}", "type": "function",
                                                                  "function": {"name": chosen["name"], "arguments": args}}]},
             {"role": "tool", "tool_call_id": f"call_{r}", "content": result},

@@ -134,11 +134,11 @@ def phase(progress: float) -> dict:
 
 
 def batch(step: int, progress: float, seed: int, tokenizer, haystack, mix: dict | None = None, common_keys: float = data.COMMON_KEYS,
-          needle_lengths: tuple[int, ...] | None = None):
+          needle_lengths: tuple[int, ...] | None = None, keyless: float = data.KEYLESS):
     """(ids (b, L) long, assistant-token mask (b, L) bool, real-token mask (b, L) bool, family) for one
     step, deterministic in its arguments; ``mix`` (task family -> weight) replaces the
     phase's; ``common_keys``: `data.random_tool`'s, for the book-word tools; ``needle_lengths`` (tokens)
-    replace the phase's needle lengths."""
+    replace the phase's needle lengths; ``keyless``: `data.tool_call`'s."""
     rng = random.Random(seed * 1_000_003 + step)
     p = phase(progress)
     tokens, mix = p["tokens"], p["mix"] if mix is None else mix
@@ -164,7 +164,7 @@ def batch(step: int, progress: float, seed: int, tokenizer, haystack, mix: dict 
         while total < tokens // 2:
             if family == "tool_call":  # several rounds per conversation: more call tokens per sample
                 style, rounds = rng.choice(TOOL_STYLES), rng.choice((1, 2, 3))
-                convs.append(data.arithmetic_call(rng, rounds) if style == "arithmetic" else data.tool_call(rng, rounds=rounds, style=style, common_keys=common_keys))
+                convs.append(data.arithmetic_call(rng, rounds) if style == "arithmetic" else data.tool_call(rng, rounds=rounds, style=style, common_keys=common_keys, keyless=keyless))
             else:
                 convs.append(data.json_extraction(rng, mode=rng.choice(JSON_MODES)))
             total += sum(len(m["content"]) for m in convs[-1].messages) // 3 + 150 * len(convs[-1].messages) // 4
@@ -192,7 +192,7 @@ def loss_fn(model, ids, mask, real):
 def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float | None = None, log_every: int = 20,
           init: Path | None = None, curriculum_from: float = 0.0, spaces: str | None = None,
           curriculum_until: float = 1.0, mix: dict | None = None, save_every: int = 250, common_keys: float = data.COMMON_KEYS,
-          needle_lengths: tuple[int, ...] | None = None) -> dict:
+          needle_lengths: tuple[int, ...] | None = None, keyless: float = data.KEYLESS) -> dict:
     """Train and save to ``out``; ``init`` continues from a checkpoint folder this function wrote (its
     weights and tokenizer; the optimizer state starts fresh and the data continues at new seeds).
     ``curriculum_from`` in [0, 1): the `CURRICULUM` progress the data start at (a continued run can skip
@@ -206,12 +206,13 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
     ``common_keys``: the probability that a book-word tool's parameter is named by a frequent key
     (`data.PARAM_NAMES`) rather than a word (lower: more keys to copy from the schema). ``needle_lengths``:
     the needle samples' lengths in tokens for every phase (longer than the curriculum's 2,048: needles
-    over more text, at more seconds per step). The weights
+    over more text, at more seconds per step). ``keyless``: the probability that a one-argument tool request
+    names no key (``Use the X tool on V.``: the key must be read from the schema). The weights
     are saved to ``out`` every ``save_every`` steps too (a run cut short by the machine keeps its work;
     training.json and loss.png are written at the end).
 
     Raises:
-        ValueError: a progress bound or ``common_keys`` outside its range, a needle length under 256 tokens,
+        ValueError: a progress bound, ``common_keys`` or ``keyless`` outside its range, a needle length under 256 tokens,
             or a ``mix`` family `batch` does not know."""
     if mix is not None and (not mix or set(mix) - FAMILIES or any(w < 0 for w in mix.values()) or sum(mix.values()) <= 0):
         raise ValueError(f"mix must give non-negative weights, not all zero, to families among {sorted(FAMILIES)}, got {mix}")
@@ -219,6 +220,8 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
         raise ValueError(f"needle_lengths must be lengths of at least 256 tokens, got {needle_lengths}")
     if not 0.0 <= common_keys <= 1.0:
         raise ValueError(f"common_keys must be within [0, 1], got {common_keys}")
+    if not 0.0 <= keyless <= 1.0:
+        raise ValueError(f"keyless must be within [0, 1], got {keyless}")
     if not 0.0 <= curriculum_from < 1.0:
         raise ValueError(f"curriculum_from must be within [0, 1), got {curriculum_from}")
     if not curriculum_from < curriculum_until <= 1.0:
@@ -271,7 +274,7 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
             for group in opt.param_groups:
                 group["lr"] = lr * scale
             ids, mask, real, family = batch(step, curriculum_from + (curriculum_until - curriculum_from) * progress, seed, tokenizer,
-                                            haystack, mix, common_keys, needle_lengths)
+                                            haystack, mix, common_keys, needle_lengths, keyless)
             objective, loss = loss_fn(model, ids, mask, real)
             opt.zero_grad(set_to_none=True)
             objective.backward()
@@ -301,7 +304,7 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
         prior = json.loads((Path(init) / "training.json").read_text())
         earlier = prior.pop("earlier_runs", []) + [prior]
     info = {"earlier_runs": earlier, "init": None if init is None else str(init), "curriculum_from": curriculum_from, "curriculum_until": curriculum_until, "seed": seed, "steps_planned": steps, "steps_run": len(history), "lr": lr, "spaces": tokenizer_spaces(tokenizer), "parameters": n_params,
-            "curriculum": CURRICULUM, "mix": mix, "common_keys": common_keys, "needle_lengths": needle_lengths, "prompt_loss_weight": PROMPT_LOSS_WEIGHT, "config": CONFIG, "train_seconds": round(time.time() - t0, 1),
+            "curriculum": CURRICULUM, "mix": mix, "common_keys": common_keys, "keyless": keyless, "needle_lengths": needle_lengths, "prompt_loss_weight": PROMPT_LOSS_WEIGHT, "config": CONFIG, "train_seconds": round(time.time() - t0, 1),
             "torch_threads": torch.get_num_threads(), "history": history,
             "error": None if failure is None else f"{type(failure).__name__}: {failure}", "interrupted": interrupted}
     (out / "training.json").write_text(json.dumps(info))
@@ -396,6 +399,9 @@ def main(argv=None) -> int:
     parser.add_argument("--common-keys", type=float, default=data.COMMON_KEYS,
                         help="probability that a book-word tool's parameter has a frequent name (input, query, ...) "
                              "rather than a word to copy from the schema")
+    parser.add_argument("--keyless", type=float, default=data.KEYLESS,
+                        help="probability that a one-argument tool request names no key ('Use the X tool on V.'), "
+                             "so the key must be read from the tool's schema")
     parser.add_argument("--needle-lengths", type=lambda text: tuple(_token_list(text)), default=None,
                         help="needle lengths in tokens for every phase, e.g. 2048,4096,8192 (default: the curriculum's)")
     parser.add_argument("--save-every", type=int, default=250, help="also save the weights every this many steps (0: only at the end)")
@@ -403,6 +409,6 @@ def main(argv=None) -> int:
     _stop_on_signals()
     info = train(args.out, args.steps, args.seed, args.lr, args.minutes, init=args.init, curriculum_from=args.curriculum_from,
                  spaces=args.spaces, curriculum_until=args.curriculum_until, mix=args.mix, save_every=args.save_every,
-                 common_keys=args.common_keys, needle_lengths=args.needle_lengths)
+                 common_keys=args.common_keys, needle_lengths=args.needle_lengths, keyless=args.keyless)
     print(f"{info['parameters']:,} parameters, {info['steps_run']} steps, {info['train_seconds']:.0f} s -> {args.out}")
     return 0
