@@ -483,3 +483,27 @@ def test_a_tool_call_that_fits_the_budget_keeps_its_arguments(tok, vocab, stops,
         parsed = parse_output(decode(tok, write_with_budget(make(), tok, budget, want), stops), call_format)
         assert len(parsed.tool_calls) == 1 and not parsed.invalid_tool_calls, (budget, parsed)
         jsonschema.validate(parsed.tool_calls[0]["args"], BUDGET_SCHEMAS["get_weather"])
+
+
+def test_a_forced_call_on_the_trained_checkpoint_keeps_its_argument_at_a_tight_budget():
+    """The case that showed the fixed window's cost: with the call 33 tokens long, ``max_tokens=40`` wrote
+    ``get_weather(city='')``; the city now fits, as it does at 256."""
+    from langchain_core.tools import tool
+
+    from jamba_core.testing import trained_checkpoint
+    from langchain_jamba import ChatJamba
+
+    trained = trained_checkpoint(missing_ok=True)
+    if trained is None:
+        pytest.skip("no trained checkpoint")
+
+    @tool
+    def get_weather(city: str) -> str:
+        """Get the weather in a city."""
+        return "sunny"
+
+    calls = {}
+    for budget in (40, 256):
+        llm = ChatJamba(model=str(trained), max_tokens=budget).bind_tools([get_weather], tool_choice="any")
+        calls[budget] = llm.invoke("Weather in Paris?").tool_calls[0]["args"]
+    assert calls[40] == calls[256] == {"city": "Paris"}
