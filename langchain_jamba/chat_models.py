@@ -248,8 +248,9 @@ class ChatJamba(BaseChatModel):
 
         `method="function_calling"` (the default) forces a call to a tool made from the schema;
         `method="json_schema"` constrains the answer to JSON that validates against it. Either way the
-        output parses unless `max_tokens` cuts it off: then invoking raises `OutputParserException`
-        saying so (raise `max_tokens`). `include_raw=True` returns the raw message and any parsing error
+        output parses: as `max_tokens` runs out the grammar closes it in the tokens left (a string value
+        that does not fit is shortened, one that fits is kept). Only a budget under the structure's own
+        length cuts it off: then invoking raises `OutputParserException` saying so (raise `max_tokens`). `include_raw=True` returns the raw message and any parsing error
         instead of raising.
 
     JSON mode:
