@@ -39,11 +39,14 @@ TEST_MODEL = os.environ.get("JAMBA_LOCAL_TEST_MODEL")
 TRAINED = str(trained) if (trained := trained_checkpoint(missing_ok=True)) else None
 _CHECKPOINT: dict[str, str | None] = {"model": TEST_MODEL, "override": None}
 # what the trained checkpoint (6.1M parameters) still gets wrong, measured: standard test -> reason
-# (session 14's checkpoint: the other capable tests pass: exact arguments, the agent loop, runnables as tools,
-# the unicode tool call, which session 13's failed)
+# (session 15's checkpoint: the other capable tests pass: exact arguments, the agent loop, runnables as tools;
+# the unicode tool call passed on session 14's and failed on session 13's: a coin toss on these prompts)
 FAILS_ON_TRAINED: dict[str, str] = {
     "test_json_mode": "in JSON mode without a schema it writes an object, but not with the keys 'setup' and 'punchline' "
                       "that only the request names",
+    "test_unicode_tool_call_integration": "its forced call names the customer 'familiarteredakant.' for '你好啊集团 (Hello "
+                                          "Group) - a Chinese technology company'; 30 of 32 variants of the prompt (other "
+                                          "CJK and kana names, shorter descriptions) keep the name (session 14's: 31)",
 }
 
 
