@@ -507,3 +507,51 @@ def test_a_forced_call_on_the_trained_checkpoint_keeps_its_argument_at_a_tight_b
         llm = ChatJamba(model=str(trained), max_tokens=budget).bind_tools([get_weather], tool_choice="any")
         calls[budget] = llm.invoke("Weather in Paris?").tool_calls[0]["args"]
     assert calls[40] == calls[256] == {"city": "Paris"}
+
+
+def script_with_budget(constraint, tok, budget: int, script: list[int]) -> list[int]:
+    """A model that insists on ``script``'s tokens in order (then on nothing); the constraint is told how
+    many tokens are left."""
+    vocab = len(tok) + PAD_IDS
+    ids = []
+    for step in range(budget):
+        constraint.remaining_tokens = budget - step
+        logits = torch.zeros(vocab)
+        if step < len(script):
+            logits[script[step]] = 50.0
+        constraint.mask_logits(logits)
+        ids.append(int(torch.argmax(logits)))
+        constraint.accept(ids[-1])
+        if constraint.is_terminated():
+            return ids
+    raise AssertionError(f"not terminated within {budget} tokens: {tok.decode(ids)!r}")
+
+
+@pytest.mark.parametrize("case", ["escaped quote", "bracket inside a string", "optional key"])
+def test_the_closing_plan_survives_text_that_looks_like_its_own(tok, vocab, stops, case):
+    """The plan is kept across text inside a string only: an escaped quote, or a ``]`` written inside an
+    array's string, is not the closer the plan meant (both once dropped the plan's closer and ran past the
+    budget); a walk that probes ahead leaves the mask it plans on intact (a clobbered one made every step
+    of the last 64 strict, and cut ``123456`` to ``1`` at a budget of 60)."""
+    enc = lambda text: tok.encode(text, add_special_tokens=False)  # noqa: E731
+    if case == "escaped quote":
+        schema = {"type": "object", "properties": {"s": {"type": "string"}}, "required": ["s"]}
+        budgets = range(12, 20)
+        script = lambda budget: enc('{"s": "') + enc("\\") + enc('"') + enc("a") * (budget - 13) + enc("\\")  # noqa: E731
+    elif case == "bracket inside a string":
+        schema = {"type": "object", "properties": {"a": {"type": "array", "items": {"type": "string"}}}, "required": ["a"]}
+        budgets = range(10, 16)
+        script = lambda budget: enc('{"a": [') + enc('"') + enc("]") + enc("a") * 30  # noqa: E731
+    else:
+        schema = {"type": "object", "properties": {"a": {"type": "integer"}, "opt": {"type": "integer"},
+                                                   "req": {"type": "integer"}}, "required": ["a", "req"]}
+        want = '{"a": 123456, "req": 7}'
+        ids = write_with_budget(response_format_constraint(tok, {"type": "json_schema", "json_schema": {"schema": schema}},
+                                                           vocab_size=vocab, stop_token_ids=stops), tok, 60, want)
+        assert decode(tok, ids, stops) == want
+        return
+    for budget in budgets:
+        constraint = response_format_constraint(tok, {"type": "json_schema", "json_schema": {"schema": schema}},
+                                                vocab_size=vocab, stop_token_ids=stops)
+        ids = script_with_budget(constraint, tok, budget, script(budget))
+        jsonschema.validate(json.loads(decode(tok, ids, stops)), schema)

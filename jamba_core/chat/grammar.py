@@ -87,11 +87,12 @@ class _Context:
     _by_length: Any = None
     _by_text: Any = None
     texts: Any = None  # info.decoded_vocab (bytes per token), once `_text_tables` has run
+    _risky: Any = None
 
     def closing_ids(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         """Tokens that only close JSON, in the tiers a budget running out prefers (see
         `GrammarConstraint.remaining_tokens`): those opening with a quote (``"``, ``"}``, ...: inside a
-        string they end it); those of braces and brackets only (``}``, ``\n]``, ...: they end an object
+        string they end it; not `` "``); those of braces and brackets only (``}``, ``\n]``, ...: they end an object
         or array, and are plain text inside a string, so they come second); those holding a comma (``,``,
         ``"},``: they end a number or literal where the object still needs a required key, which a brace
         may not close yet, but they also open another call or array item, so they come last); and, apart,
@@ -100,8 +101,8 @@ class _Context:
             tiers: tuple[list[int], ...] = ([], [], [], [])
             for i, raw in enumerate(self.info.decoded_vocab[: self.token_count]):
                 body = raw.strip()
-                if i in self.never_text or (body and body.strip(b'"}],')):
-                    continue
+                if i in self.never_text or (body and body.strip(b'"}],')) or (body[:1] == b'"' and raw[:1] != b'"'):
+                    continue  # (`` "``: it opens a string, or ends one with a space written first)
                 if body:
                     tiers[2 if b"," in body else 0 if body.startswith(b'"') else 1].append(i)
                 elif raw:
@@ -119,6 +120,12 @@ class _Context:
             self._lengths[ids] = torch.tensor([len(texts[i]) for i in ids], dtype=torch.long)
             self._by_length = torch.tensor(ids, dtype=torch.long)
             self.texts = texts
+            # tokens after which closing may need more than before (`GrammarConstraint._guard`): outside a
+            # string, those opening one, an object, an array or another item; inside, those with a quote or a
+            # backslash, or ending inside a character's UTF-8 bytes
+            outside = [i for i in ids if re.search(rb'["{\[,]', texts[i])]
+            inside = [i for i in ids if re.search(rb'["\\]', texts[i]) or _ends_inside_a_character(texts[i])]
+            self._risky = (torch.tensor(outside, dtype=torch.long), torch.tensor(inside, dtype=torch.long))
             self._by_text = {texts[i]: i for i in ids}  # last: the tables are ready once it is set
 
     def text_lengths(self) -> torch.Tensor:
@@ -126,6 +133,11 @@ class _Context:
         empty, past the tokenizer's ids)."""
         self._text_tables()
         return self._lengths
+
+    def risky_ids(self, in_string: bool) -> torch.Tensor:
+        """Token ids that may raise what closing needs (see `_text_tables`), outside or inside a string."""
+        self._text_tables()
+        return self._risky[1 if in_string else 0]
 
     def forced_token(self, forced: str, mask: torch.Tensor) -> int | None:
         """The longest token allowed by ``mask`` (an xgrammar bitmask, (1, ceil(vocab_size / 32)) int32)
@@ -273,6 +285,16 @@ def _scan_string(state: tuple[bool, bool], raw: bytes) -> tuple[bool, bool]:
     return inside, escaped
 
 
+def _ends_inside_a_character(raw: bytes) -> bool:
+    """Whether ``raw`` ends with the lead of a UTF-8 character whose continuation bytes are still to come."""
+    i = len(raw) - 1
+    while i >= 0 and 0x80 <= raw[i] < 0xC0 and len(raw) - i <= 3:
+        i -= 1
+    if i < 0 or raw[i] < 0xC0:
+        return False
+    return len(raw) - i < (2 if raw[i] < 0xE0 else 3 if raw[i] < 0xF0 else 4)
+
+
 def _bits(mask: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """(len(ids),) bool: whether an xgrammar bitmask ((1, words) int32) allows each of ``ids``."""
     return ((mask[0, ids // 32] >> (ids % 32)) & 1).bool()
@@ -307,10 +329,13 @@ class GrammarConstraint:
     ``closing_margin`` (the closing window), only the plan's kind of token is allowed (`_closing_choice`:
     the forced text of keys and separators, then closers), so a call or JSON answer completes within
     ``max_new_tokens`` instead of being cut off mid-string, and a value that fits is left whole (a fixed
-    window of 24 tokens emptied ``{"city": ""}`` at ``max_new_tokens=40``). Earlier steps are untouched.
+    window of 24 tokens emptied ``{"city": ""}`` at ``max_new_tokens=40``). Within ``guard_window`` tokens
+    of the plan, tokens that could raise it past the tokens left (an optional key, an escape, ...) are
+    masked (`_guard`). Earlier steps are untouched.
     """
 
     closing_margin = 1
+    guard_window = 8
     last_item_window = 64
 
     def __init__(self, ctx: _Context, steps: list[_TokenStep | _GrammarStep], stop_ids: Iterable[int]):
@@ -319,7 +344,8 @@ class GrammarConstraint:
         self._steps = steps
         self._stop_ids = sorted(set(int(i) for i in stop_ids))
         self._bitmask = _xgr().allocate_token_bitmask(1, ctx.vocab_size)
-        self._lookahead = _xgr().allocate_token_bitmask(1, ctx.vocab_size)  # for `_prefer_closing`
+        self._lookahead = _xgr().allocate_token_bitmask(1, ctx.vocab_size)  # for `_prefer_closing`, `_closing_need`
+        self._probe = _xgr().allocate_token_bitmask(1, ctx.vocab_size)  # `_closing_choice`'s one token of lookahead
         self._ids_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._matcher = None
         self._enter(0)
@@ -378,7 +404,37 @@ class GrammarConstraint:
             logits[..., self._ctx.token_count:] = float("-inf")
         if self.remaining_tokens is not None and self.remaining_tokens <= self.last_item_window:
             need = self._planned_need(self.remaining_tokens)
+            if need + self.closing_margin < self.remaining_tokens <= need + self.guard_window:
+                self._guard(logits)
             self._prefer_closing(logits, strict=self.remaining_tokens <= need + self.closing_margin)
+
+    def _guard(self, logits: torch.Tensor) -> None:
+        """Near the closing window, mask the tokens that may raise what closing needs
+        (`_Context.risky_ids`: opening a key, string, object, array or item, an escape, a character's
+        first bytes), but the plan's own next token, what `_closing_choice` keeps, and those of the
+        model's four likeliest after which closing still fits in the tokens left (each checked by a walk);
+        where that leaves nothing, leave the mask."""
+        string = self._string_state()
+        risky = self._ctx.risky_ids(string[0] and not string[1])
+        risky = risky[risky < logits.shape[-1]]
+        risky = risky[torch.isfinite(logits.index_select(-1, risky.to(logits.device))).cpu()]
+        if not len(risky):
+            return
+        spared = [self._plan[1][0]] if self._plan is not None and self._plan[1] else []
+        keep = self._closing_choice(self._bitmask, string)
+        spared += keep.tolist() if keep is not None else []
+        likeliest = risky[torch.argsort(logits.index_select(-1, risky.to(logits.device)).cpu(), descending=True)][:4]
+        for t in likeliest.tolist():
+            if t not in spared and self._matcher.accept_token(t):
+                need, _ = self._closing_need(self.remaining_tokens, _scan_string(string, self._ctx.texts[t]))
+                self._matcher.rollback(1)
+                if need < self.remaining_tokens - 1:
+                    spared.append(t)
+        risky = risky[~torch.isin(risky, torch.tensor(spared, dtype=torch.long))].to(logits.device)
+        saved = logits.index_select(-1, risky)
+        logits.index_fill_(-1, risky, float("-inf"))
+        if not torch.isfinite(logits).any():
+            logits.index_copy_(-1, risky, saved)
 
     def _tail(self, index: int, seen: frozenset = frozenset()) -> int:
         """Forced tokens from step ``index`` to the end (shortest path through token steps; END: 0)."""
@@ -400,17 +456,18 @@ class GrammarConstraint:
         return state
 
     def _planned_need(self, limit: int) -> int:
-        """`_closing_need`, walked again only where the last walk no longer holds: its next token no
-        longer allowed (this step's mask is in ``self._bitmask``). A token that leaves it allowed (text
-        inside a string or number that the walk closes) leaves the structure after it as it was; a token
-        that is the walk's own (`accept`) shortens it by one."""
+        """`_closing_need`, walked again only where the last walk no longer holds. `accept` keeps the walk
+        across its own next token (one shorter) and across text inside a string without a quote or a
+        backslash (the structure after the string is as it was), and drops it otherwise; here it is also
+        dropped when its next token is no longer allowed (this step's mask is in ``self._bitmask``: a
+        string at its maximum length, a character's bytes still to come)."""
         if self._plan is not None and self._plan[1] and _bits(self._bitmask, torch.tensor(self._plan[1][:1]))[0]:
             return min(limit, self._plan[0])
         need, walk = self._closing_need(limit)
         self._plan = (need, walk)
         return need
 
-    def _closing_need(self, limit: int) -> tuple[int, list[int]]:
+    def _closing_need(self, limit: int, string: tuple[bool, bool] | None = None) -> tuple[int, list[int]]:
         """(tokens that ending the output takes from here: the rest of this grammar step, its exit token
         and the forced tokens after it, at most ``limit``; the walk's tokens). The walk on the matcher
         (rolled back after) takes one of the tokens the closing window keeps (`_closing_choice`) at each
@@ -418,13 +475,13 @@ class GrammarConstraint:
         ctx, step = self._ctx, self._steps[self._at]
         exits = torch.tensor(sorted(step.next), dtype=torch.long)
         exits = exits[exits < ctx.vocab_size]
-        walk, string = [], self._string_state()
+        walk, string = [], self._string_state() if string is None else string
         try:
             while len(walk) < limit:
                 self._matcher.fill_next_token_bitmask(self._lookahead)
                 if _bits(self._lookahead, exits).any():
                     return min(limit, len(walk) + 1 + min(self._tail(i) for i in step.next.values())), walk
-                keep = self._closing_choice(self._lookahead, string[0])
+                keep = self._closing_choice(self._lookahead, string)
                 if keep is None:
                     keep = ctx.shortest_allowed(self._lookahead, 1)
                 if not len(keep) or not self._matcher.accept_token(int(keep[0])):
@@ -436,7 +493,7 @@ class GrammarConstraint:
             if walk:
                 self._matcher.rollback(len(walk))
 
-    def _closing_choice(self, mask: torch.Tensor, in_string: bool) -> torch.Tensor | None:
+    def _closing_choice(self, mask: torch.Tensor, string: tuple[bool, bool]) -> torch.Tensor | None:
         """The tokens the closing window keeps (ids, CPU) where the grammar's ``mask`` (an xgrammar
         bitmask) allows no exit, or None to leave the model's choice. In order: the longest token of the
         text the grammar admits alone from here (`_Context.forced_token`: a key, a separator) where it is
@@ -444,8 +501,8 @@ class GrammarConstraint:
         closer (`_Context.closing_ids`); those of the 16 shortest allowed tokens after which an exit or one of
         those closers is allowed (whitespace before ``]``, a number's first digit, ``" 3"`` after ``":"``);
         the token of all the forced text; the longest comma closer (a value ends where a required key
-        follows); those of the 16 shortest after which a comma is allowed. ``mask`` may be
-        ``self._lookahead``, which this overwrites."""
+        follows); those of the 16 shortest after which a comma is allowed. ``string``: `_string_state`'s
+        at this point (a quote closes only inside a string)."""
         ctx = self._ctx
         quote, brace, comma, _ = ctx.closing_ids(torch.device("cpu"))
         lengths = ctx.text_lengths()
@@ -453,7 +510,7 @@ class GrammarConstraint:
         forced = ctx.forced_token(jump, mask)
         if forced is not None and lengths[forced] < len(jump.encode()):
             return torch.tensor([forced])
-        for tier in (quote, brace) if in_string else (brace,):  # outside, a quote opens a string
+        for tier in (quote, brace) if string[0] and not string[1] else (brace,):  # outside, a quote opens a string
             tier = tier[_bits(mask, tier)]
             if len(tier):
                 return tier[lengths[tier].argmax()].view(1)
@@ -461,15 +518,17 @@ class GrammarConstraint:
         short = ctx.shortest_allowed(mask, 16)
         short = short[~torch.isin(short, comma)].tolist()
         exits = torch.tensor(sorted(self._steps[self._at].next), dtype=torch.long)
-        closing = torch.cat([exits[exits < ctx.vocab_size], quote, brace])
+        exits = exits[exits < ctx.vocab_size]
         to_close, to_comma = [], []
         for i in short:  # one token of lookahead each
             if self._matcher.accept_token(i):
-                self._matcher.fill_next_token_bitmask(self._lookahead)
+                self._matcher.fill_next_token_bitmask(self._probe)
                 self._matcher.rollback(1)
-                if _bits(self._lookahead, closing).any():
+                after = _scan_string(string, ctx.texts[i])
+                closing = torch.cat([exits, quote, brace]) if after[0] and not after[1] else torch.cat([exits, brace])
+                if _bits(self._probe, closing).any():
                     to_close.append(i)
-                elif _bits(self._lookahead, comma).any():
+                elif _bits(self._probe, comma).any():
                     to_comma.append(i)
         if to_close:
             return torch.tensor(to_close)
@@ -490,7 +549,7 @@ class GrammarConstraint:
             return
         quote, brace, comma, space = self._ctx.closing_ids(logits.device)
         if strict:  # self._bitmask: this step's grammar mask (the guards' bans are in the logits only)
-            keep = self._closing_choice(self._bitmask, self._string_state()[0])
+            keep = self._closing_choice(self._bitmask, self._string_state())
             if keep is not None:
                 _keep_only(logits, keep.to(logits.device))
             return
@@ -531,9 +590,12 @@ class GrammarConstraint:
             return
         if token_id < len(ctx.last_byte):
             self._lead = ctx.last_byte[token_id]
+        if self._plan is not None:  # kept across its own next token, or text inside a string (`_planned_need`)
+            if self._plan[1] and self._plan[1][0] == token_id:
+                self._plan = (self._plan[0] - 1, self._plan[1][1:])
+            elif self._string_state() != (True, False) or re.search(rb'["\\]', ctx.texts[token_id]):
+                self._plan = None
         self._written.append(token_id)
-        if self._plan is not None and self._plan[1] and self._plan[1][0] == token_id:
-            self._plan = (self._plan[0] - 1, self._plan[1][1:])
 
     def is_terminated(self) -> bool:
         """True once the constrained output (and its end token) is complete."""
