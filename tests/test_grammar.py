@@ -371,19 +371,25 @@ def test_json_schema_answer_finishes_within_the_token_budget_on_random_weights(t
         jsonschema.validate(json.loads(result.content), schema)
 
 
-def walk_with_budget(constraint, tok, budget: int, seed: int, bias: torch.Tensor) -> list[int]:
-    """Argmax of masked random logits plus ``bias`` (a model's preference), telling the constraint how
-    many tokens are left, until termination, which must come within ``budget`` tokens."""
-    gen, ids = torch.Generator().manual_seed(seed), []
+def drive(constraint, tok, budget: int, model) -> list[int]:
+    """Argmax of ``model(step, ids)``'s logits, masked, telling the constraint how many tokens are left,
+    until termination, which must come within ``budget`` tokens."""
+    ids = []
     for step in range(budget):
         constraint.remaining_tokens = budget - step
-        logits = torch.randn(bias.shape[0], generator=gen) + bias
+        logits = model(step, ids)
         constraint.mask_logits(logits)
         ids.append(int(torch.argmax(logits)))
         constraint.accept(ids[-1])
         if constraint.is_terminated():
             return ids
     raise AssertionError(f"not terminated within {budget} tokens: {tok.decode(ids)!r}")
+
+
+def walk_with_budget(constraint, tok, budget: int, seed: int, bias: torch.Tensor) -> list[int]:
+    """`drive` a model of random logits plus ``bias`` (a preference)."""
+    gen = torch.Generator().manual_seed(seed)
+    return drive(constraint, tok, budget, lambda step, ids: torch.randn(bias.shape[0], generator=gen) + bias)
 
 
 @pytest.mark.parametrize("kind", ["number", "integer"])
@@ -424,24 +430,18 @@ def test_a_model_that_keeps_adding_calls_still_ends_within_the_budget(tok, vocab
 
 
 def write_with_budget(constraint, tok, budget: int, text: str) -> list[int]:
-    """A model that knows what it wants to write (``text``): each step it prefers the longest allowed
-    token that continues it, else any allowed one; the constraint is told how many tokens are left."""
+    """`drive` a model that knows what it wants to write (``text``): each step it prefers the longest
+    allowed token that continues it, else any allowed one."""
     texts = {i: tok.decode([i]) for i in range(len(tok))}
-    ids, written = [], ""
-    vocab = len(tok) + PAD_IDS
-    for step in range(budget):
-        constraint.remaining_tokens = budget - step
-        logits = torch.zeros(vocab)
+
+    def model(step, ids):
+        written, logits = "".join(texts.get(i, "") for i in ids), torch.zeros(len(tok) + PAD_IDS)
         for i, piece in texts.items():
             if piece and text.startswith(written + piece):
                 logits[i] = 10.0 + len(piece)
-        constraint.mask_logits(logits)
-        ids.append(int(torch.argmax(logits)))
-        written += texts.get(ids[-1], "")
-        constraint.accept(ids[-1])
-        if constraint.is_terminated():
-            return ids
-    raise AssertionError(f"not terminated within {budget} tokens: {tok.decode(ids)!r}")
+        return logits
+
+    return drive(constraint, tok, budget, model)
 
 
 def test_a_value_that_fits_the_budget_is_left_whole(tok, vocab, stops):
@@ -510,21 +510,15 @@ def test_a_forced_call_on_the_trained_checkpoint_keeps_its_argument_at_a_tight_b
 
 
 def script_with_budget(constraint, tok, budget: int, script: list[int]) -> list[int]:
-    """A model that insists on ``script``'s tokens in order (then on nothing); the constraint is told how
-    many tokens are left."""
-    vocab = len(tok) + PAD_IDS
-    ids = []
-    for step in range(budget):
-        constraint.remaining_tokens = budget - step
-        logits = torch.zeros(vocab)
+    """`drive` a model that insists on ``script``'s tokens in order (then on nothing)."""
+
+    def model(step, ids):
+        logits = torch.zeros(len(tok) + PAD_IDS)
         if step < len(script):
             logits[script[step]] = 50.0
-        constraint.mask_logits(logits)
-        ids.append(int(torch.argmax(logits)))
-        constraint.accept(ids[-1])
-        if constraint.is_terminated():
-            return ids
-    raise AssertionError(f"not terminated within {budget} tokens: {tok.decode(ids)!r}")
+        return logits
+
+    return drive(constraint, tok, budget, model)
 
 
 @pytest.mark.parametrize("case", ["escaped quote", "bracket inside a string", "optional key"])
