@@ -468,7 +468,7 @@ def test_a_value_that_fits_the_budget_is_left_whole(tok, vocab, stops):
 
 @pytest.mark.parametrize("call_format", ["jamba", "hermes"])
 def test_a_tool_call_that_fits_the_budget_keeps_its_arguments(tok, vocab, stops, call_format):
-    """The same for a forced call: at its natural length and ``closing_margin`` its arguments are the
+    """The same for a forced call: at its natural length and ``closing_margin`` + 1 its arguments are the
     model's, and no shorter budget from the structure's own length up leaves the call invalid."""
     args = {"city": "Nantucket, MA", "days": 3}
     call = json.dumps({"name": "get_weather", "arguments": args})
@@ -476,7 +476,10 @@ def test_a_tool_call_that_fits_the_budget_keeps_its_arguments(tok, vocab, stops,
     make = lambda: tool_choice_constraint(tok, BUDGET_TOOLS, "get_weather", call_format=call_format, vocab_size=vocab,
                                           stop_token_ids=stops)
     natural = len(write_with_budget(make(), tok, 200, want))
-    parsed = parse_output(decode(tok, write_with_budget(make(), tok, natural + GrammarConstraint.closing_margin, want), stops), call_format)
+    # one token more than the JSON case: the plan closes a string with '"' then ',' where this writer's tokenizer
+    # may merge them ('",'), so it may count one token too many
+    spare = GrammarConstraint.closing_margin + 1
+    parsed = parse_output(decode(tok, write_with_budget(make(), tok, natural + spare, want), stops), call_format)
     assert [c["args"] for c in parsed.tool_calls] == [args]
     shortest = len(write_with_budget(make(), tok, 200, want.replace("Nantucket, MA", "").replace("3", "0")))
     for budget in range(shortest + 1, natural):
