@@ -183,12 +183,25 @@ def test_curriculum_phases_cover_training_and_every_family_makes_batches(tiny_en
     assert seen == FAMILIES
 
 
+def check_the_trainer_passes_on(option: str, value: float, bad: float, tokenizer, monkeypatch):
+    """`trainer.batch` hands ``option=value`` to every `data.tool_call`; `trainer.train` refuses ``bad``."""
+    from jamba_core.eval.ruler import Haystack
+    from jamba_core.train import trainer
+
+    seen, tool_call = [], data.tool_call
+    monkeypatch.setattr(data, "tool_call", lambda *a, **kw: seen.append(kw[option]) or tool_call(*a, **kw))
+    haystack = Haystack(tokenizer)
+    for step in range(6):
+        trainer.batch(step, 0.9, 1, tokenizer, haystack, {"tool_call": 1.0}, **{option: value})
+    assert seen and set(seen) == {value}
+    with pytest.raises(ValueError, match=option):
+        trainer.train(Path("unused"), steps=1, **{option: bad})
+
+
 def test_common_keys_sets_how_many_book_tool_parameters_have_frequent_names(shared_dir, tiny_engine, monkeypatch):
     """``common_keys`` (``--common-keys``): the share of book-word tools' parameters named by
     `data.PARAM_NAMES`, the rest by book words the call must copy; the default leaves the evaluation's
     samples as they were drawn; the trainer passes it to its batches and refuses one outside [0, 1]."""
-    from jamba_core.eval.ruler import Haystack
-    from jamba_core.train import trainer
 
     def share(p, seeds=range(300)):
         keys = [k for s in seeds for t in data.tool_call(random.Random(s), "test", common_keys=p).tools
@@ -198,22 +211,13 @@ def test_common_keys_sets_how_many_book_tool_parameters_have_frequent_names(shar
     assert share(1.0) == 1.0 and share(0.0) < 0.05  # a book word may happen to be a frequent key
     assert 0.5 < share(0.6) < 0.7 and 0.2 < share(0.3) < 0.4
     assert data.tool_call(random.Random(11), "test").tools == data.tool_call(random.Random(11), "test", common_keys=0.6).tools
-    seen, tool_call = [], data.tool_call
-    monkeypatch.setattr(data, "tool_call", lambda *a, **kw: seen.append(kw["common_keys"]) or tool_call(*a, **kw))
-    haystack = Haystack(tiny_engine.tokenizer)
-    for step in range(6):
-        trainer.batch(step, 0.9, 1, tiny_engine.tokenizer, haystack, {"tool_call": 1.0}, common_keys=0.25)
-    assert seen and set(seen) == {0.25}
-    with pytest.raises(ValueError, match="common_keys"):
-        trainer.train(Path("unused"), steps=1, common_keys=1.5)
+    check_the_trainer_passes_on("common_keys", 0.25, 1.5, tiny_engine.tokenizer, monkeypatch)
 
 
 def test_keyless_sets_how_many_one_argument_requests_leave_the_key_to_the_schema(shared_dir, tiny_engine, monkeypatch):
     """``keyless`` (``--keyless``): the share of one-argument requests that name no key ("Use the X tool on
     V."); the default leaves the evaluation's samples as they were drawn; the trainer passes it on and
     refuses one outside [0, 1]."""
-    from jamba_core.eval.ruler import Haystack
-    from jamba_core.train import trainer
 
     def share(p, seeds=range(400)):
         named = []
@@ -227,14 +231,7 @@ def test_keyless_sets_how_many_one_argument_requests_leave_the_key_to_the_schema
     assert share(0.0) < 0.05 and share(1.0) > 0.95  # a key may happen to be a word of the value
     assert 0.2 < share(0.3) < 0.4 and 0.6 < share(0.7) < 0.8
     assert data.tool_call(random.Random(11), "test").messages == data.tool_call(random.Random(11), "test", keyless=0.3).messages
-    seen, tool_call = [], data.tool_call
-    monkeypatch.setattr(data, "tool_call", lambda *a, **kw: seen.append(kw["keyless"]) or tool_call(*a, **kw))
-    haystack = Haystack(tiny_engine.tokenizer)
-    for step in range(6):
-        trainer.batch(step, 0.9, 1, tiny_engine.tokenizer, haystack, {"tool_call": 1.0}, keyless=0.8)
-    assert seen and set(seen) == {0.8}
-    with pytest.raises(ValueError, match="keyless"):
-        trainer.train(Path("unused"), steps=1, keyless=-0.1)
+    check_the_trainer_passes_on("keyless", 0.8, -0.1, tiny_engine.tokenizer, monkeypatch)
 
 
 def test_needle_lengths_replace_the_curriculums_and_are_checked(tiny_engine, shared_dir):

@@ -98,8 +98,9 @@ class _Context:
         may not close yet, but they also open another call or array item, so they come last); and, apart,
         whitespace alone (``\n``: where the vocabulary has no ``\n]``, the way to an array's end)."""
         if device not in self._closing:
+            self._text_tables()  # reads the vocabulary's texts once (decoded_vocab is rebuilt per read)
             tiers: tuple[list[int], ...] = ([], [], [], [])
-            for i, raw in enumerate(self.info.decoded_vocab[: self.token_count]):
+            for i, raw in enumerate(self.texts[: self.token_count]):
                 body = raw.strip()
                 if i in self.never_text or (body and body.strip(b'"}],')) or (body[:1] == b'"' and raw[:1] != b'"'):
                     continue  # (`` "``: it opens a string, or ends one with a space written first)
@@ -565,7 +566,7 @@ class GrammarConstraint:
                 continue
             self._matcher.fill_next_token_bitmask(self._lookahead)
             self._matcher.rollback(1)
-            if ((self._lookahead[0, closers // 32] >> (closers % 32)) & 1).any():
+            if _bits(self._lookahead, closers).any():
                 logits.index_fill_(-1, comma[comma < logits.shape[-1]], float("-inf"))
                 return
 
