@@ -39,7 +39,7 @@ from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
 from langchain_core.tools import BaseTool
 from langchain_core.utils import from_env
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
-from langchain_core.utils.json import parse_partial_json
+from langchain_core.utils.json import parse_json_markdown, parse_partial_json
 from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import ConfigDict, Field, PrivateAttr, field_validator, model_validator
 from typing_extensions import Self
@@ -639,15 +639,25 @@ class _Request:
 class _CutOffCheck:
     """Mixed into LangChain's output parsers for `with_structured_output`: when the complete answer does
     not parse (the tool parsers return None, the JSON ones raise) and generation stopped at `max_tokens`
-    (finish_reason "length"), raise `OutputParserException` saying so. An answer that the grammar closed
-    on the last token parses and is returned; partial parses (streaming) are left alone."""
+    (finish_reason "length"), raise `OutputParserException` saying so. LangChain's JSON parsers repair
+    cut text (`'{"setup": "",'` parses as `{"setup": ""}`), so a cut JSON answer must parse without
+    repair. An answer that the grammar closed on the last token parses and is returned.
+
+    In a stream the last chunk (the one that carries finish_reason) is parsed whole, as `invoke` parses
+    the message: LangChain's cumulative parsers only make partial parses, which keep quiet about an
+    answer that fails the schema or was cut, so such a stream ended with the last partial object, or
+    with nothing."""
 
     def parse_result(self, result: list[Any], *, partial: bool = False) -> Any:
         message = getattr(result[0], "message", None) if result else None
-        cut = not partial and (getattr(message, "response_metadata", None) or {}).get("finish_reason") == "length"
+        finish_reason = (getattr(message, "response_metadata", None) or {}).get("finish_reason")
+        partial = partial and finish_reason is None
+        cut = finish_reason == "length"
         try:
             parsed = super().parse_result(result, partial=partial)
-        except OutputParserException:
+            if cut and isinstance(self, JsonOutputParser):
+                parse_json_markdown(result[0].text, parser=json.loads)
+        except (OutputParserException, json.JSONDecodeError):
             if not cut:
                 raise
             parsed = None

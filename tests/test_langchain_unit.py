@@ -495,13 +495,52 @@ def test_structured_output_cut_off_by_max_tokens_says_so(tiny_checkpoint):
         setup: str
         punchline: str
 
-    llm = ChatJamba(model=str(tiny_checkpoint), max_tokens=4)
+    for budget in (4, 12):  # 12: '{"setup": "",', which LangChain's JSON parsers would repair into {"setup": ""}
+        llm = ChatJamba(model=str(tiny_checkpoint), max_tokens=budget)
+        cut = rf"cut off at max_tokens \({budget} tokens generated\).*raise max_tokens"
+        for method in ("function_calling", "json_schema"):
+            for schema in (Joke, Joke.model_json_schema()):
+                with pytest.raises(OutputParserException, match=cut):
+                    llm.with_structured_output(schema, method=method).invoke("Tell me a joke")
+                out = llm.with_structured_output(schema, method=method, include_raw=True).invoke("Tell me a joke")
+                assert out["parsed"] is None and "max_tokens" in str(out["parsing_error"])
+                assert out["raw"].response_metadata["finish_reason"] == "length"
+
+
+def test_a_streamed_structured_answer_ends_as_invoke_ends(tiny_checkpoint):
+    """LangChain's cumulative parsers only parse partially, so a stream cut at max_tokens, or whose
+    answer fails the schema, used to end quietly with a partial object or with nothing. The last chunk
+    is now parsed whole: the stream raises where invoke raises, and yields what invoke returns."""
+    from langchain_core.exceptions import OutputParserException
+
+    class Joke(BaseModel):
+        setup: str
+        punchline: str
+
+    cut = ChatJamba(model=str(tiny_checkpoint), max_tokens=12)
     for method in ("function_calling", "json_schema"):
-        with pytest.raises(OutputParserException, match=r"cut off at max_tokens \(4 tokens generated\).*raise max_tokens"):
-            llm.with_structured_output(Joke, method=method).invoke("Tell me a joke")
-        out = llm.with_structured_output(Joke, method=method, include_raw=True).invoke("Tell me a joke")
-        assert out["parsed"] is None and "max_tokens" in str(out["parsing_error"])
-        assert out["raw"].response_metadata["finish_reason"] == "length"
+        for schema in (Joke, Joke.model_json_schema()):
+            with pytest.raises(OutputParserException, match=r"cut off at max_tokens \(12 tokens generated\)"):
+                list(cut.with_structured_output(schema, method=method).stream("Tell me a joke"))
+            with pytest.raises(OutputParserException, match="cut off at max_tokens"):
+                asyncio.run(_collect(cut.with_structured_output(schema, method=method).astream("Tell me a joke")))
+    # json_mode constrains to any object: the random model's {"Norfromaint": 5} fails Joke on both paths
+    whole = ChatJamba(model=str(tiny_checkpoint), max_tokens=12).with_structured_output(Joke, method="json_mode")
+    with pytest.raises(OutputParserException, match="Failed to parse Joke"):
+        whole.invoke("Tell me a joke")
+    with pytest.raises(OutputParserException, match="Failed to parse Joke"):
+        list(whole.stream("Tell me a joke"))
+    # an answer that fits streams partial objects (dicts: a pydantic parse waits for every field) and
+    # ends with what invoke returns
+    for schema in (Joke, Joke.model_json_schema()):
+        fits = ChatJamba(model=str(tiny_checkpoint), max_tokens=400).with_structured_output(schema, method="json_schema")
+        streamed = list(fits.stream("Tell me a joke"))
+        assert streamed[-1] == fits.invoke("Tell me a joke")
+    assert len(streamed) > 10 and streamed[0] == {}
+
+
+async def _collect(stream) -> list:
+    return [item async for item in stream]
 
 
 def test_sampling_settings_are_checked_when_the_model_is_built():
