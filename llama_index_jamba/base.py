@@ -91,7 +91,8 @@ class JambaLLM(FunctionCallingLLM):
         Jamba's documents channel; ``citations=True`` turns on citation mode (cited document indices in
         ``message.additional_kwargs["citations"]``); ``response_format`` (OpenAI shape) constrains the
         output to JSON. ``CitableBlock`` and text ``DocumentBlock`` content in messages is read as
-        documents too. Other keyword arguments are ignored.
+        documents too. Any other keyword raises ``TypeError`` (a misspelt ``max_tokens`` would otherwise
+        pass unnoticed; LlamaIndex's own calls pass only these).
 
     Tool calling:
         .. code-block:: python
@@ -394,6 +395,10 @@ class JambaLLM(FunctionCallingLLM):
     def _request(self, messages: Sequence[ChatMessage], kwargs: Dict[str, Any]) -> tuple[dict, dict]:
         """(chat request: messages, tools, tool_choice, documents, citations, response_format;
         generation settings), the fields overridden by any per-call keyword."""
+        unknown = sorted(set(kwargs) - {*_GENERATION_KEYS, *_REQUEST_KEYS, "max_tokens"})
+        if unknown:
+            raise TypeError(f"JambaLLM got unexpected keyword arguments {unknown}; per-call keywords are "
+                            f"{sorted({*_GENERATION_KEYS, *_REQUEST_KEYS, 'max_tokens'})}")
         generation = {key: kwargs.get(key, getattr(self, key)) for key in _GENERATION_KEYS}
         if "max_tokens" in kwargs and "max_new_tokens" not in kwargs:  # the OpenAI name
             generation["max_new_tokens"] = kwargs["max_tokens"]

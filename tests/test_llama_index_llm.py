@@ -213,6 +213,15 @@ def test_per_call_settings_override_fields(llm):
     assert sampled[0] == sampled[1]
 
 
+def test_an_unknown_per_call_keyword_is_refused(llm):
+    """A misspelt setting used to be ignored (the call ran with the field's value)."""
+    for call in (lambda: llm.chat(QUESTION, max_token=3), lambda: llm.complete("Hi", temprature=0.5),
+                 lambda: list(llm.stream_chat(QUESTION, max_new_token=3)), lambda: llm.count_tokens(QUESTION, stops=["x"])):
+        with pytest.raises(TypeError, match=r"unexpected keyword arguments \['(max_token|temprature|max_new_token|stops)'\]"):
+            call()
+    assert llm.chat(QUESTION, max_tokens=2).raw["usage"]["completion_tokens"] == 2  # the OpenAI name is known
+
+
 @pytest.mark.asyncio
 async def test_async_calls_leave_the_event_loop_free(llm):
     ticks = 0
