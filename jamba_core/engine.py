@@ -8,6 +8,7 @@ token at a time through the same cache.
 
 from __future__ import annotations
 
+import numbers
 import operator
 import threading
 import time
@@ -217,7 +218,7 @@ class Engine:
         with ``tools`` / ``documents``). ``temperature`` 0 is greedy; ``top_k`` 0 and ``top_p`` 1 disable
         those filters; ``seed`` makes sampling reproducible. Generation ends at any id of the config's
         ``eos_token_id`` (and ``<|eom|>``), at a ``stop`` string (never echoed, found even when it spans
-        tokens), when ``constraint`` (see `jamba_core.chat.grammar`) terminates (``finish_reason``
+        tokens; not inside a constraint's structured output, whose own fixed text may hold one), when ``constraint`` (see `jamba_core.chat.grammar`) terminates (``finish_reason``
         "stop"), or after ``max_new_tokens`` ("length"). Raises ``ValueError`` for an empty prompt, token
         ids outside the vocabulary, ``max_new_tokens < 1``, ``temperature < 0``, ``top_k < 0``, ``top_p``
         outside (0, 1], or a prompt that does not fit the context window; ``TypeError`` for a prompt of
@@ -305,6 +306,7 @@ class Engine:
         finish = "length"
         hit_stop_string = False
         ttft = None
+        free_text = getattr(constraint, "stop_strings_apply", True)
         for step in range(max_new_tokens):
             if constraint is not None:
                 if hasattr(constraint, "remaining_tokens"):  # lets a grammar close within the budget
@@ -320,14 +322,14 @@ class Engine:
             if constraint is not None:
                 constraint.accept(token)
             text = detok.text(out_ids)
-            cut = _find_stop(text, stops)
+            cut = _find_stop(text, stops) if free_text else None
             if cut is not None:
                 finish, hit_stop_string = "stop", True
                 yield StreamChunk(text[len(sent):cut] if cut > len(sent) else "", [token])
                 break
             # hold back an incomplete UTF-8 character and a possible stop-string prefix
             safe = len(text.rstrip("\ufffd"))
-            if stops:
+            if stops and free_text:
                 safe = min(safe, _stop_prefix_start(text, stops))
             yield StreamChunk(text[len(sent):safe] if safe > len(sent) else "", [token])
             sent = text[: max(safe, len(sent))]
@@ -411,7 +413,7 @@ def check_device(device) -> None:
 
 
 def check_sampling(max_new_tokens, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0) -> None:
-    """Raise ``ValueError`` (``TypeError`` for a non-integer count) for sampling settings no sampler
+    """Raise ``ValueError`` (``TypeError`` for a non-integer count or a non-number temperature/top_p) for sampling settings no sampler
     takes: ``max_new_tokens < 1``, ``temperature < 0``, ``top_p`` outside (0, 1], ``top_k < 0``; the
     adapters call it when they are built, so that a bad setting fails there rather than at the first call."""
     try:
@@ -420,6 +422,9 @@ def check_sampling(max_new_tokens, temperature: float = 0.0, top_p: float = 1.0,
         raise TypeError(f"max_new_tokens must be an integer, got {max_new_tokens!r}") from None
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    for name, value in (("temperature", temperature), ("top_p", top_p)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a number, got {value!r}")
     if not temperature >= 0:  # also NaN
         raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
     if not 0 < top_p <= 1:

@@ -35,7 +35,7 @@ from langchain_core.messages.tool import invalid_tool_call, tool_call, tool_call
 from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
 from langchain_core.output_parsers.openai_tools import JsonOutputKeyToolsParser, PydanticToolsParser
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
+from langchain_core.runnables import Runnable, RunnableGenerator, RunnableLambda, RunnableMap, RunnablePassthrough
 from langchain_core.tools import BaseTool
 from langchain_core.utils import from_env
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
@@ -349,6 +349,22 @@ class ChatJamba(BaseChatModel):
         super().__init__(**kwargs)
         self._engine = engine
 
+    def __getstate__(self) -> dict[Any, Any]:
+        """Pickled without the engine (torch modules do not pickle); it is loaded again, or taken from
+        the process's shared engines, on first use."""
+        state = super().__getstate__()
+        return {**state, "__pydantic_private__": {**(state.get("__pydantic_private__") or {}), "_engine": None}}
+
+    def __deepcopy__(self, memo: dict[int, Any] | None = None) -> Self:
+        """A deep copy shares the engine (weights and caches are not copied)."""
+        engine, self._engine = self._engine, None
+        try:
+            copied = super().__deepcopy__(memo)
+        finally:
+            self._engine = engine
+        copied._engine = engine
+        return copied
+
     @field_validator("model", mode="before")
     @classmethod
     def _model_as_text(cls, value: Any) -> Any:
@@ -460,7 +476,7 @@ class ChatJamba(BaseChatModel):
             "top_p": kwargs.get("top_p", self.top_p),
             "top_k": kwargs.get("top_k", self.top_k),
             "seed": kwargs.get("seed", self.seed),
-            "stop": list(stop) if stop else None,
+            "stop": [stop] if isinstance(stop, str) else list(stop) if stop else None,  # "fox" is one stop string
             "citations": kwargs.get("citations", self.citations),
             "parallel_tool_calls": kwargs.get("parallel_tool_calls", self.parallel_tool_calls),
             "tools": tools or None,
@@ -479,7 +495,11 @@ class ChatJamba(BaseChatModel):
         max_tokens = request.max_tokens
         if max_tokens is None:  # the rest of the context window
             used = engine.count_tokens(request.messages, **{k: request.params[k] for k in _CALL_OPTIONS if k not in ("tool_choice", "parallel_tool_calls")})
-            max_tokens = max(1, engine.context_window - used)
+            if used >= engine.context_window:
+                raise ValueError(f"the prompt takes {used} tokens, and the model's context window is {engine.context_window}: "
+                                 "no room is left for an answer (max_tokens=None answers in the rest of the window); "
+                                 "shorten the prompt")
+            max_tokens = engine.context_window - used
         return chat_stream(engine, request.messages, max_new_tokens=max_tokens, **request.params)
 
     def _chunks(self, request: _Request) -> Iterator[AIMessageChunk]:
@@ -619,9 +639,26 @@ class ChatJamba(BaseChatModel):
             raise ValueError(f"method must be 'function_calling', 'json_schema' or 'json_mode', got {method!r}")
         if not include_raw:
             return llm | parser
-        parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
-        no_parse = RunnablePassthrough.assign(parsed=lambda _: None)
-        return RunnableMap(raw=llm) | parsed.with_fallbacks([no_parse], exception_key="parsing_error")
+
+        # The parse runs once, on the whole message, and its error is returned: in a stream, LangChain's
+        # fallback (`with_fallbacks`) catches only errors raised before the first chunk, and the last
+        # chunk's check (`_CutOffCheck`) raises after the raw chunks have gone out.
+        def parse(raw: BaseMessage) -> dict[str, Any]:
+            try:
+                return {"parsed": parser.invoke(raw), "parsing_error": None}
+            except Exception as error:  # noqa: BLE001 (any parsing error is returned, as ChatOpenAI's fallback does)
+                return {"parsed": None, "parsing_error": error}
+
+        def flatten(chunks: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+            for chunk in chunks:
+                yield {**{k: v for k, v in chunk.items() if k != "result"}, **chunk.get("result", {})}
+
+        async def aflatten(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+            async for chunk in chunks:
+                yield {**{k: v for k, v in chunk.items() if k != "result"}, **chunk.get("result", {})}
+
+        return (RunnableMap(raw=llm) | RunnablePassthrough.assign(result=itemgetter("raw") | RunnableLambda(parse))
+                | RunnableGenerator(flatten, aflatten))
 
 
 @dataclass
@@ -666,6 +703,11 @@ class _CutOffCheck:
             raise OutputParserException(
                 f"the structured answer was cut off at max_tokens ({used} tokens generated) before it was complete: "
                 "raise max_tokens", llm_output=str(message.content))
+        if parsed is None and not partial:  # the tool parsers' "no call": the forced call did not parse
+            errors = [c.get("error") for c in getattr(message, "invalid_tool_calls", None) or []]
+            raise OutputParserException(
+                f"the structured answer holds no valid call (finish_reason {finish_reason!r}"
+                + (f"; invalid call: {errors[0]}" if errors else "") + ")", llm_output=str(getattr(message, "content", "")))
         return parsed
 
 
@@ -742,7 +784,7 @@ def _openai_tool_call(call_id: str | None, name: str, args: Any) -> dict[str, An
 
 def _check_block(block: Any, role: str) -> None:
     if isinstance(block, Mapping) and block.get("type") in _MEDIA_BLOCKS:
-        raise ValueError(f"ChatJamba reads text only: a {role} message holds a {block['type']!r} block")
+        raise ValueError(f"ChatJamba reads text only: {'an' if role[:1] in 'aeiou' else 'a'} {role} message holds a {block['type']!r} block")
 
 
 def _block_text(block: Any) -> str | None:

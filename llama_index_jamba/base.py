@@ -259,6 +259,10 @@ class JambaLLM(FunctionCallingLLM):
                                          additional_kwargs=dict(r.message.additional_kwargs))
             return
         _, generation = self._request([], kwargs)
+        templated = sorted(k for k in _REQUEST_KEYS if kwargs.get(k) not in (None, False, [], "auto"))
+        if templated:  # they go through the chat template, which formatted text bypasses
+            raise TypeError(f"complete(formatted=True) sends the prompt as it is, so {templated} cannot apply "
+                            "(they need the chat template); call without formatted=True")
         text = ""
         for chunk in self.engine.stream(prompt, **generation):
             text += chunk.text
@@ -438,7 +442,7 @@ def to_jamba_message(message: ChatMessage, documents: List[dict]) -> dict:
         elif isinstance(block, ThinkingBlock) or type(block).__name__ == "CachePoint":
             continue
         else:
-            raise ValueError(f"JambaLLM reads text only: a {role} message holds a {type(block).__name__}; "
+            raise ValueError(f"JambaLLM reads text only: {'an' if role[:1] in 'aeiou' else 'a'} {role} message holds a {type(block).__name__}; "
                              "send text, tool calls, or text documents (CitableBlock, documents=)")
     out: Dict[str, Any] = {"role": role, "content": "\n".join(texts)}
     extra = message.additional_kwargs

@@ -179,6 +179,29 @@ def test_rejects_sampling_settings_no_sampler_takes(tiny_engine, kwargs, message
         tiny_engine.generate(PROMPT, max_new_tokens=2, **kwargs)
 
 
+def test_sampling_settings_that_are_not_numbers_are_named():
+    from jamba_core.engine import check_sampling
+
+    for kwargs in (dict(temperature="hot"), dict(top_p="1"), dict(temperature=None)):
+        with pytest.raises(TypeError, match=f"{next(iter(kwargs))} must be a number, got"):
+            check_sampling(4, **kwargs)
+
+
+def test_stop_strings_end_free_text_but_not_a_constrained_call(tiny_engine):
+    """The grammar's own text holds newlines ('<tool_calls>[\n    {'): stop=["\n"] cut a forced call
+    after four tokens (an invalid call, and `with_structured_output` returned None)."""
+    from jamba_core.chat.api import chat
+
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}}]
+    result = chat(tiny_engine, [{"role": "user", "content": "add 2 and 5"}], tools=tools, tool_choice="add",
+                  max_new_tokens=64, stop=["\n", "["])
+    assert [c["name"] for c in result.tool_calls] == ["add"] and not result.invalid_tool_calls
+    free = tiny_engine.generate(PROMPT, max_new_tokens=40)
+    stop = free.text.strip().split()[1]
+    assert stop not in tiny_engine.generate(PROMPT, max_new_tokens=40, stop=[stop]).text
+
+
 def test_rejects_prompts_and_counts_of_the_wrong_kind(tiny_engine):
     vocab = tiny_engine.config.vocab_size
     for ids in ([vocab], [-1], [1, 2, vocab + 7]):

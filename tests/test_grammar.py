@@ -552,3 +552,102 @@ def test_the_closing_plan_survives_text_that_looks_like_its_own(tok, vocab, stop
                                                 vocab_size=vocab, stop_token_ids=stops)
         ids = script_with_budget(constraint, tok, budget, script(budget))
         jsonschema.validate(json.loads(decode(tok, ids, stops)), schema)
+
+
+CHOICE_TOOLS = [
+    {"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {}}}},
+    {"type": "function", "function": {"name": "lookup_the_customer_record", "parameters": {
+        "type": "object", "properties": {"customer_id": {"type": "integer"}}, "required": ["customer_id"]}}},
+]
+
+
+@pytest.mark.parametrize("case", ["tool name", "optional key", "space before the call"])
+def test_a_choice_with_no_forced_text_takes_the_branch_that_fits(tok, vocab, stops, case):
+    """Where branches part without forced text between them (two tool names, an optional key before a
+    required one, the template's optional space before ``<tool_calls>``), the plan walks the shortest
+    branch, and the model's pick is masked where closing would not fit after it. The plan once took the
+    first shortest token (``"opt"``), and the window left the model free at the name: a model that wants
+    the longer branch ran out at budgets from the shorter branch's length up to its own (25-40% of random
+    walks at +5..+20 tokens; 10 of 20 at the exact minimum with the space)."""
+    if case == "optional key":
+        schema = {"type": "object", "properties": {"a": {"type": "integer"}, "opt": {"type": "integer"},
+                                                   "req": {"type": "integer"}}, "required": ["a", "req"]}
+        make = lambda: response_format_constraint(tok, {"type": "json_schema", "json_schema": {"schema": schema}},  # noqa: E731
+                                                  vocab_size=vocab, stop_token_ids=stops)
+        want, short = '{"a": 12, "opt": 345, "req": 6}', '{"a": 0, "req": 0}'
+        valid = lambda text: jsonschema.validate(json.loads(text), schema)  # noqa: E731
+    else:
+        make = lambda: tool_choice_constraint(tok, CHOICE_TOOLS, "any", call_format="jamba", vocab_size=vocab,  # noqa: E731
+                                              stop_token_ids=stops)
+        call = lambda name, args: f'<tool_calls>[\n    {json.dumps({"name": name, "arguments": args})}\n]</tool_calls>'  # noqa: E731
+        want = call("lookup_the_customer_record", {"customer_id": 1234})
+        short = call("now", {})
+        if case == "space before the call":
+            want = " " + short
+
+        def valid(text):
+            parsed = parse_output(text, "jamba")
+            assert len(parsed.tool_calls) == 1 and not parsed.invalid_tool_calls, parsed
+
+    natural = len(write_with_budget(make(), tok, 200, want))
+    shortest = len(write_with_budget(make(), tok, 200, short))
+    assert shortest < natural
+    for budget in range(shortest, natural + 2):
+        valid(decode(tok, write_with_budget(make(), tok, budget, want), stops))
+    assert decode(tok, write_with_budget(make(), tok, natural + GrammarConstraint.closing_margin, want), stops) == want
+    for seed in range(10):  # random models: the budget's last tokens hold both branches' choice
+        for budget in (shortest, shortest + 5, shortest + 15):
+            valid(decode(tok, walk_with_budget(make(), tok, budget, seed, torch.zeros(vocab)), stops))
+
+
+def test_tools_with_auto_choice_and_a_response_format_allow_a_call_or_the_answer(tok, vocab, stops):
+    """LangChain's agents bind tools and a response format together (as OpenAI takes them): the output is
+    a tool call or the JSON answer. Only the JSON grammar applied, so an agent never called its tools."""
+    from jamba_core.chat.grammar import EitherConstraint
+
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    make = lambda: EitherConstraint(  # noqa: E731
+        tool_choice_constraint(tok, BUDGET_TOOLS, "required", vocab_size=vocab, stop_token_ids=stops),
+        response_format_constraint(tok, {"type": "json_schema", "json_schema": {"schema": schema}}, vocab_size=vocab,
+                                   stop_token_ids=stops))
+    call = '<tool_calls>[\n    {"name": "add", "arguments": {"a": 1, "b": 2}}\n]</tool_calls>'
+    parsed = parse_output(decode(tok, write_with_budget(make(), tok, 100, call), stops), "jamba")
+    assert [(c["name"], c["args"]) for c in parsed.tool_calls] == [("add", {"a": 1, "b": 2})]
+    for answer in ('{"city": "Paris"}', ' {"city": "Paris"}'):  # a leading space fits both until the next token
+        assert json.loads(decode(tok, write_with_budget(make(), tok, 100, answer), stops)) == {"city": "Paris"}
+    for seed in range(10):  # random models end in one or the other, within the budget
+        text = decode(tok, walk_with_budget(make(), tok, 60, seed, torch.zeros(vocab)), stops)
+        if "<tool_calls>" in text:
+            assert parse_output(text, "jamba").tool_calls
+        else:
+            jsonschema.validate(json.loads(text), schema)
+    with pytest.raises(ValueError, match="neither tool calls nor the response format"):
+        make().accept(tok.convert_tokens_to_ids("]"))
+
+
+def test_chat_with_tools_and_a_response_format_ends_in_a_call_or_the_answer(tiny_engine):
+    from jamba_core.chat.api import _constraint, chat
+    from jamba_core.chat.grammar import EitherConstraint
+
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "w", "schema": schema}}
+    assert isinstance(_constraint(tiny_engine, BUDGET_TOOLS, "auto", fmt), EitherConstraint)
+    assert not isinstance(_constraint(tiny_engine, BUDGET_TOOLS, "none", fmt), EitherConstraint)
+    for seed in range(4):
+        result = chat(tiny_engine, [{"role": "user", "content": "Weather in Paris?"}], tools=BUDGET_TOOLS, response_format=fmt,
+                      max_new_tokens=80, temperature=1.0, seed=seed)
+        if result.tool_calls:
+            assert not result.invalid_tool_calls and result.tool_calls[0]["name"] in BUDGET_SCHEMAS
+        else:
+            jsonschema.validate(json.loads(result.content), schema)
+
+
+def test_a_response_format_holds_with_tool_choice_none(tiny_engine):
+    """tool_choice="none" only banned the call markers, and the response format was dropped."""
+    from jamba_core.chat.api import chat
+
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    result = chat(tiny_engine, [{"role": "user", "content": "Weather in Paris?"}], tools=BUDGET_TOOLS, tool_choice="none",
+                  response_format={"type": "json_schema", "json_schema": {"name": "w", "schema": schema}}, max_new_tokens=80)
+    assert not result.tool_calls
+    jsonschema.validate(json.loads(result.content), schema)

@@ -539,6 +539,70 @@ def test_a_streamed_structured_answer_ends_as_invoke_ends(tiny_checkpoint):
     assert len(streamed) > 10 and streamed[0] == {}
 
 
+def test_include_raw_returns_the_parsing_error_when_streamed_too(tiny_checkpoint):
+    """``include_raw=True`` promises the error instead of raising: LangChain's fallback catches only
+    errors raised before a stream's first chunk, so the stream raised where invoke returned it."""
+    class Joke(BaseModel):
+        setup: str
+        punchline: str
+
+    llm = ChatJamba(model=str(tiny_checkpoint), max_tokens=6)
+    for method in ("function_calling", "json_schema"):
+        runnable = llm.with_structured_output(Joke, method=method, include_raw=True)
+        invoked = runnable.invoke("Tell me a joke")
+        for chunks in (list(runnable.stream("Tell me a joke")), asyncio.run(_collect(runnable.astream("Tell me a joke")))):
+            assert any("raw" in c for c in chunks)
+            assert chunks[-1]["parsed"] is None and "cut off at max_tokens" in str(chunks[-1]["parsing_error"])
+        assert invoked["parsed"] is None and "cut off at max_tokens" in str(invoked["parsing_error"])
+    whole = ChatJamba(model=str(tiny_checkpoint), max_tokens=400).with_structured_output(Joke, include_raw=True)
+    last = list(whole.stream("Tell me a joke"))[-1]
+    assert isinstance(last["parsed"], Joke) and last["parsing_error"] is None
+
+
+def test_a_forced_call_that_does_not_parse_raises_instead_of_returning_none():
+    """The tool parsers return None when there is no valid call; a forced call's answer is then an error
+    (a stop string once cut the call's framing, and `invoke` returned None)."""
+    from langchain_core.exceptions import OutputParserException
+    from langchain_core.outputs import ChatGeneration
+
+    from langchain_jamba.chat_models import _JsonOutputKeyToolsParser, _PydanticToolsParser
+
+    class Joke(BaseModel):
+        setup: str
+
+    broken = AIMessage("", invalid_tool_calls=[{"type": "invalid_tool_call", "name": None, "args": "[", "id": None,
+                                                 "error": "the tool-call JSON is incomplete"}],
+                       response_metadata={"finish_reason": "stop"})
+    for parser in (_PydanticToolsParser(tools=[Joke], first_tool_only=True),
+                   _JsonOutputKeyToolsParser(key_name="Joke", first_tool_only=True)):
+        with pytest.raises(OutputParserException, match="no valid call.*'stop'.*incomplete"):
+            parser.parse_result([ChatGeneration(message=broken)])
+
+
+def test_a_stop_given_as_one_string_is_one_stop_string():
+    llm = ChatJamba(model=HUB_ID)
+    assert llm._request([HumanMessage("hi")], "fox", {}).params["stop"] == ["fox"]
+    assert ChatJamba(model=HUB_ID, stop=["fox", "dog"])._request([HumanMessage("hi")], None, {}).params["stop"] == ["fox", "dog"]
+
+
+def test_a_loaded_model_pickles_and_deep_copies(tiny_checkpoint):
+    import copy
+    import pickle
+
+    llm = ChatJamba(model=str(tiny_checkpoint), max_tokens=3)
+    first = llm.invoke("hi").content
+    assert copy.deepcopy(llm).engine is llm.engine  # shared, not copied
+    again = pickle.loads(pickle.dumps(llm))
+    assert again.model == llm.model and again.invoke("hi").content == first
+
+
+def test_no_room_for_an_answer_says_so_when_max_tokens_is_none(tiny_checkpoint):
+    llm = ChatJamba(model=str(tiny_checkpoint), max_tokens=None)
+    window = llm.engine.context_window
+    with pytest.raises(ValueError, match=rf"the prompt takes \d+ tokens, and the model's context window is {window}: no room"):
+        llm.invoke("word " * (window + 10))
+
+
 async def _collect(stream) -> list:
     return [item async for item in stream]
 

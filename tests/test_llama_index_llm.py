@@ -213,6 +213,15 @@ def test_per_call_settings_override_fields(llm):
     assert sampled[0] == sampled[1]
 
 
+def test_formatted_complete_refuses_what_needs_the_chat_template(llm):
+    """Documents, citations, tools and a response format go through the chat template, which formatted
+    text bypasses: they were accepted and dropped."""
+    for kwargs in (dict(documents=["The Pequod sails."]), dict(citations=True), dict(response_format={"type": "json_object"})):
+        with pytest.raises(TypeError, match=r"formatted=True.*\['(documents|citations|response_format)'\]"):
+            llm.complete("Hi", formatted=True, **kwargs)
+    assert llm.complete("Hi", formatted=True, max_new_tokens=2).raw["usage"]["completion_tokens"] == 2
+
+
 def test_an_unknown_per_call_keyword_is_refused(llm):
     """A misspelt setting used to be ignored (the call ran with the field's value)."""
     for call in (lambda: llm.chat(QUESTION, max_token=3), lambda: llm.complete("Hi", temprature=0.5),

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Iterator
 
 if TYPE_CHECKING:  # the engine imports the tokenizer, which imports this package's template
     from ..engine import Engine, Timings, Usage
-from .grammar import response_format_constraint, tool_choice_constraint
+from .grammar import EitherConstraint, GrammarConstraint, response_format_constraint, tool_choice_constraint
 from .tool_calls import Citations, ContentDelta, InvalidToolCall, StreamingToolCallParser, ToolCallChunk, detect_call_format
 
 
@@ -48,13 +48,22 @@ def call_format(engine: Engine) -> str:
 
 
 def _constraint(engine: Engine, tools, tool_choice, response_format, parallel_tool_calls=True):
-    if tools and tool_choice not in (None, "auto"):
+    """The constraint for a request: a forced call (tool_choice a name, "any", "required"); else the
+    response format's (with tools and "auto": a call or the answer; with "none": the answer); else
+    "none"'s ban on call markers; else None (free text)."""
+    if tools and tool_choice not in (None, "auto", "none") or tools and tool_choice == "none" and response_format is None:
         return tool_choice_constraint(engine.tokenizer, tools, tool_choice, call_format=call_format(engine),
                                       vocab_size=engine.config.vocab_size, stop_token_ids=engine.stop_ids,
                                       parallel_tool_calls=parallel_tool_calls)
     if response_format is not None:
-        return response_format_constraint(engine.tokenizer, response_format, vocab_size=engine.config.vocab_size,
-                                          stop_token_ids=engine.stop_ids)
+        answer = response_format_constraint(engine.tokenizer, response_format, vocab_size=engine.config.vocab_size,
+                                            stop_token_ids=engine.stop_ids)
+        if tools and tool_choice in (None, "auto") and isinstance(answer, GrammarConstraint):
+            calls = tool_choice_constraint(engine.tokenizer, tools, "required", call_format=call_format(engine),
+                                           vocab_size=engine.config.vocab_size, stop_token_ids=engine.stop_ids,
+                                           parallel_tool_calls=parallel_tool_calls)
+            return EitherConstraint(calls, answer)  # call a tool, or answer in the format
+        return answer
     return None
 
 

@@ -335,9 +335,13 @@ class GrammarConstraint:
     masked (`_guard`). Earlier steps are untouched.
     """
 
+    stop_strings_apply = False  # the engine's stop strings end free text, not a call or JSON answer (its
+    # fixed text holds newlines: stop=["\n"] cut '<tool_calls>[' after four tokens)
     closing_margin = 1
     guard_window = 8
     last_item_window = 64
+    check_count = 8
+    branch_count = 4
 
     def __init__(self, ctx: _Context, steps: list[_TokenStep | _GrammarStep], stop_ids: Iterable[int]):
         self.remaining_tokens: int | None = None
@@ -348,6 +352,7 @@ class GrammarConstraint:
         self._lookahead = _xgr().allocate_token_bitmask(1, ctx.vocab_size)  # for `_prefer_closing`, `_closing_need`
         self._probe = _xgr().allocate_token_bitmask(1, ctx.vocab_size)  # `_closing_choice`'s one token of lookahead
         self._ids_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._grammar_needs: dict[int, int] = {}  # `_walk_grammar_steps`
         self._matcher = None
         self._enter(0)
 
@@ -380,8 +385,12 @@ class GrammarConstraint:
         if self._matcher is None:  # a forced-token step (or done)
             ids = self._ids(self._at, logits.device)
             if self._at != END and self.remaining_tokens is not None and self.remaining_tokens <= self.last_item_window:
-                # no new call opens near the budget's end where the output can end instead
-                ending = [i for i, to in self._steps[self._at].next.items() if self._tail(to) < self.remaining_tokens]
+                # no new call opens near the budget's end where the output can end instead, and no
+                # optional token (the space before "<tool_calls>") is taken where the call would not fit
+                self._walk_grammar_steps()
+                nexts = self._steps[self._at].next.items()
+                ending = ([i for i, to in nexts if self._tail(to) < self.remaining_tokens]
+                          or [i for i, to in nexts if self._tail(to, through_grammar=True) < self.remaining_tokens])
                 if ending:
                     ids = torch.tensor(sorted(ending), dtype=torch.long, device=logits.device)
             ids = ids[ids < logits.shape[-1]]
@@ -405,9 +414,57 @@ class GrammarConstraint:
             logits[..., self._ctx.token_count:] = float("-inf")
         if self.remaining_tokens is not None and self.remaining_tokens <= self.last_item_window:
             need = self._planned_need(self.remaining_tokens)
-            if need + self.closing_margin < self.remaining_tokens <= need + self.guard_window:
+            strict = self.remaining_tokens <= need + self.closing_margin
+            if not strict and self.remaining_tokens <= need + self.guard_window:
                 self._guard(logits)
-            self._prefer_closing(logits, strict=self.remaining_tokens <= need + self.closing_margin)
+            self._prefer_closing(logits, strict=strict)
+            self._check_likeliest(logits, need, strict)
+
+    def _check_likeliest(self, logits: torch.Tensor, need: int, strict: bool) -> None:
+        """In the last ``last_item_window`` tokens, mask the model's likeliest tokens while a walk shows
+        that closing would no longer fit after them (up to ``check_count`` of them), so that the token a
+        greedy decoder takes leaves room to close. `_guard` and `_closing_choice` handle the tokens that
+        open more structure; this covers choices with no forced text between them, which may come long
+        before the end: a longer tool name, an optional key, an enum value. The plan's own token, and text
+        inside a string that keeps the plan (`accept`), are judged by the plan's ``need`` without a walk,
+        as are, further than ``guard_window`` from the plan, tokens that open nothing (no quote, brace,
+        bracket or comma; inside a string, no quote or backslash) and commit to no forced text (a digit,
+        string text: xgrammar's jump-forward string after them is empty).
+        Where every allowed token fails, the plan's next token is kept; where the plan itself does not
+        fit (a budget under the structure's length), nothing is checked."""
+        room = self.remaining_tokens - 1 - (0 if strict else self.closing_margin)
+        if need > room + 1:  # not even the plan fits (need counts this token): the closing window does what it can
+            return
+        exits = set(self._steps[self._at].next)
+        planned = self._plan[1][0] if self._plan is not None and self._plan[1] else None
+        string = self._string_state()
+        near = self.remaining_tokens <= need + self.guard_window
+        masked = []
+        for _ in range(self.check_count):
+            t = int(torch.argmax(logits))
+            if not torch.isfinite(logits[t]) or t == planned or t in exits:
+                break
+            if self._matcher.accept_token(t):
+                if planned is not None and string == (True, False) and not re.search(rb'["\\]', self._ctx.texts[t]):
+                    self._matcher.fill_next_token_bitmask(self._probe)
+                    keeps_plan = bool(_bits(self._probe, torch.tensor([planned]))[0])
+                else:
+                    keeps_plan = False
+                if keeps_plan:  # string text after which the plan holds (`accept`, `_planned_need`)
+                    after = need
+                elif (not near and not re.search(rb'["\\]' if string[0] else rb'["{\[,]', self._ctx.texts[t])
+                      and not self._matcher.find_jump_forward_string()):
+                    after = need  # far from the end, a token that opens nothing and commits to no forced text
+                else:
+                    after, _ = self._closing_need(room + 1, _scan_string(string, self._ctx.texts[t]))
+                self._matcher.rollback(1)
+                if after <= room:
+                    break
+            masked.append((t, float(logits[t])))
+            logits[t] = float("-inf")
+        if masked and not torch.isfinite(logits).any():
+            keep = planned if planned is not None else masked[0][0]
+            logits[keep] = dict(masked).get(keep, 0.0)
 
     def _guard(self, logits: torch.Tensor) -> None:
         """Near the closing window, mask the tokens that may raise what closing needs
@@ -437,14 +494,30 @@ class GrammarConstraint:
         if not torch.isfinite(logits).any():
             logits.index_copy_(-1, risky, saved)
 
-    def _tail(self, index: int, seen: frozenset = frozenset()) -> int:
-        """Forced tokens from step ``index`` to the end (shortest path through token steps; END: 0)."""
+    def _walk_grammar_steps(self) -> None:
+        """Once, from a token step: each grammar step's `_closing_need` from its start (the shortest
+        output the walk finds, with its exit and what follows), for `_tail`."""
+        if self._grammar_needs or self._matcher is not None:
+            return
+        at = self._at
+        for index, step in enumerate(self._steps):
+            if isinstance(step, _GrammarStep):
+                self._enter(index)
+                self._grammar_needs[index] = self._closing_need(self.last_item_window + 1, branch=True)[0]
+        self._enter(at)
+
+    def _tail(self, index: int, seen: frozenset = frozenset(), through_grammar: bool = False) -> int:
+        """Tokens from step ``index`` to the end along the shortest path: forced tokens through token
+        steps, and with ``through_grammar`` a grammar step's walked length (`_walk_grammar_steps`);
+        END: 0; no such path: 2**20."""
         if index == END:
             return 0
         step = self._steps[index]
-        if isinstance(step, _GrammarStep) or index in seen:
+        if isinstance(step, _GrammarStep):
+            return self._grammar_needs.get(index, 1 << 20) if through_grammar else 1 << 20
+        if index in seen:
             return 1 << 20
-        return 1 + min(self._tail(i, seen | {index}) for i in step.next.values())
+        return 1 + min(self._tail(i, seen | {index}, through_grammar) for i in step.next.values())
 
     def _string_state(self) -> tuple[bool, bool]:
         """(inside a JSON string, after its backslash) at the end of this grammar step's text so far (its
@@ -464,15 +537,18 @@ class GrammarConstraint:
         string at its maximum length, a character's bytes still to come)."""
         if self._plan is not None and self._plan[1] and _bits(self._bitmask, torch.tensor(self._plan[1][:1]))[0]:
             return min(limit, self._plan[0])
-        need, walk = self._closing_need(limit)
+        need, walk = self._closing_need(limit, branch=True)
         self._plan = (need, walk)
         return need
 
-    def _closing_need(self, limit: int, string: tuple[bool, bool] | None = None) -> tuple[int, list[int]]:
+    def _closing_need(self, limit: int, string: tuple[bool, bool] | None = None,
+                      branch: bool = False) -> tuple[int, list[int]]:
         """(tokens that ending the output takes from here: the rest of this grammar step, its exit token
         and the forced tokens after it, at most ``limit``; the walk's tokens). The walk on the matcher
         (rolled back after) takes one of the tokens the closing window keeps (`_closing_choice`) at each
-        step, so it is what the window writes, up to where it leaves the model free (rare)."""
+        step, so it is what the window writes; where that leaves a choice (or the model free), the first
+        of the shortest tokens, or with ``branch`` the one whose own walk is shortest (`_shortest_branch`:
+        a shorter tool name, a required key rather than an optional one)."""
         ctx, step = self._ctx, self._steps[self._at]
         exits = torch.tensor(sorted(step.next), dtype=torch.long)
         exits = exits[exits < ctx.vocab_size]
@@ -484,7 +560,9 @@ class GrammarConstraint:
                     return min(limit, len(walk) + 1 + min(self._tail(i) for i in step.next.values())), walk
                 keep = self._closing_choice(self._lookahead, string)
                 if keep is None:
-                    keep = ctx.shortest_allowed(self._lookahead, 1)
+                    keep = ctx.shortest_allowed(self._lookahead, 16 if branch else 1)
+                if branch and len(keep) > 1:
+                    keep = self._shortest_branch(keep, string, limit - len(walk))
                 if not len(keep) or not self._matcher.accept_token(int(keep[0])):
                     return limit, walk
                 walk.append(int(keep[0]))
@@ -493,6 +571,27 @@ class GrammarConstraint:
         finally:
             if walk:
                 self._matcher.rollback(len(walk))
+
+    def _shortest_branch(self, tokens: torch.Tensor, string: tuple[bool, bool], limit: int) -> torch.Tensor:
+        """Of ``tokens`` (allowed here), the one after which closing takes fewest tokens (one-element
+        tensor). Only tokens that lead to different forced text (xgrammar's jump-forward string: the rest
+        of a key or tool name) are walked, at most ``branch_count`` of them; where all lead to the same
+        (digits, string content), the first."""
+        leads: dict[str, int] = {}
+        for t in tokens.tolist():
+            if self._matcher.accept_token(t):
+                leads.setdefault(self._matcher.find_jump_forward_string(), t)
+                self._matcher.rollback(1)
+        if len(leads) < 2:
+            return tokens[:1]
+        best, best_need = int(tokens[0]), limit + 1
+        for t in list(leads.values())[:self.branch_count]:
+            if self._matcher.accept_token(t):
+                need, _ = self._closing_need(best_need - 1, _scan_string(string, self._ctx.texts[t]))
+                self._matcher.rollback(1)
+                if need + 1 < best_need:
+                    best, best_need = t, need + 1
+        return torch.tensor([best])
 
     def _closing_choice(self, mask: torch.Tensor, string: tuple[bool, bool]) -> torch.Tensor | None:
         """The tokens the closing window keeps (ids, CPU) where the grammar's ``mask`` (an xgrammar
@@ -632,6 +731,57 @@ class BannedTokensConstraint:
     def is_terminated(self) -> bool:
         """True after a stop token."""
         return self._done
+
+
+class EitherConstraint:
+    """Tools with ``tool_choice="auto"`` and a ``response_format`` together (LangChain's agents bind
+    both, as OpenAI takes them): the output is either tool calls or the JSON answer. Both constraints
+    run side by side while the text so far fits both (a leading space); the mask is the union of those
+    still alive, and a token drops those that do not allow it."""
+
+    stop_strings_apply = False
+
+    def __init__(self, *constraints: GrammarConstraint):
+        self._alive = list(constraints)
+
+    @property
+    def remaining_tokens(self) -> int | None:
+        return self._alive[0].remaining_tokens
+
+    @remaining_tokens.setter
+    def remaining_tokens(self, value: int | None) -> None:
+        for c in self._alive:
+            c.remaining_tokens = value
+
+    def mask_logits(self, logits: torch.Tensor) -> None:
+        """Set the logits of tokens that no live constraint allows to -inf, in place. ``logits``: (vocab,)."""
+        if len(self._alive) == 1:
+            self._alive[0].mask_logits(logits)
+            return
+        allowed = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+        for c in self._alive:
+            masked = logits.clone()
+            c.mask_logits(masked)
+            allowed |= torch.isfinite(masked)
+        logits.masked_fill_(~allowed, float("-inf"))
+
+    def accept(self, token_id: int) -> None:
+        """Advance the constraints that allow ``token_id`` and drop the others. Raises ValueError when
+        none does."""
+        alive, errors = [], []
+        for c in self._alive:
+            try:
+                c.accept(token_id)
+                alive.append(c)
+            except ValueError as error:
+                errors.append(str(error))
+        if not alive:
+            raise ValueError(f"token {token_id} allowed by neither tool calls nor the response format: {errors}")
+        self._alive = alive
+
+    def is_terminated(self) -> bool:
+        """True once a live constraint's output is complete."""
+        return any(c.is_terminated() for c in self._alive)
 
 
 # -- schemas -----------------------------------------------------------------------------------------
