@@ -289,8 +289,14 @@ class ChatJamba(BaseChatModel):
 
         ```python
         {'model_name': 'ai21labs/AI21-Jamba-Mini-1.7', 'model_provider': 'jamba-local', 'finish_reason': 'stop',
-         'time_to_first_token': 0.41, 'prefill_tokens_per_s': 90.2, 'decode_tokens_per_s': 21.7, 'citations': []}
+         'time_to_first_token': 0.41, 'prefill_tokens_per_s': 90.2, 'decode_tokens_per_s': 21.7, 'citations': [],
+         'invalid_tool_calls': []}
         ```
+
+        ``invalid_tool_calls`` there holds each unusable call as written, with its error. A stream's
+        merged message needs it: LangChain rebuilds ``invalid_tool_calls`` from the chunks, without the
+        error, and the chunks end an invalid call's arguments with a bracket that keeps LangChain from
+        repairing it into a callable one.
     """
 
     model: str | None = Field(default_factory=from_env("JAMBA_LOCAL_MODEL", default=None), alias="model_name")
@@ -757,7 +763,10 @@ def _convert_message(message: BaseMessage) -> dict[str, Any]:
     elif isinstance(message, AIMessage):
         out = {"role": "assistant", "content": _text_of(message.content, "assistant", drop_other=True)}
         calls = [_openai_tool_call(c["id"], c["name"], c["args"]) for c in message.tool_calls]
-        calls += [_openai_tool_call(c.get("id"), c.get("name") or "", c.get("args") or "")
+        # a stream's invalid call ends with text added to keep LangChain from repairing it (`_to_chunk`):
+        # the history shows what the model wrote, which the last chunk's metadata keeps
+        written = {c.get("id"): c.get("args") for c in message.response_metadata.get("invalid_tool_calls") or []}
+        calls += [_openai_tool_call(c.get("id"), c.get("name") or "", written.get(c.get("id"), c.get("args")) or "")
                   for c in message.invalid_tool_calls if c.get("name")]
         if calls:
             out["tool_calls"] = calls
@@ -906,6 +915,7 @@ def _response_metadata(result: Any, model_name: str) -> dict[str, Any]:
         meta["prefill_tokens_per_s"] = timings.prefill_tokens_per_s
         meta["decode_tokens_per_s"] = timings.decode_tokens_per_s
     meta["citations"] = list(result.citations)
+    meta["invalid_tool_calls"] = [dict(c) for c in result.invalid_tool_calls]  # as written, with the error
     return meta
 
 

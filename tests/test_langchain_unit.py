@@ -303,7 +303,7 @@ def test_result_becomes_ai_message_with_usage_and_metadata():
                                   "input_token_details": {"cache_read": 3}}
     assert msg.response_metadata == {"model_name": "my-model", "model_provider": "jamba-local", "finish_reason": "stop",
                                      "time_to_first_token": 0.5, "prefill_tokens_per_s": 27.5,
-                                     "decode_tokens_per_s": 15.0, "citations": [1]}
+                                     "decode_tokens_per_s": 15.0, "citations": [1], "invalid_tool_calls": []}
 
 
 def test_result_tool_calls_and_invalid_tool_calls():
@@ -601,6 +601,36 @@ def test_no_room_for_an_answer_says_so_when_max_tokens_is_none(tiny_checkpoint):
     window = llm.engine.context_window
     with pytest.raises(ValueError, match=rf"the prompt takes \d+ tokens, and the model's context window is {window}: no room"):
         llm.invoke("word " * (window + 10))
+
+
+def test_a_call_cut_in_its_arguments_goes_back_into_the_history_as_written(tiny_checkpoint):
+    """invoke's invalid call held the whole call object as its args, and the stream's a bracket added to
+    keep LangChain from repairing it: sent back in the history (an agent keeps the message), the prompt
+    showed the call's envelope twice, or the bracket. Both now render what the model wrote."""
+    from langchain_jamba.chat_models import _convert_messages
+
+    tools = [{"type": "function", "function": {"name": "add", "description": "Add.", "parameters": {
+        "type": "object", "properties": {"a": {"type": "string"}, "b": {"type": "string"}}, "required": ["a", "b"]}}}]
+    found = 0
+    for budget in range(14, 40, 2):
+        bound = ChatJamba(model=str(tiny_checkpoint), max_tokens=budget).bind_tools(tools, tool_choice="add")
+        invoked = bound.invoke("add 2 and 5")
+        if (not invoked.invalid_tool_calls or "incomplete" not in (invoked.invalid_tool_calls[0]["error"] or "")
+                or invoked.invalid_tool_calls[0]["args"].startswith('{"name"')):  # cut before its arguments
+            continue
+        streamed = None
+        for chunk in bound.stream("add 2 and 5"):
+            streamed = chunk if streamed is None else streamed + chunk
+        assert not streamed.tool_calls and streamed.invalid_tool_calls
+        args = invoked.invalid_tool_calls[0]["args"]
+        assert args.startswith("{")
+        histories = [_convert_messages([HumanMessage("add"), m])[-1]["tool_calls"] for m in (invoked, streamed)]
+        assert histories[0] == [{**histories[1][0], "id": histories[0][0]["id"]}]
+        assert histories[0][0]["function"]["arguments"] == args
+        # a stream's merged invalid call has no error (LangChain rebuilds it from the chunks): the metadata has it
+        assert "incomplete" in streamed.response_metadata["invalid_tool_calls"][0]["error"]
+        found += 1
+    assert found
 
 
 async def _collect(stream) -> list:

@@ -70,7 +70,8 @@ class ToolCallChunk:
 
 @dataclass(frozen=True)
 class InvalidToolCall:
-    """Call ``index`` cannot be used (discard any chunks it had): ``args`` is its raw text."""
+    """Call ``index`` cannot be used (discard any chunks it had): ``args`` is the raw text of its
+    arguments where the output ended inside them (what its chunks sent), else the call's raw text."""
 
     index: int
     id: str
@@ -595,6 +596,8 @@ class StreamingToolCallParser:
             self._next_index += 1
         else:
             index, call_id = call.index, call.id
+        if call is not None and call.args_kind == "raw" and call.args and not call.args_done:
+            raw = "".join(call.args)  # cut off in its arguments: those, as their chunks were sent
         events.append(InvalidToolCall(index, call_id, call.name if call else None, raw, error))
 
     def _fail(self, buf: str, i: int, message: str) -> None:
