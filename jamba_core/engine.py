@@ -18,7 +18,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .cache import HybridCache, PrefixCache
+from .cache import KV_BLOCK, HybridCache, PrefixCache
 from .config import JambaConfig, load_config
 from .loading import load_model, resolve_checkpoint
 from .memory import _dtype, estimate_memory
@@ -26,6 +26,7 @@ from .tokenizer import control_token_ids, load_tokenizer, stop_token_ids
 
 DEFAULT_PREFILL_CHUNK = 2048
 DEFAULT_PREFIX_CACHE_BYTES = 1 << 30
+ANSWER_RESERVE = 4 * KV_BLOCK  # tokens of K/V room a generation allocates up front for its answer
 
 
 @dataclass
@@ -297,7 +298,10 @@ class Engine:
 
     def _generate(self, ids, max_new_tokens, temperature, top_p, top_k, seed, stops, constraint):
         t0 = time.perf_counter()
-        cache, reused, logits = self.start(ids, capacity=len(ids) + max_new_tokens)
+        # K/V room for the answer up front, up to `ANSWER_RESERVE` tokens (the cache grows past it by
+        # KV_BLOCK): max_new_tokens may be the whole window (ChatJamba's max_tokens=None), 4 GiB of K/V
+        # for Jamba 1.5 Mini at 256K, which a GPU would hold for every short answer
+        cache, reused, logits = self.start(ids, capacity=len(ids) + min(max_new_tokens, ANSWER_RESERVE))
         t_prefill = time.perf_counter()
         generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
         out_ids: list[int] = []

@@ -202,6 +202,23 @@ def test_stop_strings_end_free_text_but_not_a_constrained_call(tiny_engine):
     assert stop not in tiny_engine.generate(PROMPT, max_new_tokens=40, stop=[stop]).text
 
 
+def test_a_long_answer_budget_does_not_allocate_the_whole_window_up_front(tiny_engine, monkeypatch):
+    """max_new_tokens may be the rest of the window (ChatJamba's max_tokens=None): the K/V for all of it
+    was allocated for every call (384 MiB for a 22-token chat on the tiny model; 4 GiB for Jamba 1.5
+    Mini at 256K, held on a GPU). Room for `ANSWER_RESERVE` tokens is made up front, and the cache grows
+    past it as the answer does."""
+    from jamba_core.engine import ANSWER_RESERVE
+
+    asked = []
+    start = tiny_engine.start
+    monkeypatch.setattr(tiny_engine, "start", lambda ids, capacity=0: asked.append(capacity) or start(ids, capacity))
+    ids = tiny_engine.encode(PROMPT)
+    window = tiny_engine.context_window
+    short = tiny_engine.generate(ids, max_new_tokens=window - len(ids), stop=[" "])
+    assert window - len(ids) > ANSWER_RESERVE and asked == [len(ids) + ANSWER_RESERVE]
+    assert short.text == tiny_engine.generate(ids, max_new_tokens=8, stop=[" "]).text
+
+
 def test_rejects_prompts_and_counts_of_the_wrong_kind(tiny_engine):
     vocab = tiny_engine.config.vocab_size
     for ids in ([vocab], [-1], [1, 2, vocab + 7]):
