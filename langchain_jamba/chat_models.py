@@ -250,8 +250,12 @@ class ChatJamba(BaseChatModel):
         `method="json_schema"` constrains the answer to JSON that validates against it. Either way the
         output parses: as `max_tokens` runs out the grammar closes it in the tokens left (a string value
         that does not fit is shortened, one that fits is kept). Only a budget under the structure's own
-        length cuts it off: then invoking raises `OutputParserException` saying so (raise `max_tokens`). `include_raw=True` returns the raw message and any parsing error
-        instead of raising.
+        length cuts it off: then invoking (or streaming) raises `OutputParserException` saying so (raise
+        `max_tokens`). `include_raw=True` returns the raw message and any parsing error instead of raising.
+
+        Tools and a `response_format` bound together with `tool_choice="auto"` (LangChain's
+        `create_agent(..., response_format=...)` binds both) constrain the answer to a tool call or the
+        JSON: the model chooses.
 
     JSON mode:
         ```python
@@ -318,7 +322,8 @@ class ChatJamba(BaseChatModel):
     """Seed of the sampler, for repeatable sampled output."""
 
     stop: list[str] | None = None
-    """Strings that end generation; the stop string is not part of the output."""
+    """Strings that end generation; the stop string is not part of the output. They end free text only:
+    a forced tool call or a JSON answer is not cut (its own text may hold one, such as a newline)."""
 
     citations: bool = False
     """Turn on Jamba's citation mode: the answer cites the documents it used (see `response_metadata`)."""
