@@ -651,3 +651,18 @@ def test_a_response_format_holds_with_tool_choice_none(tiny_engine):
                   response_format={"type": "json_schema", "json_schema": {"name": "w", "schema": schema}}, max_new_tokens=80)
     assert not result.tool_calls
     jsonschema.validate(json.loads(result.content), schema)
+
+
+def test_a_structure_longer_than_the_window_is_planned_from_far_enough_back(tok, vocab, stops):
+    """Planning began 64 tokens before the budget's end whatever the structure: a random model that spent
+    the slack early in an object whose shortest form is over 64 tokens ran out (all of 10 walks, at
+    budgets up to its minimum + 60). The window now starts at the shortest form + 64 tokens."""
+    props = {f"field_number_{i}_of_the_record": {"type": "string"} for i in range(6)}
+    schema = {"type": "object", "properties": props, "required": list(props)}
+    make = lambda: response_format_constraint(tok, {"type": "json_schema", "json_schema": {"schema": schema}},  # noqa: E731
+                                              vocab_size=vocab, stop_token_ids=stops)
+    shortest = len(write_with_budget(make(), tok, 400, json.dumps({k: "" for k in props})))
+    assert shortest > GrammarConstraint.last_item_window
+    for seed in range(3):
+        for budget in (shortest, shortest + 40):
+            jsonschema.validate(json.loads(decode(tok, walk_with_budget(make(), tok, budget, seed, torch.zeros(vocab)), stops)), schema)
