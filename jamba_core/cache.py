@@ -9,6 +9,8 @@ grow with the context).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from .config import JambaConfig, d_inner, is_attention_layer
@@ -26,6 +28,11 @@ class KVStore:
         self.k = torch.empty(batch, kv_heads, capacity, head_dim, dtype=dtype, device=device)
         self.v = torch.empty_like(self.k)
         self.pinned: dict[int, int] = {}
+        self.writer: weakref.ref | None = None  # the `KVCache` appending to this store, while it lives
+
+    def in_use(self) -> bool:
+        """True while a live cache appends to this store (a request in progress, or a paused stream)."""
+        return self.writer is not None and self.writer() is not None
 
     def reserve(self, tokens: int, keep: int) -> None:
         """Grow capacity to at least ``tokens`` (rounded up to ``KV_BLOCK``), keeping ``keep`` positions."""
@@ -63,6 +70,7 @@ class KVCache:
     def __init__(self, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device, capacity: int = 0,
                  store: KVStore | None = None, length: int = 0):
         self.store = store if store is not None else KVStore(batch, kv_heads, head_dim, dtype, device, capacity)
+        self.store.writer = weakref.ref(self)
         self.length = length
 
     @property
@@ -182,14 +190,16 @@ class CacheSnapshot:
 
     def restore(self, config: JambaConfig, capacity: int = 0) -> HybridCache:
         """A cache at this snapshot's position. K/V continue in place when no other snapshot needs the
-        positions after it, otherwise the prefix is copied to a new store (a fork)."""
+        positions after it and no live cache is appending to the store, otherwise the prefix is copied
+        to a new store (a fork). (Two streams read in turn in one thread both continued in place from
+        one snapshot and wrote their K/V over each other's.)"""
         cache = HybridCache.__new__(HybridCache)
         cache.layers = []
         for entry in self.layers:
             if isinstance(entry[0], KVStore):
                 store, length = entry
                 others_need_more = any(n > length for sid, n in store.pinned.items() if sid != id(self))
-                if others_need_more:
+                if others_need_more or store.in_use():
                     store = store.copy_prefix(length, capacity)
                 kv = KVCache(0, 0, 0, None, None, store=store, length=length)
                 kv.reserve(capacity)

@@ -402,6 +402,8 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, g
         drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     probs = torch.softmax(logits, -1)
+    if generator is not None and probs.device != generator.device:  # a seeded draw on CUDA logits: CPU generator
+        probs = probs.to(generator.device)
     return int(torch.multinomial(probs, 1, generator=generator))
 
 

@@ -108,3 +108,24 @@ def test_pinned_documents_make_each_question_cost_only_its_tokens(tiny_engine):
         assert result.usage.cached_tokens == len(handle)
         assert result.usage.prompt_tokens - result.usage.cached_tokens < 20
     tiny_engine.release(handle)
+
+
+def test_streams_read_in_turn_in_one_thread_do_not_write_over_each_other(engines):
+    """The engine's lock is re-entrant, so a second stream opened in the same thread runs while the first
+    is paused. Both resumed in place from one snapshot and wrote their K/V into the same positions: the
+    outputs changed with no error. A store a live cache appends to is now forked instead."""
+    reuse, fresh = engines
+    prompt = reuse.encode("Call me Ishmael. Some years ago, never mind how long")
+    longer = prompt + reuse.encode(" The whale, the sea and the harpooneer")[1:]
+    want = [fresh.generate(ids, max_new_tokens=20).token_ids for ids in (prompt, longer)]
+    reuse.generate(prompt, max_new_tokens=1)  # leaves a snapshot of the prompt to resume from
+    streams = [reuse.stream(ids, max_new_tokens=20) for ids in (prompt, longer)]
+    got: list[list[int]] = [[], []]
+    for a, b in zip(*streams):
+        got[0] += a.token_ids
+        got[1] += b.token_ids
+    for i, stream in enumerate(streams):
+        for chunk in stream:
+            got[i] += chunk.token_ids
+    assert got == want
+
