@@ -92,10 +92,11 @@ class Engine:
         self._control_ids = control_token_ids(tokenizer)
         self.lock = threading.RLock()
         self.last_request: dict | None = None  # usage, timings and cache bytes of the latest request
-        # prefix-state reuse: snapshots at message boundaries (after each <|eom|>) and at the end of
+        # prefix-state reuse: snapshots at message boundaries (after each <|eom|> or <|im_end|>) and at the end of
         # every prompt; 0 bytes turns it off
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
-        self._boundary_id = tokenizer.get_vocab().get("<|eom|>")
+        vocab = tokenizer.get_vocab()
+        self._boundary_ids = {vocab[t] for t in ("<|eom|>", "<|im_end|>") if t in vocab}  # Jamba's and ChatML's
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id, dtype="float32", device="cpu", quantization: str | None = None,
@@ -255,7 +256,7 @@ class Engine:
     def _prefill_with_snapshots(self, ids: list[int], cache: HybridCache, start: int) -> torch.Tensor:
         if self.prefix_cache.budget_bytes <= 0:
             return self.prefill(torch.tensor([ids[start:]], device=self.device), cache)[0]
-        cuts = sorted({p + 1 for p in range(start, len(ids)) if ids[p] == self._boundary_id} | {len(ids)})
+        cuts = sorted({p + 1 for p in range(start, len(ids)) if ids[p] in self._boundary_ids} | {len(ids)})
         logits = None
         for a, b in zip([start, *cuts], cuts):
             if b <= a:
@@ -269,8 +270,9 @@ class Engine:
         conversation before the question), or documents (with optional messages and tools). Later
         requests whose prompt starts with the same tokens prefill only the rest. Returns a handle.
 
-        For documents, the pinned prefix ends just before the last user turn the template would add,
-        so any question asked with the same documents (and messages, tools) reuses it. A text prefix is
+        For messages and documents, the pinned prefix is what the rendered chat holds before the next
+        user question's text (whatever the chat template), so any question asked with the same
+        documents (and messages, tools) reuses it. A text prefix is
         reused when the longer prompt tokenizes to the same leading ids: end it at a token boundary
         (a newline), since BPE may merge a trailing space with the next word.
         """
@@ -278,13 +280,11 @@ class Engine:
             ids = self.encode(prefix)
         else:
             messages = [{"role": "user", "content": prefix}] if isinstance(prefix, str) else list(prefix or [])
-            ids = self.encode([*messages, {"role": "user", "content": ""}], tools, documents, citations=citations)
-            vocab = self.tokenizer.get_vocab()
-            bom, user = vocab.get("<|bom|>"), vocab.get("<|user|>")
-            cut = max((p for p in range(len(ids) - 1) if ids[p] == bom and ids[p + 1] == user), default=None)
-            if cut is None:
-                raise ValueError("cannot find the start of the question in the rendered chat; pin plain text instead")
-            ids = ids[:cut]
+            # what every question after these messages shares: the common start of two renderings with
+            # different questions (any template: Jamba's <|bom|><|user|>, ChatML's <|im_start|>user)
+            a, b = (self.encode([*messages, {"role": "user", "content": q}], tools, documents, citations=citations)
+                    for q in ("A", "Z"))
+            ids = a[:next((p for p, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))]
         if not ids:
             raise ValueError("nothing to pin: the prefix is empty")
         with self.lock:

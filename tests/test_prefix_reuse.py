@@ -110,6 +110,25 @@ def test_pinned_documents_make_each_question_cost_only_its_tokens(tiny_engine):
     tiny_engine.release(handle)
 
 
+CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+          "{% if documents %}<|im_start|>documents\n{% for d in documents %}{{ d.text }}\n{% endfor %}<|im_end|>\n{% endif %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_pinning_reads_the_question_start_from_any_chat_template(tiny_checkpoint):
+    """`pin` looked for Jamba 1.5's <|bom|><|user|> markers, so on a ChatML checkpoint (Jamba Reasoning
+    3B) pinning documents raised. It now pins what two renderings with different questions share."""
+    engine = Engine.from_pretrained(tiny_checkpoint, progress=False)
+    engine.tokenizer.chat_template = CHATML  # markers as plain text: the tiny vocabulary has no room for more
+    system = [{"role": "system", "content": "Answer from the documents. " * 10}]
+    handle = engine.pin(system)
+    for question in ("Who is Ishmael?", "What are whales?"):
+        result = engine.generate([*system, {"role": "user", "content": question}], max_new_tokens=2)
+        assert result.usage.cached_tokens == len(handle) > 60
+        assert result.usage.prompt_tokens - result.usage.cached_tokens < 40  # the question, its markers as text
+    engine.release(handle)
+
+
 def test_streams_read_in_turn_in_one_thread_do_not_write_over_each_other(engines):
     """The engine's lock is re-entrant, so a second stream opened in the same thread runs while the first
     is paused. Both resumed in place from one snapshot and wrote their K/V into the same positions: the
