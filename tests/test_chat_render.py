@@ -284,6 +284,27 @@ def test_render_chat_citations_turn_on_citation_mode(tok):
     assert "## Citation Mode" not in render_chat(tok, [USER, answer, USER], documents=DOCS)
 
 
+def test_parsed_citations_render_back_as_the_template_wants(tok):
+    """`parse_output` gives citations as document ids, the template reads ``[{"document_id": i}]``: a
+    parsed answer sent back in the conversation rendered ``<citations>[Undefined]</citations>``."""
+    from jamba_core.chat import parse_output
+
+    parsed = parse_output("Deep.<citations>[0, 2]</citations>")
+    answer = {"role": "assistant", "content": parsed.content, "citations": parsed.citations}
+    text = render_chat(tok, [USER, answer, USER], documents=DOCS, citations=True)
+    assert "Deep.<citations>[0, 2]</citations><|eom|>" in text
+    same = {**answer, "citations": [{"document_id": 0}, {"document_id": 2}]}
+    assert render_chat(tok, [USER, same, USER], documents=DOCS, citations=True) == text
+
+
+def test_documents_the_template_would_drop_are_an_error(tok):
+    """Jamba's template puts documents just before the last user message: with none, they were left out
+    of the prompt without a word."""
+    with pytest.raises(ValueError, match="placed none of the documents.*last user message"):
+        render_chat(tok, [{"role": "system", "content": "Answer from the documents."}], documents=DOCS)
+    assert DOCS[0]["text"] in render_chat(tok, [USER], documents=DOCS)
+
+
 @needs_fixture
 @pytest.mark.parametrize("kwargs", [{}, {"citations": True}, {"response_format": {"type": "json_object"}},
                                     {"documents": DOCS, "tools": [WEATHER], "citations": True}])

@@ -28,7 +28,8 @@ def render_chat(tokenizer, messages, tools=None, documents=None, response_format
         messages: list of OpenAI-shaped dicts: `role` (system/user/assistant/tool; `developer` is read as
             system, `function` as tool), `content` (str, None, or a list of content blocks), optional
             `name`, `tool_calls` (`[{id, type: "function", function: {name, arguments}}]` or
-            `[{name, arguments}]` or LangChain's `[{name, args, id}]`), `tool_call_id`, `citations`.
+            `[{name, arguments}]` or LangChain's `[{name, args, id}]`), `tool_call_id`, `citations`
+            (document ids, as `parse_output` gives them, or `[{"document_id": i}]`).
         tools: OpenAI function tools (`{"type": "function", "function": {...}}`), bare function dicts
             (`{name, description, parameters}`) or Python functions (schema from their type hints).
         documents: list of dicts with `text`, optional `title`, and any other keys (shown as fields).
@@ -57,7 +58,8 @@ def render_chat(tokenizer, messages, tools=None, documents=None, response_format
     Raises:
         ValueError: no messages, a message that is not a dict, an unknown role, a system message whose
             content is not text, a malformed tool call, a tool that is not a function, a document without
-            text, or an unknown response format.
+            text, an unknown response format, or documents the template places nowhere (Jamba's puts
+            them before the last user message: a conversation without one would drop them).
     """
     if not messages:
         raise ValueError("messages must hold at least one message")
@@ -81,15 +83,23 @@ def render_chat(tokenizer, messages, tools=None, documents=None, response_format
 
     if tokenizer.chat_template is None:
         template_kwargs.setdefault("chat_template", JAMBA_CHAT_TEMPLATE)
-    return tokenizer.apply_chat_template(
-        turns,
-        tools=[_tool(t, i) for i, t in enumerate(tools)] if tools else None,
-        documents=[_document(d, i) for i, d in enumerate(documents)] if documents else None,
-        add_generation_prompt=add_generation_prompt,
-        tokenize=False,
-        knobs=knobs,
-        **template_kwargs,
-    )
+
+    def render(docs):
+        return tokenizer.apply_chat_template(
+            turns,
+            tools=[_tool(t, i) for i, t in enumerate(tools)] if tools else None,
+            documents=docs,
+            add_generation_prompt=add_generation_prompt,
+            tokenize=False,
+            knobs=knobs,
+            **template_kwargs,
+        )
+
+    text = render([_document(d, i) for i, d in enumerate(documents)] if documents else None)
+    if documents and text == render(None):
+        raise ValueError("the chat template placed none of the documents in the prompt: Jamba's puts them just "
+                         "before the last user message, and this conversation has none; add the question as a user message")
+    return text
 
 
 def count_chat_tokens(tokenizer, messages, tools=None, documents=None, **render_kwargs) -> int:
@@ -115,9 +125,10 @@ def _message(message, index: int) -> dict:
         out["name"] = str(message["name"])
     if role == "assistant" and message.get("tool_calls"):
         out["tool_calls"] = [_tool_call(c, index) for c in message["tool_calls"]]
-    for key in ("tool_call_id", "citations"):
-        if message.get(key) is not None:
-            out[key] = message[key]
+    if message.get("tool_call_id") is not None:
+        out["tool_call_id"] = message["tool_call_id"]
+    if message.get("citations") is not None:  # document ids, as `parse_output` gives them, or the template's dicts
+        out["citations"] = [c if isinstance(c, Mapping) else {"document_id": c} for c in message["citations"]]
     return out
 
 
