@@ -143,17 +143,27 @@ class Engine:
         if isinstance(prompt, str):
             if tools or documents:
                 return self.encode([{"role": "user", "content": prompt}], tools, documents, response_format, citations)
-            return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+            return self._checked(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
         prompt = list(prompt)
         if prompt and isinstance(prompt[0], dict):
             text = self.render(prompt, tools=tools, documents=documents, response_format=response_format, citations=citations)
-            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            return self._checked(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         if prompt and not all(isinstance(t, int) for t in prompt):
             raise TypeError("prompt must be text, a list of token ids, or a list of chat message dicts")
         bad = next((t for t in prompt if not 0 <= t < self.config.vocab_size), None)  # ids the caller gave
         if bad is not None:
             raise ValueError(f"token id {bad} is outside the vocabulary (0..{self.config.vocab_size - 1})")
         return prompt
+
+    def _checked(self, ids) -> list[int]:
+        """The tokenizer's ids, refused where one is past the model's vocabulary (a tokenizer that does
+        not belong to the checkpoint: the embedding would raise IndexError)."""
+        ids = list(ids)
+        if ids and max(ids) >= self.config.vocab_size:
+            raise ValueError(f"the tokenizer gave token id {max(ids)}, past the model's vocabulary (vocab_size "
+                             f"{self.config.vocab_size}; the tokenizer has {len(self.tokenizer)} tokens): the tokenizer "
+                             f"files do not match the checkpoint{f' at {self.path}' if self.path else ''}")
+        return ids
 
     def count_tokens(self, prompt, tools=None, documents=None, response_format=None, citations: bool = False) -> int:
         """Exact prompt token count through the same rendering as generation."""
@@ -272,10 +282,16 @@ class Engine:
 
         For messages and documents, the pinned prefix is what the rendered chat holds before the next
         user question's text (whatever the chat template), so any question asked with the same
-        documents (and messages, tools) reuses it. A text prefix is
-        reused when the longer prompt tokenizes to the same leading ids: end it at a token boundary
-        (a newline), since BPE may merge a trailing space with the next word.
+        documents (and messages, tools) reuses it. A text prefix is reused when the longer prompt
+        tokenizes to the same leading ids: end it at a token boundary (a newline), since BPE may merge a
+        trailing space with the next word. Raises ``ValueError`` for an empty prefix, or where the
+        engine's prefix cache is off (``prefix_cache_bytes=0``: nothing would ever be reused).
         """
+        if self.prefix_cache.budget_bytes <= 0:
+            raise ValueError("pin needs the prefix cache, which this engine has off (prefix_cache_bytes=0): "
+                             "nothing pinned would be reused")
+        if isinstance(prefix, str) and not prefix and not documents and not tools:
+            raise ValueError("nothing to pin: the prefix is empty")
         if isinstance(prefix, str) and not documents and not tools:
             ids = self.encode(prefix)
         else:
@@ -292,8 +308,12 @@ class Engine:
             return self.prefix_cache.add(ids, cache.snapshot(), logits.clone(), pinned=True)
 
     def release(self, handle: tuple) -> None:
-        """Unpin a prefix from `pin`; it stays cached until evicted (least recently used)."""
+        """Unpin a prefix from `pin`; it stays cached until evicted (least recently used). Raises
+        ``ValueError`` for a handle that is not pinned (not from `pin`, or released already)."""
         with self.lock:
+            entry = self.prefix_cache.entries.get(handle) if isinstance(handle, tuple) else None
+            if entry is None or not entry["pinned"]:
+                raise ValueError("not a pinned prefix: the handle is not from pin, or was released already")
             self.prefix_cache.unpin(handle)
 
     def _generate(self, ids, max_new_tokens, temperature, top_p, top_k, seed, stops, constraint):

@@ -219,6 +219,25 @@ def test_a_long_answer_budget_does_not_allocate_the_whole_window_up_front(tiny_e
     assert short.text == tiny_engine.generate(ids, max_new_tokens=8, stop=[" "]).text
 
 
+def test_a_tokenizer_past_the_model_s_vocabulary_is_named(tiny_checkpoint, tmp_path):
+    """Ids the checkpoint's own tokenizer gives past vocab_size died in the embedding (IndexError)."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "small-vocab"
+    shutil.copytree(tiny_checkpoint, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["vocab_size"] = 300
+    (folder / "config.json").write_text(json.dumps(config))
+    weights = {k: v[:300].contiguous() if k in ("model.embed_tokens.weight", "lm_head.weight") else v
+               for k, v in load_file(folder / "model.safetensors").items()}
+    save_file(weights, folder / "model.safetensors")
+    engine = Engine.from_pretrained(folder, progress=False)
+    with pytest.raises(ValueError, match=r"tokenizer gave token id \d+, past the model's vocabulary \(vocab_size 300.*small-vocab"):
+        engine.generate("Call me Ishmael. Some years ago, the harpooneer", max_new_tokens=2)
+    with pytest.raises(ValueError, match="past the model's vocabulary"):
+        engine.count_tokens([{"role": "user", "content": "the harpooneer"}])
+
+
 def test_rejects_prompts_and_counts_of_the_wrong_kind(tiny_engine):
     vocab = tiny_engine.config.vocab_size
     for ids in ([vocab], [-1], [1, 2, vocab + 7]):

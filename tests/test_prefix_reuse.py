@@ -148,3 +148,18 @@ def test_streams_read_in_turn_in_one_thread_do_not_write_over_each_other(engines
             got[i] += chunk.token_ids
     assert got == want
 
+
+
+def test_pin_refuses_what_it_could_never_reuse(engines):
+    """With the prefix cache off a pin held its state forever and nothing ever read it; ``pin("")``
+    pinned the start token; releasing a handle that was not pinned passed unnoticed."""
+    reuse, fresh = engines
+    with pytest.raises(ValueError, match="prefix cache.*off"):
+        fresh.pin("Call me Ishmael.\n")
+    with pytest.raises(ValueError, match="nothing to pin"):
+        reuse.pin("")
+    handle = reuse.pin("Call me Ishmael.\n")
+    reuse.release(handle)
+    for bogus in (handle, ("not", "a", "handle"), None):
+        with pytest.raises(ValueError, match="not a pinned prefix"):
+            reuse.release(bogus)

@@ -295,6 +295,18 @@ def test_save_needs_a_quantized_model(tiny_engine, tmp_path):
         save_quantized(tiny_engine, tmp_path / "x")
 
 
+def test_save_refuses_to_replace_a_checkpoint_s_weights(int8_engine, tmp_path):
+    """Saving into the source folder (or any folder holding a model) deleted its float weights unasked."""
+    folder = save_quantized(int8_engine, tmp_path / "int8")
+    first = (folder / "model.safetensors").read_bytes()
+    with pytest.raises(FileExistsError, match="already holds a checkpoint.*overwrite=True"):
+        save_quantized(int8_engine, folder)
+    assert (folder / "model.safetensors").read_bytes() == first
+    with pytest.raises(FileExistsError, match="already holds a checkpoint"):
+        save_quantized(int8_engine, int8_engine.path)
+    assert save_quantized(int8_engine, folder, overwrite=True) == folder
+
+
 # -- memory --------------------------------------------------------------------------------------------
 def test_int8_resident_bytes_at_most_0_4x_fp32_on_an_expert_dominated_config():
     config = make_config("tiny", vocab_size=512, intermediate_size=512, num_experts=8)

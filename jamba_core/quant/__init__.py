@@ -261,14 +261,17 @@ def resolve_for_checkpoint(config: JambaConfig, quantization) -> tuple[QuantConf
 
 
 # -- saving ------------------------------------------------------------------------------------------
-def save_quantized(engine_or_model, path, config: JambaConfig | None = None, source=None, tokenizer=None) -> Path:
+def save_quantized(engine_or_model, path, config: JambaConfig | None = None, source=None, tokenizer=None,
+                   overwrite: bool = False) -> Path:
     """Write a quantized model as a checkpoint folder that reloads without requantizing.
 
     ``engine_or_model``: an `Engine` (its config, and the tokenizer files of its checkpoint folder, are
     used) or a quantized `JambaForCausalLM` (then pass ``config``, and ``source`` (a folder whose tokenizer
     files are copied) or ``tokenizer``). Writes ``model.safetensors`` (sharded with an index past
     `SHARD_BYTES`), ``config.json`` with ``quantization_config`` (scheme, options, the quantized module
-    names), and the tokenizer files. Returns the folder.
+    names), and the tokenizer files. Returns the folder. Raises ``FileExistsError`` where ``path`` already
+    holds weights (``model*.safetensors``: the source checkpoint itself, or another model), unless
+    ``overwrite``.
     """
     from safetensors.torch import save_file
 
@@ -283,6 +286,10 @@ def save_quantized(engine_or_model, path, config: JambaConfig | None = None, sou
         raise ValueError(f"the model mixes quantization schemes {sorted(schemes)}; save_quantized writes one")
     quant = getattr(model, "quantization", None) or QuantConfig(schemes.pop())
     path = Path(path)
+    held = sorted(p.name for p in path.glob("model*.safetensors")) if path.is_dir() else []
+    if held and not overwrite:
+        raise FileExistsError(f"{path} already holds a checkpoint ({', '.join(held[:3])}); save_quantized would replace "
+                              "its weights: choose a new folder, or pass overwrite=True")
     path.mkdir(parents=True, exist_ok=True)
 
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
