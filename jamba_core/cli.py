@@ -29,7 +29,7 @@ _QUANT_HELP = ("weight quantization: int8, bnb-int8 or bnb-nf4, optionally with 
 
 
 def _add_sampling_args(p):
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -89,6 +89,11 @@ def cmd_info(args) -> int:
     per_1k = estimate_memory(config, 1024, 1, args.dtype, kv_cache_dtype=args.kv_cache_dtype).kv_cache
     est = estimate_memory(config, args.context, args.batch, args.dtype, quantization=args.quantization,
                           kv_cache_dtype=args.kv_cache_dtype)
+    from .quant import resolve_for_checkpoint
+
+    quantization = resolve_for_checkpoint(config, args.quantization)[0]  # a checkpoint saved quantized: its own
+    quantization = str(quantization) if quantization is not None else None
+    beyond = args.context > config.max_position_embeddings
     info = {
         "parameters": params.total,
         "active_parameters_per_token": params.active_per_token,
@@ -96,7 +101,8 @@ def cmd_info(args) -> int:
         "context_window": config.max_position_embeddings,
         "kv_cache_bytes_per_1k_tokens": per_1k,
         "estimate": {"context_tokens": args.context, "batch_size": args.batch, "dtype": args.dtype,
-                     "kv_cache_dtype": args.kv_cache_dtype or args.dtype, "quantization": args.quantization, **est.as_dict()},
+                     "kv_cache_dtype": args.kv_cache_dtype or args.dtype, "quantization": quantization,
+                     "within_context_window": not beyond, **est.as_dict()},
     }
     if args.fits is not None:
         info["fits"] = {"device_gib": args.fits, "fits": est.total <= args.fits * 2**30}
@@ -107,8 +113,11 @@ def cmd_info(args) -> int:
     print(f"context window: {config.max_position_embeddings:,} tokens")
     print("layers: " + ", ".join(f"{i}:{kind}" for i, kind in enumerate(info["layers"])))
     print(f"KV cache per 1K tokens ({args.kv_cache_dtype or args.dtype}): {per_1k / 2**20:.2f} MiB")
-    weights = args.dtype + (f", {args.quantization} weights" if args.quantization else "")
+    weights = args.dtype + (f", {quantization} weights" if quantization else "")
     print(f"at {args.context:,} tokens x batch {args.batch} ({weights}):")
+    if beyond:
+        print(f"  (past the model's context window of {config.max_position_embeddings:,} tokens: the engine refuses "
+              "such a request; the figures are the arithmetic only)")
     for part in ("weights", "kv_cache", "mamba_state", "activations", "runtime"):
         print(f"  {part:12s} {getattr(est, part) / 2**30:10.3f} GiB")
     print(f"  {'total':12s} {est.total / 2**30:10.3f} GiB")
@@ -143,6 +152,16 @@ def _positive_int(text: str) -> int:
     return n
 
 
+def _depths(text: str) -> list[float]:
+    try:
+        depths = [float(d) for d in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of percentages, e.g. 0,50,100") from None
+    if not all(0 <= d <= 100 for d in depths):
+        raise argparse.ArgumentTypeError(f"depths are percentages from 0 to 100, got {text!r}")
+    return depths
+
+
 def cmd_eval(args) -> int:
     from langchain_jamba import ChatJamba
 
@@ -157,7 +176,7 @@ def cmd_eval(args) -> int:
               f"{cell['latency_s']:.1f} s", file=sys.stderr, flush=True)
 
     results = evaluate(chat, args.tasks.split(","), args.lengths,
-                       [float(d) for d in args.depths.split(",")], args.samples, tokenizer, seed=args.seed,
+                       args.depths, args.samples, tokenizer, seed=args.seed,
                        max_new_tokens=args.max_new_tokens, progress=progress)
     paths = write_report(results, args.out)
     print(paths["markdown"].read_text(encoding="utf-8"))
@@ -217,10 +236,10 @@ def main(argv=None) -> int:
     p.add_argument("model", metavar="MODEL_PATH", help="checkpoint folder or Hub id")
     p.add_argument("--tasks", default="niah_single,niah_multikey,niah_multivalue,variable_tracking")
     p.add_argument("--lengths", type=_token_list, default="1k,4k,16k", help="context lengths in tokens, e.g. 1k,4k,16k or 2000")
-    p.add_argument("--depths", default="0,25,50,75,100", help="needle depths in percent")
+    p.add_argument("--depths", type=_depths, default="0,25,50,75,100", help="needle depths in percent")
     p.add_argument("--samples", type=_positive_int, default=2, help="samples per (task, length, depth) cell")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=32)
     p.add_argument("--out", default="ruler-results", help="folder for results.json, results.md, heatmap.png")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--device", default="cpu")

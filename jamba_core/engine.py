@@ -428,7 +428,8 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, g
 
 
 def check_device(device) -> None:
-    """Raise ``ValueError`` for a device torch cannot parse, or CUDA where this torch build or machine has none."""
+    """Raise ``ValueError`` for a device torch cannot parse, a device type other than CPU and CUDA, or CUDA
+    where this torch build or machine has none."""
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as err:
@@ -436,6 +437,8 @@ def check_device(device) -> None:
     if dev.type == "cuda" and not torch.cuda.is_available():
         why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
         raise ValueError(f"device {device!r} asked, but {why}; use device='cpu'")
+    if dev.type not in ("cpu", "cuda"):  # mps, xpu, meta, ...: no kernels or tests here
+        raise ValueError(f"device {device!r}: jamba-local runs on 'cpu' and 'cuda' only")
 
 
 def check_sampling(max_new_tokens, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0) -> None:

@@ -99,6 +99,8 @@ def estimate_memory(
     load (`RUNTIME_BYTES`, measured for the CPU build; pass 0 to count the model alone).
     ``kv_cache_dtype``: the K/V's dtype when it differs from ``dtype`` (as `Engine`'s ``kv_cache_dtype``).
     ``config`` may also be a checkpoint folder or a released Hub id (as ``jamba-local info --model``).
+    A checkpoint saved quantized (its config's ``quantization_config``) counts its weights in that
+    format; a ``quantization`` that contradicts it raises ``ValueError``, as loading does.
 
     Raises ``ValueError`` when ``context_tokens`` is negative or ``batch_size`` / ``prefill_chunk_tokens``
     are below 1 (and ``TypeError`` when they are not integers).
@@ -132,6 +134,10 @@ def estimate_memory(
         + config.num_attention_heads * T * min(max(context_tokens, 1), 512) * 4  # SDPA's CPU kernel works in key blocks
         + batch_size * config.vocab_size * 4
     )
+    if getattr(config, "quantization_config", None):  # a checkpoint `save_quantized` wrote: its own format
+        from .quant import resolve_for_checkpoint
+
+        quantization = resolve_for_checkpoint(config, quantization)[0]  # refuses a contradicting request
     if quantization is not None:
         from .quant import weight_bytes
 

@@ -262,6 +262,9 @@ def test_a_device_torch_cannot_use_is_a_clear_error(tiny_checkpoint):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="device 'cuda' asked, but .*use device='cpu'"):
             Engine.from_pretrained(tiny_checkpoint, device="cuda", progress=False)
+    for device in ("mps", "meta", "xpu"):  # mps printed a 96-line traceback from the CLI
+        with pytest.raises(ValueError, match=f"device '{device}': jamba-local runs on 'cpu' and 'cuda' only"):
+            Engine.from_pretrained(tiny_checkpoint, device=device, progress=False)
 
 
 def test_prompt_longer_than_the_context_says_tokens_and_memory(tmp_path):
@@ -401,6 +404,9 @@ def test_cli_info_takes_a_config_file_and_k_suffixed_contexts(capsys, tiny_check
     info = json.loads(capsys.readouterr().out)
     assert info["estimate"]["context_tokens"] == 4096
     assert info["estimate"]["kv_cache"] == estimate_memory(load_config(tiny_checkpoint), 4096, 1, "bfloat16").kv_cache
+    assert info["estimate"]["within_context_window"]
+    assert main(["info", "--model", str(tiny_checkpoint), "--context", "300k"]) == 0
+    assert "past the model's context window of 262,144 tokens" in capsys.readouterr().out
 
 
 def test_cli_hands_every_argument_to_demo_and_bench(capsys, tmp_path, monkeypatch):

@@ -295,6 +295,23 @@ def test_save_needs_a_quantized_model(tiny_engine, tmp_path):
         save_quantized(tiny_engine, tmp_path / "x")
 
 
+def test_memory_planning_counts_a_saved_quantized_checkpoint_in_its_format(int8_engine, tmp_path, capsys):
+    """`estimate_memory` and `info` counted a checkpoint saved int8 as float (24.5 MB for 12.3 MB) and
+    took a contradicting quantization that loading refuses."""
+    from jamba_core.cli import main
+
+    folder = save_quantized(int8_engine, tmp_path / "int8")
+    reloaded = Engine.from_pretrained(folder, progress=False)
+    resident = sum(t.numel() * t.element_size() for t in [*reloaded.model.parameters(), *reloaded.model.buffers()])
+    assert estimate_memory(folder, 1024, dtype="float32").weights == estimate_memory(
+        folder, 1024, dtype="float32", quantization="int8").weights
+    assert abs(estimate_memory(folder, 1024, dtype="float32").weights - resident) <= 0.02 * resident
+    with pytest.raises(ValueError, match="already quantized as int8"):
+        estimate_memory(folder, 1024, quantization="bnb-nf4")
+    assert main(["info", "--model", str(folder), "--dtype", "float32", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["estimate"]["quantization"] == "int8"
+
+
 def test_save_refuses_to_replace_a_checkpoint_s_weights(int8_engine, tmp_path):
     """Saving into the source folder (or any folder holding a model) deleted its float weights unasked."""
     folder = save_quantized(int8_engine, tmp_path / "int8")
