@@ -297,8 +297,11 @@ def _ends_inside_a_character(raw: bytes) -> bool:
 
 
 def _bits(mask: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """(len(ids),) bool: whether an xgrammar bitmask ((1, words) int32) allows each of ``ids``."""
-    return ((mask[0, ids // 32] >> (ids % 32)) & 1).bool()
+    """(len(ids),) bool: whether an xgrammar bitmask ((1, words) int32, CPU) allows each of ``ids``
+    (CPU). In numpy: the closing walks make tens of thousands of these small lookups, where torch's
+    per-op overhead was a third of their time."""
+    words, i = mask.numpy()[0], ids.numpy()
+    return torch.from_numpy(((words[i >> 5] >> (i & 31)) & 1).astype(bool))
 
 
 def _allowed(logits: torch.Tensor, ids: torch.Tensor) -> bool:
