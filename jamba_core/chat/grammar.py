@@ -425,7 +425,9 @@ class GrammarConstraint:
             # a structure whose shortest form is long needs the window from further back: planning only in
             # the last 64 tokens, a 251-token object at a budget 60 over its minimum was cut 10 times in 10
             self._sized.add(self._at)
-            shortest = self._closing_need(self.remaining_tokens + 1, branch=True)[0]
+            shortest = self._grammar_needs.get(self._at, 1 << 20)  # walked already from the token step before
+            if shortest > self._window:
+                shortest = self._closing_need(self.remaining_tokens + 1, branch=True)[0]
             self._window = max(self._window, shortest + self.last_item_window)
         if self.remaining_tokens is not None and self.remaining_tokens <= self._window:
             need = self._planned_need(self.remaining_tokens)
