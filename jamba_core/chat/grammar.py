@@ -438,7 +438,8 @@ class GrammarConstraint:
             self._check_likeliest(logits, need, strict)
 
     def _check_likeliest(self, logits: torch.Tensor, need: int, strict: bool) -> None:
-        """In the last ``last_item_window`` tokens, mask the model's likeliest tokens while a walk shows
+        """Where the plan runs (the budget's last ``last_item_window`` tokens, or more for a long
+        structure: ``_window``), mask the model's likeliest tokens while a walk shows
         that closing would no longer fit after them (up to ``check_count`` of them), so that the token a
         greedy decoder takes leaves room to close. `_guard` and `_closing_choice` handle the tokens that
         open more structure; this covers choices with no forced text between them, which may come long
