@@ -230,8 +230,9 @@ class Engine:
         with ``tools`` / ``documents``). ``temperature`` 0 is greedy; ``top_k`` 0 and ``top_p`` 1 disable
         those filters; ``seed`` makes sampling reproducible. Generation ends at any id of the config's
         ``eos_token_id`` (and ``<|eom|>``), at a ``stop`` string (never echoed, found even when it spans
-        tokens; not inside a constraint's structured output, whose own fixed text may hold one), when ``constraint`` (see `jamba_core.chat.grammar`) terminates (``finish_reason``
-        "stop"), or after ``max_new_tokens`` ("length"). Raises ``ValueError`` for an empty prompt, token
+        tokens; not inside a constraint's structured output, whose own fixed text may hold one), when
+        ``constraint`` (see `jamba_core.chat.grammar`) terminates (``finish_reason`` "stop"), or after
+        ``max_new_tokens`` ("length"). Raises ``ValueError`` for an empty prompt, token
         ids outside the vocabulary, ``max_new_tokens < 1``, ``temperature < 0``, ``top_k < 0``, ``top_p``
         outside (0, 1], or a prompt that does not fit the context window; ``TypeError`` for a prompt of
         another type or a non-integer ``max_new_tokens``. Empty stop strings are ignored.
@@ -442,7 +443,8 @@ def check_device(device) -> None:
 
 
 def check_sampling(max_new_tokens, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0) -> None:
-    """Raise ``ValueError`` (``TypeError`` for a non-integer count or a non-number temperature/top_p) for sampling settings no sampler
+    """Raise ``ValueError`` (``TypeError`` for a non-integer count, or a temperature or top_p that is not a
+    number) for sampling settings no sampler
     takes: ``max_new_tokens < 1``, ``temperature < 0``, ``top_p`` outside (0, 1], ``top_k < 0``; the
     adapters call it when they are built, so that a bad setting fails there rather than at the first call."""
     try:
