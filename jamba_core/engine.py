@@ -444,9 +444,9 @@ def check_device(device) -> None:
 
 def check_sampling(max_new_tokens, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0) -> None:
     """Raise ``ValueError`` (``TypeError`` for a non-integer count, or a temperature or top_p that is not a
-    number) for sampling settings no sampler
-    takes: ``max_new_tokens < 1``, ``temperature < 0``, ``top_p`` outside (0, 1], ``top_k < 0``; the
-    adapters call it when they are built, so that a bad setting fails there rather than at the first call."""
+    number) for sampling settings no sampler takes: ``max_new_tokens < 1``, ``temperature < 0``, ``top_p``
+    outside (0, 1], ``top_k < 0``; the adapters call it when they are built, so that a bad setting fails
+    there rather than at the first call."""
     try:
         max_new_tokens = operator.index(max_new_tokens)  # ints and integer scalars, not 2.5
     except TypeError:
