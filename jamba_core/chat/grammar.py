@@ -449,10 +449,10 @@ class GrammarConstraint:
         bracket or comma; inside a string, no quote or backslash) and commit to no forced text (a digit,
         string text: xgrammar's jump-forward string after them is empty).
         Where every allowed token fails, the plan's next token is kept; where the plan itself does not
-        fit (a budget under the structure's length), nothing is checked."""
-        room = self.remaining_tokens - 1 - (0 if strict else self.closing_margin)
-        if need > room + 1:  # not even the plan fits (need counts this token): the closing window does what it can
-            return
+        fit, tokens are held to the plan's own need."""
+        # where not even the plan fits (need counts this token; the walk may take a token more than the
+        # best tokenization), a token must at least not need more than the plan's own
+        room = max(self.remaining_tokens - 1 - (0 if strict else self.closing_margin), need - 1)
         exits = set(self._steps[self._at].next)
         planned = self._plan[1][0] if self._plan is not None and self._plan[1] else None
         string = self._string_state()
