@@ -618,7 +618,8 @@ class GrammarConstraint:
         not all of that text; inside a string, the longest quote-first closer; the longest brace/bracket
         closer (`_Context.closing_ids`); those of the 16 shortest allowed tokens after which an exit or one of
         those closers is allowed (whitespace before ``]``, a number's first digit, ``" 3"`` after ``":"``);
-        the token of all the forced text; the longest comma closer (a value ends where a required key
+        the token of all the forced text (or those of the comma lookahead below that hold all of it and
+        more: `` 0`` where the separator's space is forced); the longest comma closer (a value ends where a required key
         follows); those of the 16 shortest after which a comma is allowed. ``string``: `_string_state`'s
         at this point (a quote closes only inside a string)."""
         ctx = self._ctx
@@ -651,7 +652,8 @@ class GrammarConstraint:
         if to_close:
             return torch.tensor(to_close)
         if forced is not None:  # the whole forced text, where no token of it and more leads to a closer
-            return torch.tensor([forced])
+            covering = [i for i in to_comma if len(ctx.texts[i]) > len(jump.encode()) and ctx.texts[i].startswith(jump.encode())]
+            return torch.tensor(covering or [forced])  # (' 0' where ': ' is forced and a comma must follow)
         if len(commas):
             return commas[lengths[commas].argmax()].view(1)
         return torch.tensor(to_comma) if to_comma else None
