@@ -579,8 +579,8 @@ class GrammarConstraint:
                 keep = self._closing_choice(self._lookahead, string)
                 if keep is None:
                     keep = ctx.shortest_allowed(self._lookahead, 16 if branch else 1)
-                if branch and len(keep) > 1:
-                    keep = self._shortest_branch(keep, string, limit - len(walk))
+                if branch and len(keep) > 1:  # (compared past the limit too: where neither fits, the shorter)
+                    keep = self._shortest_branch(keep, string, limit - len(walk) + self.branch_count * 4)
                 if not len(keep) or not self._matcher.accept_token(int(keep[0])):
                     return limit, walk
                 walk.append(int(keep[0]))
