@@ -579,6 +579,10 @@ class GrammarConstraint:
                 keep = self._closing_choice(self._lookahead, string)
                 if keep is None:
                     keep = ctx.shortest_allowed(self._lookahead, 16 if branch else 1)
+                elif branch and not self._matcher.find_jump_forward_string():  # a choice: `_closing_choice`
+                    # may keep one branch's token only (``opt`` closes its key string soonest)
+                    more = ctx.shortest_allowed(self._lookahead, 16)
+                    keep = torch.cat([keep, more[~torch.isin(more, keep)]])
                 if branch and len(keep) > 1:  # (compared past the limit too: where neither fits, the shorter)
                     keep = self._shortest_branch(keep, string, limit - len(walk) + self.branch_count * 4)
                 if not len(keep) or not self._matcher.accept_token(int(keep[0])):
@@ -592,18 +596,22 @@ class GrammarConstraint:
 
     def _shortest_branch(self, tokens: torch.Tensor, string: tuple[bool, bool], limit: int) -> torch.Tensor:
         """Of ``tokens`` (allowed here), the one after which closing takes fewest tokens (one-element
-        tensor). Only tokens that lead to different forced text (xgrammar's jump-forward string: the rest
-        of a key or tool name) are walked, at most ``branch_count`` of them; where all lead to the same
-        (digits, string content), the first."""
-        leads: dict[str, int] = {}
+        tensor). Where some token commits to forced text (xgrammar's jump-forward string after it: the
+        rest of a key or tool name), one token per branch (its text and that forced text: ``o`` and
+        ``opt`` are one branch) is walked, at most ``branch_count`` of them, in ``tokens``' order; where
+        none does (digits, string content), the first."""
+        branches: dict[bytes, int] = {}
+        committed = False
         for t in tokens.tolist():
             if self._matcher.accept_token(t):
-                leads.setdefault(self._matcher.find_jump_forward_string(), t)
+                lead = self._matcher.find_jump_forward_string().encode()
                 self._matcher.rollback(1)
-        if len(leads) < 2:
+                committed = committed or bool(lead)
+                branches.setdefault(self._ctx.texts[t] + lead, t)
+        if not committed or len(branches) < 2:
             return tokens[:1]
         best, best_need = int(tokens[0]), limit + 1
-        for t in list(leads.values())[:self.branch_count]:
+        for t in list(branches.values())[:self.branch_count]:
             if self._matcher.accept_token(t):
                 need, _ = self._closing_need(best_need - 1, _scan_string(string, self._ctx.texts[t]))
                 self._matcher.rollback(1)
