@@ -627,7 +627,8 @@ class GrammarConstraint:
         closer (`_Context.closing_ids`); those of the 16 shortest allowed tokens after which an exit or one of
         those closers is allowed (whitespace before ``]``, a number's first digit, ``" 3"`` after ``":"``);
         the token of all the forced text (or those of the comma lookahead below that hold all of it and
-        more: `` 0`` where the separator's space is forced); the longest comma closer (a value ends where a required key
+        more: `` 0`` where the separator's space is forced; these also join the closers above, for
+        `_shortest_branch` to weigh); the longest comma closer (a value ends where a required key
         follows); those of the 16 shortest after which a comma is allowed. ``string``: `_string_state`'s
         at this point (a quote closes only inside a string)."""
         ctx = self._ctx
@@ -657,11 +658,14 @@ class GrammarConstraint:
                     to_close.append(i)
                 elif _bits(self._probe, comma).any():
                     to_comma.append(i)
+        # tokens of the comma lookahead that hold all the forced text and more: ' 0' or ' ""' where ': ' or
+        # ': "' is forced and a comma must follow (one token where the forced text and a closer take two or three)
+        covering = ([i for i in to_comma if len(ctx.texts[i]) > len(jump.encode()) and ctx.texts[i].startswith(jump.encode())]
+                    if forced is not None else [])
         if to_close:
-            return torch.tensor(to_close)
+            return torch.tensor(to_close + covering)
         if forced is not None:  # the whole forced text, where no token of it and more leads to a closer
-            covering = [i for i in to_comma if len(ctx.texts[i]) > len(jump.encode()) and ctx.texts[i].startswith(jump.encode())]
-            return torch.tensor(covering or [forced])  # (' 0' where ': ' is forced and a comma must follow)
+            return torch.tensor(covering or [forced])
         if len(commas):
             return commas[lengths[commas].argmax()].view(1)
         return torch.tensor(to_comma) if to_comma else None
