@@ -597,21 +597,21 @@ class GrammarConstraint:
     def _shortest_branch(self, tokens: torch.Tensor, string: tuple[bool, bool], limit: int) -> torch.Tensor:
         """Of ``tokens`` (allowed here), the one after which closing takes fewest tokens (one-element
         tensor). Where some token commits to forced text (xgrammar's jump-forward string after it: the
-        rest of a key or tool name), one token per branch (its text and that forced text: ``o`` and
-        ``opt`` are one branch) is walked, at most ``branch_count`` of them, in ``tokens``' order; where
-        none does (digits, string content), the first."""
-        branches: dict[bytes, int] = {}
-        committed = False
+        rest of a key or tool name, the separator after `` ""``), the first token and one token per
+        committed branch (its text and that forced text: ``o`` and ``opt`` are one branch, at most
+        ``branch_count``) are walked; where none commits (digits, string content), the first."""
+        branches: dict[bytes, int] = {}  # committed ones (their text and forced text) -> a token
         for t in tokens.tolist():
             if self._matcher.accept_token(t):
                 lead = self._matcher.find_jump_forward_string().encode()
                 self._matcher.rollback(1)
-                committed = committed or bool(lead)
-                branches.setdefault(self._ctx.texts[t] + lead, t)
-        if not committed or len(branches) < 2:
+                if lead:
+                    branches.setdefault(self._ctx.texts[t] + lead, t)
+        if not branches:
             return tokens[:1]
         best, best_need = int(tokens[0]), limit + 1
-        for t in list(branches.values())[:self.branch_count]:
+        first = [] if int(tokens[0]) in branches.values() else [int(tokens[0])]  # the uncommitted way, once
+        for t in first + list(branches.values())[:self.branch_count]:
             if self._matcher.accept_token(t):
                 need, _ = self._closing_need(best_need - 1, _scan_string(string, self._ctx.texts[t]))
                 self._matcher.rollback(1)
