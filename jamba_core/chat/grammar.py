@@ -448,8 +448,9 @@ class GrammarConstraint:
         as are, further than ``guard_window`` from the plan, tokens that open nothing (no quote, brace,
         bracket or comma; inside a string, no quote or backslash) and commit to no forced text (a digit,
         string text: xgrammar's jump-forward string after them is empty).
-        Where every allowed token fails, the plan's next token is kept; where the plan itself does not
-        fit, tokens are held to the plan's own need."""
+        Where ``check_count`` tokens fail, only the plan's next token is kept (the rest are unchecked);
+        where every allowed token fails, the plan's next token too; where the plan itself does not fit,
+        tokens are held to the plan's own need."""
         # where not even the plan fits (need counts this token; the walk may take a token more than the
         # best tokenization), a token must at least not need more than the plan's own
         room = max(self.remaining_tokens - 1 - (0 if strict else self.closing_margin), need - 1)
@@ -480,6 +481,9 @@ class GrammarConstraint:
                     break
             masked.append((t, float(logits[t])))
             logits[t] = float("-inf")
+        else:  # ``check_count`` tokens failed: the rest is unchecked, so keep the plan's token where it is allowed
+            if planned is not None and torch.isfinite(logits[planned]):
+                _keep_only(logits, torch.tensor([planned], device=logits.device))
         if masked and not torch.isfinite(logits).any():
             keep = planned if planned is not None else masked[0][0]
             logits[keep] = dict(masked).get(keep, 0.0)
