@@ -575,6 +575,8 @@ class GrammarConstraint:
         exits = torch.tensor(sorted(step.next), dtype=torch.long)
         exits = exits[exits < ctx.vocab_size]
         walk, string = [], self._string_state() if string is None else string
+        quote, brace, _, _ = ctx.closing_ids(torch.device("cpu"))
+        closers = torch.cat([quote, brace])
         try:
             while len(walk) < limit:
                 self._matcher.fill_next_token_bitmask(self._lookahead)
@@ -583,8 +585,9 @@ class GrammarConstraint:
                 keep = self._closing_choice(self._lookahead, string)
                 if keep is None:
                     keep = ctx.shortest_allowed(self._lookahead, 16 if branch else 1)
-                elif branch and not self._matcher.find_jump_forward_string():  # a choice: `_closing_choice`
-                    # may keep one branch's token only (``opt`` closes its key string soonest)
+                elif (branch and not bool(torch.isin(keep, closers).all())  # a closer ends it: no choice
+                      and not self._matcher.find_jump_forward_string()):  # a choice: `_closing_choice` may
+                    # keep one branch's token only (``opt`` closes its key string soonest)
                     more = ctx.shortest_allowed(self._lookahead, 16)
                     keep = torch.cat([keep, more[~torch.isin(more, keep)]])
                 if branch and len(keep) > 1:  # (compared past the limit too: where neither fits, the shorter)
