@@ -660,13 +660,15 @@ class ChatJamba(BaseChatModel):
             except Exception as error:  # noqa: BLE001 (any parsing error is returned, as ChatOpenAI's fallback does)
                 return {"parsed": None, "parsing_error": error}
 
+        def unpack(chunk: dict[str, Any]) -> dict[str, Any]:  # {"raw"} or {"result": {"parsed", "parsing_error"}}
+            return {**{k: v for k, v in chunk.items() if k != "result"}, **chunk.get("result", {})}
+
         def flatten(chunks: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-            for chunk in chunks:
-                yield {**{k: v for k, v in chunk.items() if k != "result"}, **chunk.get("result", {})}
+            yield from map(unpack, chunks)
 
         async def aflatten(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
             async for chunk in chunks:
-                yield {**{k: v for k, v in chunk.items() if k != "result"}, **chunk.get("result", {})}
+                yield unpack(chunk)
 
         return (RunnableMap(raw=llm) | RunnablePassthrough.assign(result=itemgetter("raw") | RunnableLambda(parse))
                 | RunnableGenerator(flatten, aflatten))

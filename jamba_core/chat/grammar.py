@@ -88,6 +88,7 @@ class _Context:
     _by_text: Any = None
     texts: Any = None  # info.decoded_vocab (bytes per token), once `_text_tables` has run
     _risky: Any = None
+    _risky_sets: Any = None
 
     def closing_ids(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         """Tokens that only close JSON, in the tiers a budget running out prefers (see
@@ -127,6 +128,7 @@ class _Context:
             outside = [i for i in ids if re.search(rb'["{\[,]', texts[i])]
             inside = [i for i in ids if re.search(rb'["\\]', texts[i]) or _ends_inside_a_character(texts[i])]
             self._risky = (torch.tensor(outside, dtype=torch.long), torch.tensor(inside, dtype=torch.long))
+            self._risky_sets = (frozenset(outside), frozenset(inside))
             self._by_text = {texts[i]: i for i in ids}  # last: the tables are ready once it is set
 
     def text_lengths(self) -> torch.Tensor:
@@ -139,6 +141,11 @@ class _Context:
         """Token ids that may raise what closing needs (see `_text_tables`), outside or inside a string."""
         self._text_tables()
         return self._risky[1 if in_string else 0]
+
+    def is_risky(self, token: int, in_string: bool) -> bool:
+        """Whether ``token`` is one of `risky_ids`."""
+        self._text_tables()
+        return token in self._risky_sets[1 if in_string else 0]
 
     def forced_token(self, forced: str, mask: torch.Tensor) -> int | None:
         """The longest token allowed by ``mask`` (an xgrammar bitmask, (1, ceil(vocab_size / 32)) int32)
@@ -296,6 +303,12 @@ def _ends_inside_a_character(raw: bytes) -> bool:
     return len(raw) - i < (2 if raw[i] < 0xE0 else 3 if raw[i] < 0xF0 else 4)
 
 
+def _plain_string_text(raw: bytes) -> bool:
+    """Text that, inside a JSON string, leaves the structure after the string as it was (no quote, no
+    backslash): the closing plan is kept across it."""
+    return not re.search(rb'["\\]', raw)
+
+
 def _bits(mask: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """(len(ids),) bool: whether an xgrammar bitmask ((1, words) int32, CPU) allows each of ``ids``
     (CPU). In numpy: the closing walks make tens of thousands of these small lookups, where torch's
@@ -445,9 +458,9 @@ class GrammarConstraint:
         open more structure; this covers choices with no forced text between them, which may come long
         before the end: a longer tool name, an optional key, an enum value. The plan's own token, and text
         inside a string that keeps the plan (`accept`), are judged by the plan's ``need`` without a walk,
-        as are, further than ``guard_window`` from the plan, tokens that open nothing (no quote, brace,
-        bracket or comma; inside a string, no quote or backslash) and commit to no forced text (a digit,
-        string text: xgrammar's jump-forward string after them is empty).
+        as are, further than ``guard_window`` from the plan, tokens that open nothing (not
+        `_Context.risky_ids`) and commit to no forced text (a digit, string text: xgrammar's jump-forward
+        string after them is empty).
         Where ``check_count`` tokens fail, only the plan's next token is kept (the rest are unchecked);
         where every allowed token fails, the plan's next token too; where the plan itself does not fit,
         tokens are held to the plan's own need."""
@@ -464,14 +477,14 @@ class GrammarConstraint:
             if not torch.isfinite(logits[t]) or t == planned or t in exits:
                 break
             if self._matcher.accept_token(t):
-                if planned is not None and string == (True, False) and not re.search(rb'["\\]', self._ctx.texts[t]):
+                if planned is not None and string == (True, False) and _plain_string_text(self._ctx.texts[t]):
                     self._matcher.fill_next_token_bitmask(self._probe)
                     keeps_plan = bool(_bits(self._probe, torch.tensor([planned]))[0])
                 else:
                     keeps_plan = False
                 if keeps_plan:  # string text after which the plan holds (`accept`, `_planned_need`)
                     after = need
-                elif (not near and not re.search(rb'["\\]' if string[0] else rb'["{\[,]', self._ctx.texts[t])
+                elif (not near and not self._ctx.is_risky(t, string[0] and not string[1])
                       and not self._matcher.find_jump_forward_string()):
                     after = need  # far from the end, a token that opens nothing and commits to no forced text
                 else:
@@ -732,7 +745,7 @@ class GrammarConstraint:
         if self._plan is not None:  # kept across its own next token, or text inside a string (`_planned_need`)
             if self._plan[1] and self._plan[1][0] == token_id:
                 self._plan = (self._plan[0] - 1, self._plan[1][1:])
-            elif self._string_state() != (True, False) or re.search(rb'["\\]', ctx.texts[token_id]):
+            elif self._string_state() != (True, False) or not _plain_string_text(ctx.texts[token_id]):
                 self._plan = None
         self._written.append(token_id)
 
