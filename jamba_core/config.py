@@ -26,8 +26,8 @@ def load_config(path: str | Path) -> JambaConfig:
 
     Accepts keys that older checkpoints carry (``num_logits_to_keep``, ``sliding_window``, a list
     ``eos_token_id``). Raises ``FileNotFoundError`` naming the missing file and ``ValueError`` naming
-    the file when it is not valid JSON, not a Jamba config (``model_type`` other than ``"jamba"``), or
-    its sizes are not positive integers (`check_config`).
+    the file when it is not valid JSON, not a Jamba config (``model_type`` other than ``"jamba"``), lacks
+    one of the sizes or layout fields in `REQUIRED`, or they are out of range (`check_config`).
     """
     path = Path(path)
     file = path / "config.json" if path.is_dir() else path
@@ -45,6 +45,10 @@ def load_config(path: str | Path) -> JambaConfig:
             f"{file} has model_type={model_type!r}; jamba-local runs only Jamba checkpoints (model_type 'jamba')"
         )
     raw.pop("auto_map", None)  # never remote code
+    missing = [name for name in REQUIRED if name not in raw]
+    if missing:
+        raise ValueError(f"{file} lacks {', '.join(missing)}: a Jamba config.json names every size and the layer layout "
+                         "(transformers' defaults are Jamba-v0.1's, which would not match these weights)")
     from huggingface_hub.errors import StrictDataclassError  # transformers' typed-field checks raise it
 
     try:
@@ -55,20 +59,32 @@ def load_config(path: str | Path) -> JambaConfig:
     return config
 
 
+# the fields every tensor shape and the layer layout follow from: a config.json without one is refused rather
+# than given transformers' default (Jamba-v0.1's sizes), which only surfaces later as a shape mismatch
+REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "num_experts", "attn_layer_period", "attn_layer_offset", "expert_layer_period",
+            "expert_layer_offset", "mamba_d_state", "mamba_d_conv", "mamba_expand")
 _POSITIVE = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
              "num_key_value_heads", "num_experts", "num_experts_per_tok", "attn_layer_period", "expert_layer_period",
-             "mamba_d_state", "mamba_d_conv", "mamba_expand")
+             "mamba_d_state", "mamba_d_conv", "mamba_expand", "max_position_embeddings")
 
 
 def check_config(config: JambaConfig) -> None:
     """Raise ``ValueError`` naming the field when a size the model divides by or allocates with is not a
-    positive integer, the attention heads do not divide the hidden size or group the K/V heads, or the
+    positive integer (``max_position_embeddings``, the context window, included), a layer offset is not in
+    ``0 .. period - 1`` (transformers checks only that it is below the period; -1 would make no layer
+    attention, or none MoE), the attention heads do not divide the hidden size or group the K/V heads, or the
     router's top-k exceeds the experts (``num_experts_per_tok <= num_experts`` where ``num_experts > 1``;
     with one expert every layer is a dense MLP and top-k is unused)."""
     for name in _POSITIVE:
         value = getattr(config, name, None)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    for kind in ("attn", "expert"):
+        offset, period = getattr(config, f"{kind}_layer_offset", None), getattr(config, f"{kind}_layer_period")
+        if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < period:
+            raise ValueError(f"{kind}_layer_offset must be an integer in 0..{period - 1} ({kind}_layer_period {period}), "
+                             f"got {offset!r}")
     if config.hidden_size % config.num_attention_heads:
         raise ValueError(f"hidden_size {config.hidden_size} is not a multiple of num_attention_heads {config.num_attention_heads}")
     if config.num_attention_heads % config.num_key_value_heads:
@@ -136,6 +152,7 @@ _MINI = dict(vocab_size=65536, hidden_size=4096, intermediate_size=14336, num_hi
 _LARGE = {**_MINI, "hidden_size": 8192, "intermediate_size": 24576, "num_hidden_layers": 72, "num_attention_heads": 64}
 # Released shapes (the config.json of each public checkpoint), so memory can be planned before downloading.
 KNOWN_CONFIGS: dict[str, dict] = {
+    "ai21labs/Jamba-v0.1": _MINI,  # its config.json has 1.5 Mini's sizes and layout
     "ai21labs/AI21-Jamba-1.5-Mini": _MINI,
     "ai21labs/AI21-Jamba-Mini-1.6": _MINI,
     "ai21labs/AI21-Jamba-Mini-1.7": _MINI,

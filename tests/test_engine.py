@@ -314,11 +314,19 @@ def test_non_jamba_config_is_refused(broken):
     ({"num_attention_heads": 0}, "num_attention_heads must be a positive integer, got 0"),
     ({"num_attention_heads": 5}, "not a multiple of num_attention_heads 5"),
     ({"num_experts_per_tok": 9}, "num_experts_per_tok 9 exceeds num_experts"),
+    ({"attn_layer_offset": -1}, r"attn_layer_offset must be an integer in 0\.\.\d+ .*got -1"),
+    ({"expert_layer_offset": -2}, r"expert_layer_offset must be an integer in 0\.\.1 .*got -2"),
+    ({"max_position_embeddings": 0}, "max_position_embeddings must be a positive integer, got 0"),
+    ({"hidden_size": None, "mamba_d_state": None}, "lacks hidden_size, mamba_d_state: a Jamba config.json names every size"),
 ])
 def test_a_config_with_impossible_fields_names_the_file_and_field(broken, patch, message):
     """Caught when the checkpoint loads (a router top-k above the experts used to load, then fail in
-    torch.topk at the first MoE layer; zero heads divided by zero)."""
+    torch.topk at the first MoE layer; zero heads divided by zero; an attention offset of -1 made every
+    layer Mamba; a missing size took transformers' default, 4096, and failed as a shape mismatch). A None
+    in the patch removes that field."""
     raw = patch if isinstance(patch, list) else {**json.loads((broken / "config.json").read_text()), **patch}
+    if isinstance(raw, dict):
+        raw = {key: value for key, value in raw.items() if value is not None}
     (broken / "config.json").write_text(json.dumps(raw))
     with pytest.raises(ValueError, match="config.json") as err:
         Engine.from_pretrained(broken, progress=False)
@@ -428,6 +436,7 @@ def test_memory_estimate_rejects_impossible_sizes_and_takes_a_name():
 
     mini = "ai21labs/AI21-Jamba-1.5-Mini"
     assert estimate_memory(mini, 4096) == estimate_memory(known_config(mini), 4096)
+    assert estimate_memory("Jamba-v0.1", 4096) == estimate_memory(mini, 4096)  # offline too: the same shapes
     for args, error, message in (((mini, 4096, -1), ValueError, "batch_size must be >= 1, got -1"),
                                  ((mini, -5), ValueError, "context_tokens must be >= 0, got -5"),
                                  ((mini, "4k"), TypeError, "context_tokens must be an integer, got '4k'")):
