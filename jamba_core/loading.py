@@ -143,6 +143,9 @@ class SafetensorsFile:
     def keys(self) -> list[str]:
         return list(self._entries)
 
+    def dtype(self, key: str) -> torch.dtype:
+        return self._entries[key][0]
+
     def shape(self, key: str) -> tuple[int, ...]:
         return self._entries[key][1]
 
@@ -267,6 +270,10 @@ def load_model(folder: Path, config: JambaConfig, dtype: torch.dtype = torch.flo
                             f"{file.name}: tensor {key!r} has shape {part_shape} but the config "
                             f"({folder / 'config.json'}) implies {tuple(want)} for {target!r}"
                         )
+                    if not quantized and p.dtype.is_floating_point and not f.dtype(key).is_floating_point:
+                        raise ValueError(f"{file.name}: tensor {key!r} is stored as {f.dtype(key)}, not a float dtype; "
+                                         f"{target!r} is a float weight (a quantized checkpoint needs its "
+                                         "quantization_config in config.json)")
                     with torch.no_grad():
                         if quantized:
                             plan.load(target, f.read(key, index))  # one float tensor, quantized and released

@@ -341,6 +341,19 @@ def test_wrong_tensor_shape_names_the_key(broken):
         Engine.from_pretrained(broken, progress=False)
 
 
+def test_an_integer_tensor_for_a_float_weight_names_the_key(broken):
+    """It was cast to float silently (an int8 weight without its quantization_config loaded as values
+    -128..127 and generated noise)."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(broken / "model.safetensors")
+    key = next(k for k in tensors if k.endswith("in_proj.weight"))
+    tensors[key] = tensors[key].round().to(torch.int8)
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"model.safetensors: tensor '{re.escape(key)}' is stored as torch.int8, not a float"):
+        Engine.from_pretrained(broken, progress=False)
+
+
 def test_pickle_checkpoint_is_refused(broken):
     (broken / "model.safetensors").unlink()
     (broken / "pytorch_model.bin").write_bytes(b"not loaded")
