@@ -73,6 +73,18 @@ class StreamChunk:
     timings: Timings | None = None
 
 
+def _token_id(t) -> int:
+    """One caller-given token id as an int: ints, numpy integers and integer 0-d tensors pass
+    (``operator.index``); a bool (Python, numpy or tensor) is refused, though Python counts it an int."""
+    if isinstance(t, bool) or str(getattr(t, "dtype", "")) in ("bool", "torch.bool"):
+        raise TypeError(f"prompt must be text, a list of token ids, or a list of chat message dicts; got the bool {t!r}")
+    try:
+        return operator.index(t)
+    except TypeError:
+        raise TypeError("prompt must be text, a list of token ids, or a list of chat message dicts; got the element "
+                        f"{t!r} ({type(t).__name__})") from None
+
+
 class Engine:
     """A loaded Jamba checkpoint and the loop that generates from it.
 
@@ -139,7 +151,10 @@ class Engine:
                            response_format=response_format, citations=citations, **kwargs)
 
     def encode(self, prompt, tools=None, documents=None, response_format=None, citations: bool = False) -> list[int]:
-        """Text (BOS added as the tokenizer does), token ids, or chat messages -> token ids."""
+        """Text (BOS added as the tokenizer does), token ids, or chat messages -> token ids.
+
+        Token ids may be Python ints, numpy integers or a 1-D integer tensor / array (as a tokenizer's
+        ``return_tensors`` gives, its batch row taken); bools and floats raise ``TypeError``."""
         if isinstance(prompt, str):
             if tools or documents:
                 return self.encode([{"role": "user", "content": prompt}], tools, documents, response_format, citations)
@@ -148,8 +163,7 @@ class Engine:
         if prompt and isinstance(prompt[0], dict):
             text = self.render(prompt, tools=tools, documents=documents, response_format=response_format, citations=citations)
             return self._checked(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        if prompt and not all(isinstance(t, int) for t in prompt):
-            raise TypeError("prompt must be text, a list of token ids, or a list of chat message dicts")
+        prompt = [_token_id(t) for t in prompt]
         bad = next((t for t in prompt if not 0 <= t < self.config.vocab_size), None)  # ids the caller gave
         if bad is not None:
             raise ValueError(f"token id {bad} is outside the vocabulary (0..{self.config.vocab_size - 1})")

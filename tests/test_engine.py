@@ -4,6 +4,7 @@ import json
 import re
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -245,6 +246,14 @@ def test_rejects_prompts_and_counts_of_the_wrong_kind(tiny_engine):
             tiny_engine.generate(ids, max_new_tokens=2)
     with pytest.raises(TypeError, match="prompt must be.*got None"):
         tiny_engine.generate(None, max_new_tokens=2)
+    for ids, shown in (([1, True], "the bool True"), (np.array([1, 0], dtype=bool), "the bool"),
+                       (torch.tensor([1, 2]) > 1, "the bool"), ([1, 2.0], r"the element 2.0 \(float\)"),
+                       (torch.ones(1, 3, dtype=torch.long), r"the element tensor\(\[1, 1, 1\]\)")):
+        with pytest.raises(TypeError, match=f"list of token ids.*got {shown}"):  # True was token 1
+            tiny_engine.generate(ids, max_new_tokens=2)
+    want = tiny_engine.generate([1, 5, 9], max_new_tokens=3).text  # a tokenizer's tensors and arrays pass as ids
+    assert tiny_engine.generate(torch.tensor([1, 5, 9]), max_new_tokens=3).text == want
+    assert tiny_engine.generate(np.array([1, 5, 9], dtype=np.int32), max_new_tokens=3).text == want
     with pytest.raises(TypeError, match="max_new_tokens must be an integer, got 2.5"):
         tiny_engine.generate(PROMPT, max_new_tokens=2.5)
 
