@@ -250,6 +250,12 @@ class Engine:
         ids outside the vocabulary, ``max_new_tokens < 1``, ``temperature < 0``, ``top_k < 0``, ``top_p``
         outside (0, 1], or a prompt that does not fit the context window; ``TypeError`` for a prompt of
         another type or a non-integer ``max_new_tokens``. Empty stop strings are ignored.
+
+        The engine runs one request at a time: from its first chunk until it is exhausted, closed
+        (``.close()``) or dropped (breaking out of ``for chunk in engine.stream(...)`` drops the last
+        reference, and CPython closes it at once), a stream holds the engine's lock, and other threads'
+        requests wait for it: a stream kept in a variable and left unread blocks them. In one thread, a
+        second request interleaved with an open stream runs on a cache of its own.
         """
         check_sampling(max_new_tokens, temperature, top_p, top_k)
         if prompt is None:
