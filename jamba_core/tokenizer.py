@@ -119,11 +119,20 @@ def load_tokenizer(path: str | os.PathLike) -> transformers.PreTrainedTokenizerB
     Raises:
         FileNotFoundError: `path` is not a folder, or holds none of tokenizer.json,
             tokenizer_config.json, tokenizer.model.
+        ValueError: transformers cannot build a tokenizer from the files there (naming those present,
+            and tokenizer.json where it is missing).
     """
     folder = Path(path)
     if not folder.is_dir() or not any((folder / name).is_file() for name in _TOKENIZER_FILES):
         raise FileNotFoundError(f"no tokenizer files ({', '.join(_TOKENIZER_FILES)}) in folder {str(folder)!r}")
-    return transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    try:
+        return transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    except (ValueError, OSError) as err:  # e.g. only tokenizer_config.json: transformers asks for sentencepiece
+        present = [name for name in _TOKENIZER_FILES if (folder / name).is_file()]
+        hint = "" if (folder / "tokenizer.json").is_file() else (
+            "; tokenizer.json is missing (every Jamba checkpoint ships it: copy it from the model's repository)")
+        raise ValueError(f"could not load the tokenizer in {str(folder)!r} (it holds {', '.join(present)}){hint}: "
+                         f"{' '.join(str(err).split())}") from err
 
 
 def stop_token_ids(tokenizer, config) -> set[int]:

@@ -296,6 +296,18 @@ def test_missing_config_names_the_file(broken):
         Engine.from_pretrained(broken, progress=False)
 
 
+def test_missing_tokenizer_files_are_named(broken):
+    """Without tokenizer.json transformers spoke of sentencepiece and tiktoken, naming no file; with no
+    tokenizer file at all the folder is named."""
+    (broken / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match=r"could not load the tokenizer in .*broken' \(it holds tokenizer_config.json\); "
+                                         r"tokenizer.json is missing"):
+        Engine.from_pretrained(broken, progress=False)
+    (broken / "tokenizer_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no tokenizer files .* in folder .*broken"):
+        Engine.from_pretrained(broken, progress=False)
+
+
 def test_truncated_safetensors_names_the_file(broken):
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
