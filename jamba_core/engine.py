@@ -117,7 +117,8 @@ class Engine:
         """Load a checkpoint folder (or a Hub id, offline when cached).
 
         ``dtype``: "float32" or "bfloat16" (or a torch dtype) for the weights; SSM state, scan and
-        RMSNorm always run in fp32. ``quantization``: None, ``"int8"``, ``"bnb-int8"`` or ``"bnb-nf4"``
+        RMSNorm always run in fp32. "float16" also loads and runs (for a GPU), but on CPU it takes torch's
+        float16 path, which has none of the C++ kernels and is many times slower: use "bfloat16" there. ``quantization``: None, ``"int8"``, ``"bnb-int8"`` or ``"bnb-nf4"``
         (optionally ``"+attention"`` / ``"+mamba"`` / ``"+lm_head"``, or a `jamba_core.quant.QuantConfig`),
         applied to each weight as it is read; a checkpoint saved by `jamba_core.quant.save_quantized` loads
         quantized as it is. Raises ``FileNotFoundError`` / ``ValueError`` naming the file or key at fault (see
