@@ -53,6 +53,28 @@ class Timings:
     decode_tokens_per_s: float = 0.0
 
 
+# the most alternatives a request's ``logprobs`` may ask per token (vLLM's default max_logprobs, OpenAI's
+# top_logprobs limit)
+MAX_LOGPROBS = 20
+
+
+@dataclass
+class TokenLogprob:
+    """One generated token's log-probability (natural log) under the model's distribution at that step:
+    ``log_softmax`` of its fp32 logits before any constraint mask, temperature, top-k or top-p (vLLM's
+    default "raw" logprobs), so that a token a grammar forced shows how likely the model found it.
+    ``token``: the token's text alone (U+FFFD where it holds part of a UTF-8 character); ``bytes``: its exact
+    bytes (those parts included; ``<|eom|>``-style special tokens as their text). ``top_logprobs``: the
+    ``logprobs`` most likely tokens at that step, most likely first (their own ``top_logprobs`` empty); the
+    chosen token is among them only when it ranks there."""
+
+    token_id: int
+    token: str
+    bytes: list[int]
+    logprob: float
+    top_logprobs: list["TokenLogprob"] = field(default_factory=list)
+
+
 @dataclass
 class GenerationResult:
     text: str
@@ -60,17 +82,20 @@ class GenerationResult:
     finish_reason: str  # "stop" | "length"
     usage: Usage
     timings: Timings
+    logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when the request asked
 
 
 @dataclass
 class StreamChunk:
-    """A text delta (valid UTF-8). The last chunk carries ``finish_reason``, ``usage`` and ``timings``."""
+    """A text delta (valid UTF-8). The last chunk carries ``finish_reason``, ``usage`` and ``timings``.
+    ``logprobs``: when the request asked, one `TokenLogprob` per entry of ``token_ids``."""
 
     text: str
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     usage: Usage | None = None
     timings: Timings | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 def _token_id(t) -> int:
@@ -102,6 +127,7 @@ class Engine:
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.stop_ids = stop_token_ids(tokenizer, config)
         self._control_ids = control_token_ids(tokenizer)
+        self._token_bytes: list[bytes] | None = None  # token_bytes(), read on first use
         self.lock = threading.RLock()
         self.last_request: dict | None = None  # usage, timings and cache bytes of the latest request
         # prefix-state reuse: snapshots at message boundaries (after each <|eom|> or <|im_end|>) and at the end of
@@ -184,6 +210,17 @@ class Engine:
         """Exact prompt token count through the same rendering as generation."""
         return len(self.encode(prompt, tools, documents, response_format, citations))
 
+    def token_bytes(self) -> list[bytes]:
+        """Each token id's exact bytes (``config.vocab_size`` entries; b"" past the tokenizer's), read once
+        from xgrammar's decoding of the vocabulary (byte-level, byte-fallback or raw, detected from the
+        tokenizer); special tokens as their text. Raises ``ImportError`` without xgrammar."""
+        if self._token_bytes is None:
+            from .chat.grammar import _xgr
+
+            info = _xgr().TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=max(self.config.vocab_size, len(self.tokenizer)))
+            self._token_bytes = list(info.decoded_vocab)  # a copy: xgrammar rebuilds the list on every read
+        return self._token_bytes
+
     def decode(self, ids: Sequence[int]) -> str:
         """Token ids -> text, dropping control tokens (BOS, EOS, eom, roles) but keeping the tool-call
         and citation markers, which parsers need."""
@@ -230,15 +267,19 @@ class Engine:
         """Generate a completion. Arguments as `stream`. Returns the whole text, ids, finish reason,
         usage and timings."""
         text, ids, last = [], [], None
+        logprobs = [] if kwargs.get("logprobs") is not None else None
         for chunk in self.stream(prompt, **kwargs):
             text.append(chunk.text)
             ids.extend(chunk.token_ids)
+            if logprobs is not None and chunk.logprobs:
+                logprobs.extend(chunk.logprobs)
             last = chunk
-        return GenerationResult("".join(text), ids, last.finish_reason, last.usage, last.timings)
+        return GenerationResult("".join(text), ids, last.finish_reason, last.usage, last.timings, logprobs)
 
     def stream(self, prompt, *, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                seed: int | None = None, stop: Sequence[str] | str | None = None, tools=None, documents=None,
-               response_format=None, citations: bool = False, constraint: Any = None) -> Iterator[StreamChunk]:
+               response_format=None, citations: bool = False, constraint: Any = None,
+               logprobs: int | None = None) -> Iterator[StreamChunk]:
         """Generate, yielding text deltas as they become valid UTF-8.
 
         ``prompt``: text, token ids, or chat messages (rendered with the checkpoint's chat template,
@@ -252,6 +293,11 @@ class Engine:
         outside (0, 1], or a prompt that does not fit the context window; ``TypeError`` for a prompt of
         another type or a non-integer ``max_new_tokens``. Empty stop strings are ignored.
 
+        ``logprobs``: None (the default: none computed), or the number of most likely alternatives, 0 to
+        `MAX_LOGPROBS`, to report with each generated token's own log-probability (`TokenLogprob`, in each
+        chunk's ``logprobs``); ``ValueError`` outside that range. The first request with logprobs reads the
+        vocabulary's token bytes through xgrammar (the "grammar" extra), once per engine.
+
         The engine runs one request at a time: from its first chunk until it is exhausted, closed
         (``.close()``) or dropped (breaking out of ``for chunk in engine.stream(...)`` drops the last
         reference, and CPython closes it at once), a stream holds the engine's lock, and other threads'
@@ -259,6 +305,8 @@ class Engine:
         second request interleaved with an open stream runs on a cache of its own.
         """
         check_sampling(max_new_tokens, temperature, top_p, top_k)
+        check_logprobs(logprobs)
+        logprobs = None if logprobs is None else operator.index(logprobs)
         if prompt is None:
             raise TypeError("prompt must be text, a list of token ids, or a list of chat message dicts, got None")
         ids = [] if isinstance(prompt, str) and not prompt else self.encode(prompt, tools, documents, response_format, citations)
@@ -267,7 +315,7 @@ class Engine:
         self.check_fits(len(ids), max_new_tokens)
         stops = [s for s in ([stop] if isinstance(stop, str) else stop or []) if s]
         with self.lock:
-            yield from self._generate(ids, max_new_tokens, temperature, top_p, top_k, seed, stops, constraint)
+            yield from self._generate(ids, max_new_tokens, temperature, top_p, top_k, seed, stops, constraint, logprobs)
 
     # -- prefix-state reuse -----------------------------------------------------------------------
     def start(self, ids: list[int], capacity: int = 0) -> tuple[HybridCache, int, torch.Tensor]:
@@ -338,7 +386,7 @@ class Engine:
                 raise ValueError("not a pinned prefix: the handle is not from pin, or was released already")
             self.prefix_cache.unpin(handle)
 
-    def _generate(self, ids, max_new_tokens, temperature, top_p, top_k, seed, stops, constraint):
+    def _generate(self, ids, max_new_tokens, temperature, top_p, top_k, seed, stops, constraint, logprobs=None):
         t0 = time.perf_counter()
         # K/V room for the answer up front, up to `ANSWER_RESERVE` tokens (the cache grows past it by
         # KV_BLOCK): max_new_tokens may be the whole window (ChatJamba's max_tokens=None), 4 GiB of K/V
@@ -353,7 +401,11 @@ class Engine:
         hit_stop_string = False
         ttft = None
         free_text = getattr(constraint, "stop_strings_apply", True)
+        token_bytes = self.token_bytes() if logprobs is not None else None
+        entry = None  # the step's TokenLogprob in a list, when asked
         for step in range(max_new_tokens):
+            if logprobs is not None:  # the model's own distribution: before the constraint masks the logits
+                log_p = torch.log_softmax(logits.float(), -1)
             if constraint is not None:
                 if hasattr(constraint, "remaining_tokens"):  # lets a grammar close within the budget
                     constraint.remaining_tokens = max_new_tokens - step
@@ -365,19 +417,24 @@ class Engine:
                 finish = "stop"
                 break
             out_ids.append(token)
+            if logprobs is not None:
+                entry = [_token_logprob(token, float(log_p[token]), token_bytes)]
+                if logprobs:
+                    top = torch.topk(log_p, logprobs)
+                    entry[0].top_logprobs = [_token_logprob(i, v, token_bytes) for v, i in zip(top.values.tolist(), top.indices.tolist())]
             if constraint is not None:
                 constraint.accept(token)
             text = detok.text(out_ids)
             cut = _find_stop(text, stops) if free_text else None
             if cut is not None:
                 finish, hit_stop_string = "stop", True
-                yield StreamChunk(text[len(sent):cut] if cut > len(sent) else "", [token])
+                yield StreamChunk(text[len(sent):cut] if cut > len(sent) else "", [token], logprobs=entry)
                 break
             # hold back an incomplete UTF-8 character and a possible stop-string prefix
             safe = len(text.rstrip("\ufffd"))
             if stops and free_text:
                 safe = min(safe, _stop_prefix_start(text, stops))
-            yield StreamChunk(text[len(sent):safe] if safe > len(sent) else "", [token])
+            yield StreamChunk(text[len(sent):safe] if safe > len(sent) else "", [token], logprobs=entry)
             sent = text[: max(safe, len(sent))]
             if constraint is not None and constraint.is_terminated():
                 finish = "stop"
@@ -402,6 +459,20 @@ class Engine:
         usage = Usage(len(ids), n, reused)
         self.last_request = {"usage": usage, "timings": timings, "cache_nbytes": cache.nbytes}
         yield StreamChunk("", [], finish, usage, timings)
+
+
+def _token_logprob(token: int, logprob: float, token_bytes: list[bytes]) -> TokenLogprob:
+    raw = token_bytes[token] if token < len(token_bytes) else b""
+    return TokenLogprob(token, raw.decode("utf-8", errors="replace"), list(raw), logprob)
+
+
+def check_logprobs(logprobs) -> None:
+    """Raise ``ValueError`` unless ``logprobs`` is None or an integer in 0..`MAX_LOGPROBS` (bools refused)."""
+    if logprobs is None:
+        return
+    if isinstance(logprobs, bool) or not hasattr(logprobs, "__index__") or not 0 <= logprobs <= MAX_LOGPROBS:
+        raise ValueError(f"logprobs must be None or an integer in 0..{MAX_LOGPROBS} (the alternatives reported per "
+                         f"token; 0 reports the chosen token's alone), got {logprobs!r}")
 
 
 class _Detokenizer:

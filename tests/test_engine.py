@@ -534,3 +534,64 @@ def test_an_engine_loaded_under_inference_mode_decodes_as_one_loaded_outside(tin
         engine = Engine.from_pretrained(tiny_checkpoint, progress=False, quantization=quantization)
         inside = engine.generate(prompt, max_new_tokens=6)
     assert inside.token_ids == outside.token_ids
+
+
+def test_logprobs_are_the_models_own_log_softmax(tiny_engine):
+    """Each generated token's logprob and its top alternatives equal log_softmax of the logits a full
+    forward pass gives at that position (fp32: within 1e-4), and the tokens' bytes join to the text."""
+    ids = tiny_engine.encode(PROMPT)
+    result = tiny_engine.generate(ids, max_new_tokens=8, logprobs=3)
+    assert len(result.logprobs) == len(result.token_ids) == 8
+    with torch.no_grad():
+        logits = tiny_engine.model(torch.tensor([ids + result.token_ids]))[0].float()
+    for i, entry in enumerate(result.logprobs):
+        want = torch.log_softmax(logits[len(ids) - 1 + i], -1)
+        assert entry.token_id == result.token_ids[i]
+        assert abs(entry.logprob - float(want[entry.token_id])) <= 1e-4
+        top = torch.topk(want, 3)
+        assert [t.token_id for t in entry.top_logprobs] == top.indices.tolist()
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4)
+        assert entry.top_logprobs[0].token_id == entry.token_id  # greedy: the chosen token ranks first
+        assert all(t.top_logprobs == [] for t in entry.top_logprobs)
+    assert bytes(b for e in result.logprobs for b in e.bytes).decode() == result.text
+    assert all(e.token == bytes(e.bytes).decode("utf-8", errors="replace") for e in result.logprobs)
+
+
+def test_logprobs_come_before_the_constraint_and_with_each_streamed_token(tiny_engine):
+    """A constraint that bans the model's favourite token: the chosen token's logprob is the model's own,
+    below the banned favourite, which still heads top_logprobs. Chunks carry one entry per token id."""
+
+    class BanFavourite:
+        def __init__(self):
+            self.banned = []
+
+        def mask_logits(self, logits):
+            self.banned.append(int(logits.argmax()))
+            logits[self.banned[-1]] = float("-inf")
+
+        def accept(self, token_id):
+            pass
+
+        def is_terminated(self):
+            return False
+
+    ban = BanFavourite()
+    chunks = list(tiny_engine.stream(PROMPT, max_new_tokens=5, logprobs=2, constraint=ban))
+    entries = [e for c in chunks for e in (c.logprobs or [])]
+    assert all(len(c.logprobs or []) == len(c.token_ids) for c in chunks)
+    assert [e.token_id for e in entries] == [t for c in chunks for t in c.token_ids]
+    for entry, banned in zip(entries, ban.banned):
+        assert entry.token_id != banned and entry.top_logprobs[0].token_id == banned
+        assert entry.logprob < entry.top_logprobs[0].logprob
+
+
+def test_logprobs_off_by_default_and_checked(tiny_engine):
+    plain = tiny_engine.generate(PROMPT, max_new_tokens=3)
+    assert plain.logprobs is None
+    assert all(c.logprobs is None for c in tiny_engine.stream(PROMPT, max_new_tokens=3))
+    only_chosen = tiny_engine.generate(PROMPT, max_new_tokens=3, logprobs=0)
+    assert only_chosen.token_ids == plain.token_ids and [e.top_logprobs for e in only_chosen.logprobs] == [[], [], []]
+    assert len(tiny_engine.generate(PROMPT, max_new_tokens=1, logprobs=np.int64(20)).logprobs[0].top_logprobs) == 20
+    for bad in (-1, 21, True, 2.5, "3"):
+        with pytest.raises(ValueError, match="logprobs must be None or an integer in 0..20"):
+            tiny_engine.generate(PROMPT, max_new_tokens=3, logprobs=bad)
