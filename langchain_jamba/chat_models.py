@@ -52,7 +52,7 @@ _MEDIA_BLOCKS = ("image", "image_url", "audio", "input_audio", "video", "file")
 _TEXT_BLOCKS = ("text", "input_text", "output_text")
 # per-call arguments (besides `model` and `stop`): chat_stream's options, then the sampling settings
 _CALL_OPTIONS = ("tools", "tool_choice", "documents", "response_format", "citations", "parallel_tool_calls")
-_SAMPLING_OPTIONS = ("temperature", "max_tokens", "top_p", "top_k", "seed")
+_SAMPLING_OPTIONS = ("temperature", "max_tokens", "top_p", "top_k", "seed", "logprobs", "top_logprobs")
 
 
 class ChatJamba(BaseChatModel):
@@ -96,6 +96,9 @@ class ChatJamba(BaseChatModel):
         parallel_tool_calls: bool
             With a forced tool choice ("any"/"required"), allow several calls in one answer (default
             True); False makes it exactly one. Also a `bind_tools` / call argument.
+        logprobs: bool | None, top_logprobs: int | None
+            Return each generated token's log-probability in ``response_metadata["logprobs"]`` (as
+            ChatOpenAI does), with the ``top_logprobs`` (0-20) most likely alternatives; also call arguments.
 
     Key init args — client params:
         dtype: str
@@ -297,6 +300,12 @@ class ChatJamba(BaseChatModel):
          'invalid_tool_calls': []}
         ```
 
+        With ``logprobs=True`` it also holds ``"logprobs": {"content": [{"token", "bytes", "logprob",
+        "top_logprobs": [...]}, ...]}``, one entry per generated token in OpenAI's layout: natural-log
+        probabilities under the model's own distribution (before a tool or JSON grammar and the sampling
+        filters), the raw output's tokens (tool-call markup included). A stream sends them with its
+        last chunk.
+
         ``invalid_tool_calls`` there holds each unusable call as written, with its error. A stream's
         merged message needs it: LangChain rebuilds ``invalid_tool_calls`` from the chunks, without the
         error, and the chunks end an invalid call's arguments with a bracket that keeps LangChain from
@@ -330,6 +339,12 @@ class ChatJamba(BaseChatModel):
 
     parallel_tool_calls: bool = True
     """With a forced tool choice, allow several calls in one answer (False: exactly one call)."""
+
+    logprobs: bool | None = None
+    """Return the generated tokens' log-probabilities in ``response_metadata["logprobs"]``."""
+
+    top_logprobs: int | None = None
+    """With `logprobs`, how many most likely alternatives (0-20) to list for each token."""
 
     dtype: str = "float32"
     """Weight dtype: "float32" or "bfloat16"."""
@@ -390,6 +405,7 @@ class ChatJamba(BaseChatModel):
         from jamba_core.engine import check_sampling
 
         check_sampling(self.max_tokens or 1, self.temperature, self.top_p, self.top_k)
+        _engine_logprobs(self.logprobs, self.top_logprobs)
         return self
 
     # -- LangChain's descriptive hooks ------------------------------------------------------------
@@ -487,6 +503,7 @@ class ChatJamba(BaseChatModel):
             "top_p": kwargs.get("top_p", self.top_p),
             "top_k": kwargs.get("top_k", self.top_k),
             "seed": kwargs.get("seed", self.seed),
+            "logprobs": _engine_logprobs(kwargs.get("logprobs", self.logprobs), kwargs.get("top_logprobs", self.top_logprobs)),
             "stop": [stop] if isinstance(stop, str) else list(stop) if stop else None,  # "fox" is one stop string
             "citations": kwargs.get("citations", self.citations),
             "parallel_tool_calls": kwargs.get("parallel_tool_calls", self.parallel_tool_calls),
@@ -923,7 +940,30 @@ def _response_metadata(result: Any, model_name: str) -> dict[str, Any]:
         meta["decode_tokens_per_s"] = timings.decode_tokens_per_s
     meta["citations"] = list(result.citations)
     meta["invalid_tool_calls"] = [dict(c) for c in result.invalid_tool_calls]  # as written, with the error
+    if getattr(result, "logprobs", None) is not None:
+        meta["logprobs"] = {"content": [_openai_logprob(e, top=True) for e in result.logprobs]}
     return meta
+
+
+def _openai_logprob(entry: Any, top: bool = False) -> dict[str, Any]:
+    """A `jamba_core.engine.TokenLogprob` in OpenAI's chat-completion layout."""
+    out = {"token": entry.token, "bytes": list(entry.bytes), "logprob": entry.logprob}
+    if top:
+        out["top_logprobs"] = [_openai_logprob(t) for t in entry.top_logprobs]
+    return out
+
+
+def _engine_logprobs(logprobs: bool | None, top_logprobs: int | None) -> int | None:
+    """ChatOpenAI's two settings -> `Engine.stream`'s ``logprobs`` (None, or the alternatives per token).
+
+    Raises ValueError for top_logprobs outside 0..20 or given without logprobs=True (as OpenAI's API)."""
+    from jamba_core.engine import check_logprobs
+
+    if top_logprobs is not None:
+        check_logprobs(top_logprobs)
+        if not logprobs:
+            raise ValueError("top_logprobs needs logprobs=True")
+    return (top_logprobs or 0) if logprobs else None
 
 
 def _to_ai_message(result: Any, model_name: str) -> AIMessage:

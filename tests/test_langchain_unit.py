@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import textwrap
 import threading
 import time
@@ -652,3 +653,38 @@ def test_an_answer_complete_on_the_last_token_parses_though_its_finish_reason_is
 
     done = AIMessage('{"a": 1}', response_metadata={"finish_reason": "length"})
     assert _JsonOutputParser().parse_result([ChatGeneration(message=done)]) == {"a": 1}
+
+
+def test_logprobs_follow_chatopenai_settings_and_layout(tiny_checkpoint):
+    """`logprobs=True` / `top_logprobs` (fields or call arguments) put OpenAI's layout in response_metadata,
+    one entry per generated token, whose bytes join to the raw output; a stream's merged message holds the
+    same; without logprobs there is no key."""
+    llm = ChatJamba(model=str(tiny_checkpoint), max_tokens=6, logprobs=True, top_logprobs=2)
+    message = llm.invoke("Call me Ishmael.")
+    content = message.response_metadata["logprobs"]["content"]
+    assert len(content) == message.usage_metadata["output_tokens"]
+    for entry in content:
+        assert set(entry) == {"token", "bytes", "logprob", "top_logprobs"} and entry["logprob"] <= 0
+        assert len(entry["top_logprobs"]) == 2 and set(entry["top_logprobs"][0]) == {"token", "bytes", "logprob"}
+        assert entry["top_logprobs"][0]["logprob"] >= entry["top_logprobs"][1]["logprob"]
+    text = bytes(b for e in content for b in e["bytes"]).decode()
+    assert re.sub(r"<\|\w+\|>", "", text).strip() == message.content.strip()  # content drops control tokens (<|user|>)
+    merged = None
+    for chunk in llm.stream("Call me Ishmael."):
+        merged = chunk if merged is None else merged + chunk
+    assert merged.response_metadata["logprobs"] == message.response_metadata["logprobs"]
+    plain = ChatJamba(model=str(tiny_checkpoint), max_tokens=3)
+    assert "logprobs" not in plain.invoke("Call me Ishmael.").response_metadata
+    per_call = plain.invoke("Call me Ishmael.", logprobs=True)
+    assert [e["top_logprobs"] for e in per_call.response_metadata["logprobs"]["content"]] == [[]] * len(
+        per_call.response_metadata["logprobs"]["content"])
+
+
+def test_top_logprobs_are_checked_when_the_model_is_built_and_per_call():
+    for kwargs, message in ((dict(logprobs=True, top_logprobs=21), "logprobs must be None or an integer in 0..20"),
+                            (dict(top_logprobs=3), "top_logprobs needs logprobs=True")):
+        with pytest.raises(ValueError, match=message):
+            ChatJamba(model=HUB_ID, **kwargs)
+    with pytest.raises(ValueError, match="top_logprobs needs logprobs=True"):
+        ChatJamba(model=HUB_ID)._request([HumanMessage("hi")], None, {"top_logprobs": 2})
+    assert ChatJamba(model=HUB_ID)._request([HumanMessage("hi")], None, {"logprobs": True, "top_logprobs": 2}).params["logprobs"] == 2

@@ -20,7 +20,8 @@ from .tool_calls import Citations, ContentDelta, InvalidToolCall, StreamingToolC
 class ChatResult:
     """One assistant turn. ``tool_calls``: ``[{"id", "name", "args": dict}]``; ``invalid_tool_calls``:
     ``[{"id", "name", "args": raw str, "error"}]``; ``citations``: document indices; ``text``: the raw
-    model output the rest was parsed from."""
+    model output the rest was parsed from; ``logprobs``: one `jamba_core.engine.TokenLogprob` per generated
+    token of ``text`` when the request asked (``logprobs=N``), else None."""
 
     content: str
     tool_calls: list[dict] = field(default_factory=list)
@@ -30,6 +31,7 @@ class ChatResult:
     usage: Usage | None = None
     timings: Timings | None = None
     text: str = ""
+    logprobs: list | None = None
 
 
 @dataclass
@@ -79,16 +81,19 @@ def chat_stream(engine: Engine, messages: list[dict], *, tools=None, tool_choice
                 citations: bool = False, parallel_tool_calls: bool = True, **generation) -> Iterator:
     """Stream one assistant turn: `ContentDelta`, `ToolCallChunk`, `InvalidToolCall` and `Citations` events, then
     `ChatDone`. ``generation``: `Engine.stream` arguments (max_new_tokens, temperature, top_p, top_k,
-    seed, stop). ``parallel_tool_calls=False`` makes a forced ``"any"``/``"required"`` choice exactly one
+    seed, stop, logprobs). ``parallel_tool_calls=False`` makes a forced ``"any"``/``"required"`` choice exactly one
     call. Raises ``ValueError`` for a ``tool_choice`` that names no tool."""
     _validate_tool_choice(tools, tool_choice)
     constraint = _constraint(engine, tools, tool_choice, response_format, parallel_tool_calls)
     fmt = call_format(engine)
     parser = StreamingToolCallParser(fmt, tool_calls=bool(tools) and tool_choice != "none")
     pieces, last = [], None
+    logprobs = [] if generation.get("logprobs") is not None else None
     for chunk in engine.stream(messages, tools=tools, documents=documents, response_format=response_format,
                                citations=citations, constraint=constraint, **generation):
         last = chunk
+        if logprobs is not None and chunk.logprobs:
+            logprobs.extend(chunk.logprobs)
         if chunk.text:
             pieces.append(chunk.text)
             yield from parser.feed(chunk.text)
@@ -99,7 +104,7 @@ def chat_stream(engine: Engine, messages: list[dict], *, tools=None, tool_choice
     if parsed.tool_calls and finish == "stop":
         finish = "tool_calls"
     yield ChatDone(ChatResult(parsed.content, parsed.tool_calls, parsed.invalid_tool_calls, parsed.citations,
-                              finish, last.usage, last.timings, text))
+                              finish, last.usage, last.timings, text, logprobs))
 
 
 def chat(engine: Engine, messages: list[dict], **kwargs) -> ChatResult:
