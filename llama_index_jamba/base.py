@@ -25,6 +25,7 @@ from llama_index.core.base.llms.types import (
     CompletionResponseGen,
     DocumentBlock,
     LLMMetadata,
+    LogProb,
     MessageRole,
     TextBlock,
     ThinkingBlock,
@@ -54,6 +55,7 @@ dispatcher = get_dispatcher(__name__)
 
 _GENERATION_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop")
 _REQUEST_KEYS = ("tools", "tool_choice", "documents", "citations", "response_format")
+_LOGPROB_KEYS = ("logprobs", "top_logprobs")
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
           "chatbot": "assistant", "model": "assistant", "tool": "tool", "function": "tool"}
 
@@ -111,6 +113,13 @@ class JambaLLM(FunctionCallingLLM):
         schema (``pydantic_program_mode="default"``), so the output always parses unless it is cut off
         by ``max_new_tokens``.
 
+    Token log-probabilities:
+        With ``logprobs=True`` (a field or per-call keyword; ``top_logprobs`` 0-20 alternatives), the final
+        response's ``logprobs`` holds one list per generated token: that token's ``LogProb`` first, then the
+        ``top_logprobs`` most likely others (natural logs under the model's own distribution, before a tool
+        or JSON grammar and the sampling filters). They cover the raw output's tokens (``raw["text"]``,
+        tool-call markup included); a stream gives them on its last response.
+
     Token usage and timings:
         ``response.raw["usage"]`` (``prompt_tokens``, ``completion_tokens``, ``total_tokens``,
         ``cached_tokens``) and ``response.raw["timings"]`` (time to first token, prefill and decode
@@ -124,6 +133,8 @@ class JambaLLM(FunctionCallingLLM):
     top_k: int = Field(default=0, ge=0, description="Sample from the k most likely tokens; 0 disables it.")
     seed: Optional[int] = Field(default=None, description="Seed for reproducible sampling.")
     stop: Optional[List[str]] = Field(default=None, description="Strings that end generation (never echoed).")
+    logprobs: Optional[bool] = Field(default=None, description="Return each generated token's log-probability (response.logprobs).")
+    top_logprobs: int = Field(default=0, ge=0, le=20, description="With logprobs, the most likely alternatives listed per token.")
     dtype: str = Field(default="float32", description='Weight dtype: "float32" or "bfloat16".')
     device: str = Field(default="cpu", description='Torch device, e.g. "cpu" or "cuda".')
     quantization: Optional[str] = Field(default=None, description="Weight quantization on load (e.g. 'int8'), or None.")
@@ -250,24 +261,28 @@ class JambaLLM(FunctionCallingLLM):
         last = None
         for last in self._stream_complete(prompt, formatted, **kwargs):
             pass
-        return CompletionResponse(text=last.text, raw=last.raw, additional_kwargs=last.additional_kwargs)
+        return CompletionResponse(text=last.text, raw=last.raw, additional_kwargs=last.additional_kwargs,
+                                  logprobs=last.logprobs)
 
     def _stream_complete(self, prompt: str, formatted: bool, **kwargs: Any) -> CompletionResponseGen:
         if not formatted:
             for r in self._stream_chat([ChatMessage(role=MessageRole.USER, content=prompt)], **kwargs):
                 yield CompletionResponse(text=r.message.content or "", delta=r.delta, raw=r.raw,
-                                         additional_kwargs=dict(r.message.additional_kwargs))
+                                         additional_kwargs=dict(r.message.additional_kwargs), logprobs=r.logprobs)
             return
         _, generation = self._request([], kwargs)
         templated = sorted(k for k in _REQUEST_KEYS if kwargs.get(k) not in (None, False, [], "auto"))
         if templated:  # they go through the chat template, which formatted text bypasses
             raise TypeError(f"complete(formatted=True) sends the prompt as it is, so {templated} cannot apply "
                             "(they need the chat template); call without formatted=True")
-        text = ""
+        text, entries = "", []
         for chunk in self.engine.stream(prompt, **generation):
             text += chunk.text
-            raw = None if chunk.finish_reason is None else _raw(chunk.finish_reason, chunk.usage, chunk.timings, text)
-            yield CompletionResponse(text=text, delta=chunk.text, raw=raw)
+            entries += chunk.logprobs or []
+            last = chunk.finish_reason is not None
+            raw = _raw(chunk.finish_reason, chunk.usage, chunk.timings, text) if last else None
+            logprobs = _logprobs(entries) if last and "logprobs" in generation else None
+            yield CompletionResponse(text=text, delta=chunk.text, raw=raw, logprobs=logprobs)
 
     # -- tools -----------------------------------------------------------------------------------
     def _prepare_chat_with_tools(
@@ -399,11 +414,13 @@ class JambaLLM(FunctionCallingLLM):
     def _request(self, messages: Sequence[ChatMessage], kwargs: Dict[str, Any]) -> tuple[dict, dict]:
         """(chat request: messages, tools, tool_choice, documents, citations, response_format;
         generation settings), the fields overridden by any per-call keyword."""
-        unknown = sorted(set(kwargs) - {*_GENERATION_KEYS, *_REQUEST_KEYS, "max_tokens"})
+        unknown = sorted(set(kwargs) - {*_GENERATION_KEYS, *_REQUEST_KEYS, *_LOGPROB_KEYS, "max_tokens"})
         if unknown:
             raise TypeError(f"JambaLLM got unexpected keyword arguments {unknown}; per-call keywords are "
-                            f"{sorted({*_GENERATION_KEYS, *_REQUEST_KEYS, 'max_tokens'})}")
+                            f"{sorted({*_GENERATION_KEYS, *_REQUEST_KEYS, *_LOGPROB_KEYS, 'max_tokens'})}")
         generation = {key: kwargs.get(key, getattr(self, key)) for key in _GENERATION_KEYS}
+        if kwargs.get("logprobs", self.logprobs):
+            generation["logprobs"] = kwargs.get("top_logprobs", self.top_logprobs)  # the engine checks 0..20
         if "max_tokens" in kwargs and "max_new_tokens" not in kwargs:  # the OpenAI name
             generation["max_new_tokens"] = kwargs["max_tokens"]
         documents = [to_document(d) for d in kwargs.get("documents") or []]
@@ -525,7 +542,17 @@ def _chat_response(result: ChatResult, delta: Optional[str] = None) -> ChatRespo
         extra["citations"] = list(result.citations)
     message = ChatMessage(role=MessageRole.ASSISTANT, blocks=blocks, additional_kwargs=extra)
     raw = _raw(result.finish_reason, result.usage, result.timings, result.text, result.citations)
-    return ChatResponse(message=message, delta=delta, raw=raw)
+    return ChatResponse(message=message, delta=delta, raw=raw,
+                        logprobs=None if result.logprobs is None else _logprobs(result.logprobs))
+
+
+def _logprobs(entries: Sequence[Any]) -> List[List[LogProb]]:
+    """`jamba_core.engine.TokenLogprob`s -> LlamaIndex's per-token lists: the generated token, then its
+    alternatives (the chosen one not repeated)."""
+    def one(e: Any) -> LogProb:
+        return LogProb(token=e.token, logprob=e.logprob, bytes=list(e.bytes))
+
+    return [[one(e), *(one(t) for t in e.top_logprobs if t.token_id != e.token_id)] for e in entries]
 
 
 def _partial_message(content: str, calls: Dict[int, dict]) -> ChatMessage:

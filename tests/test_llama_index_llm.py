@@ -231,6 +231,28 @@ def test_an_unknown_per_call_keyword_is_refused(llm):
     assert llm.chat(QUESTION, max_tokens=2).raw["usage"]["completion_tokens"] == 2  # the OpenAI name is known
 
 
+def test_logprobs_per_token_with_the_chosen_token_first(llm, tiny_engine):
+    """logprobs=True / top_logprobs (fields or per call): one list per generated token, the generated token
+    first (as the engine reports it), then the alternatives without it; streams end with the same."""
+    response = llm.chat(QUESTION, logprobs=True, top_logprobs=3)
+    assert len(response.logprobs) == response.raw["usage"]["completion_tokens"]
+    from jamba_core.chat.api import chat
+
+    want = chat(tiny_engine, [{"role": "user", "content": QUESTION[0].content}], max_new_tokens=16, logprobs=3).logprobs
+    assert [[p.token for p in position][:1] for position in response.logprobs] == [[e.token] for e in want]
+    for position, entry in zip(response.logprobs, want):
+        assert position[0].logprob == pytest.approx(entry.logprob, abs=1e-5) and position[0].bytes == entry.bytes
+        others = [t for t in entry.top_logprobs if t.token_id != entry.token_id]
+        assert [p.token for p in position[1:]] == [t.token for t in others] and len(position) in (3, 4)
+    streamed = list(llm.stream_chat(QUESTION, logprobs=True, top_logprobs=3))
+    assert streamed[-1].logprobs == response.logprobs and all(r.logprobs is None for r in streamed[:-1])
+    assert llm.complete("Hi", logprobs=True).logprobs is not None and llm.complete("Hi").logprobs is None
+    raw = llm.complete("Call me Ishmael.", formatted=True, logprobs=True)
+    assert len(raw.logprobs) == raw.raw["usage"]["completion_tokens"] and all(len(p) == 1 for p in raw.logprobs)
+    with pytest.raises(ValueError, match="logprobs must be None or an integer in 0..20"):
+        llm.chat(QUESTION, logprobs=True, top_logprobs=21)
+
+
 @pytest.mark.asyncio
 async def test_async_calls_leave_the_event_loop_free(llm):
     ticks = 0
