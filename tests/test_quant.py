@@ -2,7 +2,11 @@
 reloading, resident bytes and the memory formula, and bitsandbytes' formats where it runs."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -378,3 +382,23 @@ def test_bitsandbytes_formats_load_run_and_reload(scheme, bound, tiny_checkpoint
         # when saving, so the comparison is with the model as saved
         assert torch.equal(reloaded.model(ids), engine.model(ids))
     assert resident_bytes(engine.model) < resident_bytes(Engine.from_pretrained(tiny_checkpoint, progress=False).model)
+
+
+@needs_bnb
+def test_bnb_nf4_head_prefills_in_chunks(tiny_checkpoint):
+    """A prompt longer than prefill_chunk_tokens killed the process with SIGFPE under bnb-nf4+lm_head: the
+    chunks before the last ran the LM head on zero rows, which bitsandbytes' 4-bit CPU kernel divides by.
+    Run in a child process, so that a crash fails this test instead of the session."""
+    code = textwrap.dedent(f"""
+        from jamba_core import Engine
+        prompt = "Call me Ishmael. Some years ago, never mind how long precisely, having little or no money"
+        for chunk in (4096, 8):
+            engine = Engine.from_pretrained({str(tiny_checkpoint)!r}, quantization="bnb-nf4+lm_head",
+                                            prefill_chunk_tokens=chunk, progress=False)
+            print(engine.generate(prompt, max_new_tokens=5).token_ids)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    whole, chunked = done.stdout.split("\n")[:2]
+    assert whole == chunked and len(json.loads(whole)) == 5

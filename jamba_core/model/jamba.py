@@ -173,4 +173,7 @@ class JambaForCausalLM(nn.Module):
             cache.seen_tokens += L
         if logits_to_keep is not None:
             x = x[:, x.shape[1] - logits_to_keep :]
+            if logits_to_keep == 0:  # a prefill chunk before the last: no LM head on no rows (bitsandbytes'
+                # 4-bit CPU kernel divides by the row count: SIGFPE)
+                return x.new_empty(b, 0, self.config.vocab_size, dtype=self.compute_dtype)
         return self.lm_head(self.model.final_layernorm(x).to(self.compute_dtype))
