@@ -261,6 +261,26 @@ def resolve_for_checkpoint(config: JambaConfig, quantization) -> tuple[QuantConf
 
 
 # -- saving ------------------------------------------------------------------------------------------
+def _state_dict_keeping_cpu_packing(model) -> dict:
+    """``model.state_dict()`` (detached, contiguous) leaving bitsandbytes' 4-bit modules as they run.
+
+    On a CPU with AVX512-BF16, `bitsandbytes.nn.Linear4bit`'s first forward repacks its weight for the CPU
+    kernel (the nested block scales dequantized to fp32), and its ``_save_to_state_dict`` undoes that in
+    place, quantizing the scales again: saving changed the live engine's logits (by 8e-3 on the tiny model),
+    and each later save differed from the one before. The packed weight and a copy of its quant state are
+    put back after the state dict is read, so saves repeat exactly; the saved scales are still
+    bitsandbytes' requantization of the fp32 ones, as its own save gives."""
+    import copy
+
+    packed = [(m, m.weight.data, copy.deepcopy(m.weight.quant_state)) for m in model.modules()
+              if getattr(getattr(getattr(m, "weight", None), "quant_state", None), "packing_format_for_cpu", False)]
+    try:
+        return {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    finally:
+        for module, data, quant_state in packed:
+            module.weight.data, module.weight.quant_state = data, quant_state
+
+
 def save_quantized(engine_or_model, path, config: JambaConfig | None = None, source=None, tokenizer=None,
                    overwrite: bool = False) -> Path:
     """Write a quantized model as a checkpoint folder that reloads without requantizing.
@@ -292,7 +312,7 @@ def save_quantized(engine_or_model, path, config: JambaConfig | None = None, sou
                               "its weights: choose a new folder, or pass overwrite=True")
     path.mkdir(parents=True, exist_ok=True)
 
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = _state_dict_keeping_cpu_packing(model)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     shards, current, size = [], {}, 0
