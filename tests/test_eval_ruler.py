@@ -125,6 +125,28 @@ def test_oracle_scores_one_and_dont_know_scores_zero(haystack, tokenizer):
     assert all(0.9 * c["length"] <= c["prompt_tokens"] <= c["length"] for c in blank["cells"])
 
 
+def test_a_reply_in_content_blocks_is_scored_on_its_text_blocks_only(haystack, tokenizer):
+    """A reply as content blocks was scored as str(list): a model that listed every number in a reasoning
+    block and answered "not found" scored 1.0, and an exact answer in a text block lost its score."""
+    grid = dict(tasks=["niah_single"], lengths=[256], depths=[50], samples_per_cell=2, tokenizer=tokenizer, haystack=haystack)
+    thinks = _ScriptedChat(reply=lambda p: [{"type": "reasoning", "reasoning": ", ".join(re.findall(r"\b\d{7}\b", p))},
+                                            {"type": "text", "text": "I could not find it."}])
+    assert [c["accuracy"] for c in evaluate(thinks, **grid)["cells"]] == [0.0]
+    in_blocks = _ScriptedChat(reply=lambda p: ["The number is ", {"type": "text", "text": ", ".join(_oracle_answers(p))}])
+    result = evaluate(in_blocks, **grid)
+    assert [c["accuracy"] for c in result["cells"]] == [1.0] and result["cells"][0]["samples"][0]["reply"].startswith("The number is ")
+
+
+def test_a_depth_draws_the_same_sample_as_int_or_float(haystack, tokenizer):
+    """The command line passes depths as floats (50.0), the API's callers as ints (50): the sample seeds
+    hashed the depth's text, so the two drew different needles for the same cell."""
+    blank = _ScriptedChat(reply=lambda p: "no idea")
+    grid = dict(tasks=["niah_single"], lengths=[256], samples_per_cell=2, tokenizer=tokenizer, haystack=haystack)
+    as_int, as_float = evaluate(blank, depths=[50], **grid), evaluate(blank, depths=[50.0], **grid)
+    assert [s["seed"] for s in as_int["cells"][0]["samples"]] == [s["seed"] for s in as_float["cells"][0]["samples"]]
+    assert [s["answers"] for s in as_int["cells"][0]["samples"]] == [s["answers"] for s in as_float["cells"][0]["samples"]]
+
+
 def test_report_files_agree_with_results(haystack, tokenizer, tmp_path):
     first_only = _ScriptedChat(reply=lambda p: _oracle_answers(p)[0])  # half marks on multi-answer tasks
     results = evaluate(first_only, ["niah_single", "niah_multivalue"], [256, 512], [0, 100], 1, tokenizer,

@@ -245,7 +245,8 @@ def evaluate(chat_model, tasks, lengths, depths, samples_per_cell: int, tokenize
              progress: Callable[[dict], None] | None = None) -> dict:
     """Accuracy of any LangChain chat model on every (task, length, depth) cell.
 
-    Each sample is sent as one `HumanMessage`; its score is the fraction of its answers in the reply.
+    Each sample is sent as one `HumanMessage`; its score is the fraction of its answers in the reply's
+    text (`reply_text`: a reply in content blocks counts its text blocks only, not reasoning).
     Every sample of every cell has its own seed (keys, values and haystack offset), derived from
     `seed`, the cell and the sample's index, so no two cells repeat a needle.
 
@@ -274,8 +275,8 @@ def evaluate(chat_model, tasks, lengths, depths, samples_per_cell: int, tokenize
         raise ValueError(f"nothing to evaluate: {samples_per_cell} samples per cell over {len(tasks)} tasks, {len(lengths)} "
                          f"lengths and {len(depths)} depths (each must be at least 1)")
     haystack = haystack or Haystack(tokenizer)
-    def sample_seed(task, length, depth, i):
-        return zlib.crc32(f"{seed}:{task}:{length}:{depth}:{i}".encode())
+    def sample_seed(task, length, depth, i):  # the depth's value, not its type: 50 and 50.0 (the CLI's) draw alike
+        return zlib.crc32(f"{seed}:{task}:{length}:{float(depth):g}:{i}".encode())
     kwargs = {} if max_new_tokens is None else {"max_tokens": max_new_tokens}
     cells = []
     for task in tasks:
@@ -286,8 +287,7 @@ def evaluate(chat_model, tasks, lengths, depths, samples_per_cell: int, tokenize
                     s = sample_seed(task, length, depth, i)
                     sample = make_sample(task, length, depth, s, haystack, split)
                     start = time.perf_counter()
-                    reply = chat_model.invoke([HumanMessage(sample.prompt)], **kwargs).content
-                    reply = reply if isinstance(reply, str) else str(reply)
+                    reply = reply_text(chat_model.invoke([HumanMessage(sample.prompt)], **kwargs))
                     runs.append({"seed": s, "score": score(reply, sample.answers), "answers": sample.answers,
                                  "reply": reply, "latency_s": time.perf_counter() - start,
                                  "prompt_tokens": haystack.count(sample.prompt)})
@@ -303,6 +303,17 @@ def evaluate(chat_model, tasks, lengths, depths, samples_per_cell: int, tokenize
     return {"model": _describe(chat_model), "split": split, "seed": seed, "max_new_tokens": max_new_tokens,
             "tasks": list(tasks), "lengths": list(lengths), "depths": list(depths),
             "samples_per_cell": samples_per_cell, "cells": cells, "means": means}
+
+
+def reply_text(message) -> str:
+    """The answer text of a chat model's reply: its content when a string, else its text blocks joined
+    (plain strings and ``{"type": "text"}`` blocks; reasoning, tool-use and citation blocks left out, as
+    LangChain's ``AIMessage.text`` does)."""
+    content = message.content
+    if isinstance(content, str):
+        return content
+    return "".join(block if isinstance(block, str) else block.get("text") or "" for block in content
+                   if isinstance(block, str) or isinstance(block, dict) and block.get("type") == "text")
 
 
 def _mean(xs) -> float:

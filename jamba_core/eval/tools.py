@@ -23,6 +23,7 @@ import random
 import time
 
 from ..train import data
+from .ruler import reply_text
 
 
 def _lc_messages(messages: list[dict]):
@@ -53,8 +54,8 @@ def evaluate_tool_calls(chat_model, samples: int = 100, seed: int = 0, split: st
         correct = parsed and reply.tool_calls[0]["name"] == call["name"] and _same(reply.tool_calls[0]["args"], call["arguments"])
         follow = _lc_messages(asked) + [AIMessage("", tool_calls=[{"name": call["name"], "args": call["arguments"], "id": "call_0"}]),
                                         ToolMessage(result, tool_call_id="call_0")]
-        final = bound.invoke(follow, max_tokens=max_new_tokens).content
-        answered = result in (final if isinstance(final, str) else str(final))
+        final = reply_text(bound.invoke(follow, max_tokens=max_new_tokens))
+        answered = result in final
         counts["parsed"] += parsed
         counts["correct"] += correct
         counts["answer"] += answered
@@ -98,8 +99,7 @@ def evaluate_copying(chat_model, samples: int = 50, seed: int = 0, split: str = 
     for i in range(samples):
         conv = data.repeat(random.Random(f"copy:{seed}:{i}"), max_items=max_items, split=split)
         want = conv.messages[-1]["content"]
-        got = chat_model.invoke([HumanMessage(conv.messages[0]["content"])]).content
-        got = (got if isinstance(got, str) else str(got)).strip()
+        got = reply_text(chat_model.invoke([HumanMessage(conv.messages[0]["content"])])).strip()
         a, b = got.replace(",", " ").split(), want.replace(",", " ").split()
         exact += got == want.strip()
         words += sum(x == y for x, y in zip(a, b)) / len(b)
@@ -145,7 +145,7 @@ def evaluate_needle_forms(chat_model, samples: int = 12, seed: int = 0, document
                 reply = chat_model.invoke([SystemMessage(m.content) if m.role.value == "system" else HumanMessage(m.content) for m in msgs])
             else:
                 reply = chat_model.invoke([HumanMessage(question)], documents=[{"title": "document", "text": doc}])
-            got = reply.content if isinstance(reply.content, str) else str(reply.content)
+            got = reply_text(reply)
             hits[form] += value in got
             if value not in got and len(failures) < 10:
                 failures.append({"form": form, "depth": round((i + 0.5) / samples, 3), "needle": needle, "got": got})
