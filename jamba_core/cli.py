@@ -170,6 +170,11 @@ def cmd_eval(args) -> int:
     chat = ChatJamba(model=args.model, temperature=0.0, max_tokens=args.max_new_tokens, dtype=args.dtype,
                      device=args.device, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
     tokenizer = chat.engine.tokenizer
+    window = chat.engine.context_window
+    too_long = [n for n in args.lengths if n + args.max_new_tokens > window]
+    if too_long:  # refused before any sample runs, rather than failing at the first such cell
+        raise ValueError(f"--lengths {', '.join(map(str, too_long))} with --max-new-tokens {args.max_new_tokens} do not fit "
+                         f"the model's context window of {window} tokens")
 
     def progress(cell):
         print(f"{cell['task']:18s} {cell['length']:>7d} tokens  depth {cell['depth']:5.1f}%  accuracy {cell['accuracy']:.2f}  "

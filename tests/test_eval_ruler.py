@@ -172,6 +172,19 @@ def test_cli_eval_runs_on_tiny_checkpoint(tiny_checkpoint, shared_dir, tmp_path,
     assert (tmp_path / "heatmap.png").stat().st_size > 0 and "| niah_single | 256 |" in capsys.readouterr().out
 
 
+def test_cli_eval_refuses_lengths_past_the_context_window_before_running(tmp_path, capsys):
+    """It scored the lengths that fit, then failed at the first that did not, writing nothing."""
+    from jamba_core.cli import main
+    from jamba_core.testing import make_checkpoint
+
+    small = make_checkpoint(tmp_path / "window-2k", preset="tiny", max_position_embeddings=2048)
+    assert main(["eval", str(small), "--tasks", "niah_single", "--lengths", "256,2048,4k", "--depths", "50",
+                 "--samples", "1", "--max-new-tokens", "4", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "--lengths 2048, 4096 with --max-new-tokens 4 do not fit the model's context window of 2048 tokens" in err
+    assert "niah_single" not in err and not (tmp_path / "out").exists()
+
+
 def test_report_of_a_long_stage_run_for_some_tasks_only(tmp_path):
     """A long-context stage adds lengths for a few tasks (`benchmarks.trained_eval --long`): the other
     tasks get no row there, and the heat map leaves those cells blank."""
