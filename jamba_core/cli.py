@@ -165,7 +165,7 @@ def _depths(text: str) -> list[float]:
 def cmd_eval(args) -> int:
     from langchain_jamba import ChatJamba
 
-    from .eval import evaluate, write_report
+    from .eval import evaluate, summarize, write_report
 
     chat = ChatJamba(model=args.model, temperature=0.0, max_tokens=args.max_new_tokens, dtype=args.dtype,
                      device=args.device, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
@@ -176,13 +176,25 @@ def cmd_eval(args) -> int:
         raise ValueError(f"--lengths {', '.join(map(str, too_long))} with --max-new-tokens {args.max_new_tokens} do not fit "
                          f"the model's context window of {window} tokens")
 
+    done = []
+
     def progress(cell):
+        done.append(cell)
         print(f"{cell['task']:18s} {cell['length']:>7d} tokens  depth {cell['depth']:5.1f}%  accuracy {cell['accuracy']:.2f}  "
               f"{cell['latency_s']:.1f} s", file=sys.stderr, flush=True)
 
-    results = evaluate(chat, args.tasks.split(","), args.lengths,
-                       args.depths, args.samples, tokenizer, seed=args.seed,
-                       max_new_tokens=args.max_new_tokens, progress=progress)
+    grid = (args.tasks.split(","), args.lengths, args.depths, args.samples)
+    try:
+        results = evaluate(chat, *grid[:3], args.samples, tokenizer, seed=args.seed, max_new_tokens=args.max_new_tokens,
+                           progress=progress)
+    except (Exception, KeyboardInterrupt) as err:  # a failed sample or Ctrl-C: keep the cells already scored
+        if done:
+            why = "interrupted" if isinstance(err, KeyboardInterrupt) else f"{type(err).__name__}: {err}"
+            paths = write_report(summarize(chat, done, *grid, seed=args.seed, max_new_tokens=args.max_new_tokens,
+                                           error=why), args.out)
+            print(f"stopped after {len(done)} cells ({why}); wrote them to {', '.join(str(p) for p in paths.values())}",
+                  file=sys.stderr)
+        raise
     paths = write_report(results, args.out)
     print(paths["markdown"].read_text(encoding="utf-8"))
     print(f"wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)

@@ -185,6 +185,32 @@ def test_cli_eval_refuses_lengths_past_the_context_window_before_running(tmp_pat
     assert "niah_single" not in err and not (tmp_path / "out").exists()
 
 
+def test_cli_eval_writes_the_finished_cells_when_a_sample_fails(tiny_checkpoint, shared_dir, tmp_path, monkeypatch, capsys):
+    """An error on one sample (a timeout, a rate limit) lost every cell already scored."""
+    from langchain_jamba import ChatJamba
+
+    from jamba_core.cli import main
+
+    calls = {"n": 0}
+    generate = ChatJamba._generate
+
+    def fails_on_the_third(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise TimeoutError("read timed out")
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(ChatJamba, "_generate", fails_on_the_third)
+    assert main(["eval", str(tiny_checkpoint), "--tasks", "niah_single", "--lengths", "256", "--depths", "0,50,100",
+                 "--samples", "1", "--max-new-tokens", "4", "--out", str(tmp_path)]) == 2  # (TimeoutError is an OSError)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["partial"] is True and results["error"] == "TimeoutError: read timed out"
+    assert [c["depth"] for c in results["cells"]] == [0.0, 50.0] and len(results["means"]) == 1
+    assert "| niah_single | 256 |" in (tmp_path / "results.md").read_text() and (tmp_path / "heatmap.png").stat().st_size
+    err = capsys.readouterr().err
+    assert "stopped after 2 cells (TimeoutError: read timed out)" in err and "error: read timed out" in err
+
+
 def test_report_of_a_long_stage_run_for_some_tasks_only(tmp_path):
     """A long-context stage adds lengths for a few tasks (`benchmarks.trained_eval --long`): the other
     tasks get no row there, and the heat map leaves those cells blank."""

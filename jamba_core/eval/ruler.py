@@ -268,6 +268,9 @@ def evaluate(chat_model, tasks, lengths, depths, samples_per_cell: int, tokenize
     Raises:
         ValueError: an empty grid (no task, length or depth, or fewer than 1 sample per cell), or what
             `make_sample` raises for a cell.
+        Whatever the model raises for a sample ends the run with that exception; the cells finished before
+        it (those passed to ``progress``) make a partial result with `summarize`, as ``jamba-local eval``
+        writes on an error or Ctrl-C.
     """
     from langchain_core.messages import HumanMessage
 
@@ -297,12 +300,24 @@ def evaluate(chat_model, tasks, lengths, depths, samples_per_cell: int, tokenize
                 cells.append(cell)
                 if progress:
                     progress(cell)
-    means = [{"task": t, "length": n,
-              "accuracy": _mean(c["accuracy"] for c in cells if (c["task"], c["length"]) == (t, n))}
-             for t in tasks for n in lengths]
-    return {"model": _describe(chat_model), "split": split, "seed": seed, "max_new_tokens": max_new_tokens,
-            "tasks": list(tasks), "lengths": list(lengths), "depths": list(depths),
-            "samples_per_cell": samples_per_cell, "cells": cells, "means": means}
+    return summarize(chat_model, cells, tasks, lengths, depths, samples_per_cell, seed=seed, max_new_tokens=max_new_tokens,
+                     split=split)
+
+
+def summarize(chat_model, cells: list[dict], tasks, lengths, depths, samples_per_cell: int, seed: int = 0,
+              max_new_tokens: int | None = 32, split: str = "test", error: str | None = None) -> dict:
+    """`evaluate`'s result for ``cells`` (the dicts it passes to ``progress``), the means over the cells
+    present; the grid may be unfinished (an interrupted run: ``error`` says why, and the result gets
+    ``"partial": True`` and ``"error"``)."""
+    means = [{"task": t, "length": n, "accuracy": _mean(mine)}
+             for t in tasks for n in lengths
+             if (mine := [c["accuracy"] for c in cells if (c["task"], c["length"]) == (t, n)])]
+    result = {"model": _describe(chat_model), "split": split, "seed": seed, "max_new_tokens": max_new_tokens,
+              "tasks": list(tasks), "lengths": list(lengths), "depths": list(depths),
+              "samples_per_cell": samples_per_cell, "cells": list(cells), "means": means}
+    if error is not None:
+        result.update(partial=True, error=error)
+    return result
 
 
 def reply_text(message) -> str:
