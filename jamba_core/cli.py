@@ -273,7 +273,8 @@ def main(argv=None) -> int:
 def _run(command: str, func, arg) -> int:
     try:
         return func(arg)
-    except (OSError, ValueError) as err:  # bad input (missing or unreadable files, bad values): a message, not a traceback
+    except (OSError, ValueError, ImportError) as err:  # bad input (missing or unreadable files, bad values, an extra
+        # not installed): a message, not a traceback
         print(f"jamba-local {command}: error: {err}", file=sys.stderr)
         return 2
 

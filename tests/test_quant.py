@@ -221,10 +221,19 @@ def test_a_head_tied_to_the_embedding_stays_float():
     config = make_config("tiny", tie_word_embeddings=True)
     model = JambaForCausalLM(config)
     assert "tied" in lm_head_unsupported_reason(model)
-    with pytest.raises(NotImplementedError, match="lm_head"):
+    with pytest.raises(ValueError, match="cannot quantize lm_head: lm_head is tied"):  # a bad option: one line in the CLI
         quantize_model(model, "int8+lm_head")
     with pytest.raises(ValueError, match="tied"):
         estimate_memory(config, 0, quantization="int8+lm_head")
+
+
+def test_the_cli_refuses_a_tied_head_in_int8_in_one_line(tmp_path, capsys):
+    """`generate --quantization int8+lm_head` on a tied checkpoint ended in a NotImplementedError traceback."""
+    from jamba_core.testing import make_checkpoint
+
+    tied = make_checkpoint(tmp_path / "tied", preset="tiny", tie_word_embeddings=True)
+    assert cli_main(["generate", "--model", str(tied), "--quantization", "int8+lm_head", "--max-new-tokens", "2", "hi"]) == 2
+    assert capsys.readouterr().err.strip().endswith("error: cannot quantize lm_head: lm_head is tied to the input embedding")
 
 
 # -- quantize on load, save, reload ------------------------------------------------------------------

@@ -108,7 +108,7 @@ def target_names(model: nn.Module, quantization) -> list[str]:
     if q.lm_head:
         reason = lm_head_unsupported_reason(model)
         if reason:
-            raise NotImplementedError(f"cannot quantize lm_head: {reason}")
+            raise ValueError(f"cannot quantize lm_head: {reason}")
     return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and q.matches(name)]
 
 
@@ -132,7 +132,7 @@ def _require(scheme: str) -> None:
     if scheme in bnb.SCHEMES:
         reason = bnb.unavailable_reason()
         if reason:
-            raise RuntimeError(f"quantization={scheme!r} needs bitsandbytes: {reason}")
+            raise ImportError(f"quantization={scheme!r} needs bitsandbytes (pip install 'jamba-local[quant]'): {reason}")
 
 
 @torch.no_grad()
