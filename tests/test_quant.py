@@ -417,3 +417,19 @@ def test_bnb_nf4_head_prefills_in_chunks(tiny_checkpoint):
     assert done.returncode == 0, done.stderr[-2000:]
     whole, chunked = done.stdout.split("\n")[:2]
     assert whole == chunked and len(json.loads(whole)) == 5
+
+
+@needs_bnb
+def test_bnb_nf4_runs_widths_its_cpu_packing_cannot_take(tmp_path):
+    """Widths not multiples of 32 (out) and 64 (in) loaded, then failed at the first forward inside
+    bitsandbytes' AVX512-BF16 repacking ("N must be divisible by block_n"); they take its unpacked path."""
+    from jamba_core.testing import make_checkpoint
+
+    odd = make_checkpoint(tmp_path / "odd", preset="tiny", hidden_size=40, intermediate_size=72, num_attention_heads=5,
+                          num_key_value_heads=1)
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7]])
+    with torch.no_grad():
+        want = Engine.from_pretrained(odd, progress=False).model(ids)
+        for scheme in ("bnb-nf4", "bnb-nf4+mamba"):
+            got = Engine.from_pretrained(odd, quantization=scheme, progress=False).model(ids)
+            assert torch.isfinite(got).all() and rel(got, want) <= NF4_LOGITS_REL

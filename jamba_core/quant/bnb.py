@@ -19,6 +19,7 @@ from torch import nn
 SCHEMES = ("bnb-int8", "bnb-nf4")
 INT8_THRESHOLD = 6.0  # LLM.int8()'s outlier threshold, as the paper and transformers' BitsAndBytesConfig use
 NF4_BLOCKSIZE = 64
+CPU_PACK_ROWS = 32  # bitsandbytes' block_n of its CPU packing (_convert_weight_packed_for_cpu)
 
 
 def unavailable_reason() -> str | None:
@@ -52,7 +53,13 @@ def _empty_module(scheme: str, in_features: int, out_features: int, compute_dtyp
     with torch.device("meta"):  # no float weight is allocated: it is replaced below
         if scheme == "bnb-int8":
             return bnb.nn.Linear8bitLt(in_features, out_features, bias=False, has_fp16_weights=False, threshold=INT8_THRESHOLD)
-        return bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=compute_dtype, quant_type="nf4")
+        module = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=compute_dtype, quant_type="nf4")
+    if getattr(module, "support_avx512bf16_for_cpu", False) and (out_features % CPU_PACK_ROWS or in_features % NF4_BLOCKSIZE):
+        # bitsandbytes repacks a 4-bit weight for its AVX512-BF16 CPU kernel on the first forward, which needs
+        # out_features % 32 == 0 and in_features % 64 == 0 (else an AssertionError or a reshape error from its
+        # internals); other widths take its unpacked path, which computes them
+        module.support_avx512bf16_for_cpu = False
+    return module
 
 
 def from_float(scheme: str, weight: torch.Tensor, bias: nn.Parameter | None, compute_dtype: torch.dtype, device="cpu") -> nn.Module:
