@@ -471,3 +471,56 @@ def test_a_continued_run_can_move_to_the_other_word_split(tmp_path, shared_dir):
                          log_every=100)
     assert info["spaces"] == other == trainer.tokenizer_spaces(load_tokenizer(tmp_path / "out"))
     assert len(info["history"]) == 2 and all(math.isfinite(h["loss"]) for h in info["history"])
+
+
+def test_bad_run_settings_are_refused_before_anything_is_written(tmp_path, capsys):
+    """--minutes 0 raised ZeroDivisionError in the loop, --steps 0 saved random weights at exit status 0,
+    NaN or negative --mix weights failed at step 0: each wrote a checkpoint first."""
+    from jamba_core.train import trainer
+
+    out = tmp_path / "out"
+    for args in (["--minutes", "0"], ["--minutes", "-1"], ["--steps", "0"], ["--steps", "-2"], ["--lr", "nan"],
+                 ["--save-every", "-1"], ["--mix", "tool_call=nan"], ["--mix", "tool_call=-1,json=1"], ["--mix", "json=inf"]):
+        with pytest.raises(SystemExit) as stop:
+            trainer.main(["--out", str(out), *args])
+        assert stop.value.code == 2 and f"argument {args[0]}" in capsys.readouterr().err
+    for kwargs in (dict(steps=0), dict(steps=3, minutes=0.0), dict(steps=3, lr=float("inf")), dict(steps=3, save_every=-5),
+                   dict(steps=3, mix={"json": float("nan")})):
+        with pytest.raises(ValueError, match="steps|minutes|lr|save_every|mix"):
+            trainer.train(out, **kwargs)
+    assert not out.exists()
+
+
+def test_a_mix_with_needles_works_in_the_phases_that_have_none(tiny_engine, shared_dir):
+    """`--mix needle=1` on a run from scratch failed at its first batch (the copying phases list no needle
+    lengths): those phases take the first lengths the curriculum gives."""
+    from jamba_core.eval.ruler import Haystack
+    from jamba_core.train import trainer
+
+    first = next(p["needle_lengths"] for p in trainer.CURRICULUM if p["needle_lengths"])
+    ids, mask, real, family = trainer.batch(0, 0.05, 1, tiny_engine.tokenizer, Haystack(tiny_engine.tokenizer), {"needle": 1.0})
+    assert family == "needle" and ids.shape[1] <= max(first) + 64
+
+
+def test_an_out_folder_holding_a_checkpoint_is_kept_unless_asked(tmp_path, monkeypatch, shared_dir, capsys):
+    """`--out` (default: the committed checkpoint) was overwritten without a word, also by a run that
+    failed at step 0; now only --init itself (continued in place) or --overwrite replaces it. A quantized
+    --init is refused (its int8 layers would not train), and training.json records the model's own sizes."""
+    from jamba_core import Engine
+    from jamba_core.quant import save_quantized
+    from jamba_core.testing import make_checkpoint
+    from jamba_core.train import trainer
+
+    held = make_checkpoint(tmp_path / "held", preset="tiny")
+    before = (held / "model.safetensors").read_bytes()
+    with pytest.raises(FileExistsError, match="already holds a checkpoint"):
+        trainer.train(held, steps=1)
+    with pytest.raises(SystemExit):
+        trainer.main(["--out", str(held), "--steps", "1"])
+    assert "--overwrite" in capsys.readouterr().err and (held / "model.safetensors").read_bytes() == before
+    quantized = save_quantized(Engine.from_pretrained(held, quantization="int8", progress=False), tmp_path / "int8")
+    with pytest.raises(ValueError, match="saved quantized"):
+        trainer.train(tmp_path / "new", steps=1, init=quantized)
+    info = trainer.train(held, steps=1, init=held, log_every=100)  # continued in place
+    assert info["config"]["hidden_size"] == 64 != trainer.CONFIG["hidden_size"]  # make_checkpoint's tiny, not CONFIG
+    assert (held / "model.safetensors").read_bytes() != before

@@ -145,7 +145,8 @@ def batch(step: int, progress: float, seed: int, tokenizer, haystack, mix: dict 
     family = rng.choices(list(mix), weights=list(mix.values()))[0]
     convs = []
     if family == "needle":  # ``haystack`` may be several (the book, technical documentation): one per batch
-        length = rng.choice(needle_lengths or p["needle_lengths"])
+        # a --mix with needles in a phase that has none (the copying phases): the first phase's lengths
+        length = rng.choice(needle_lengths or p["needle_lengths"] or next(q["needle_lengths"] for q in CURRICULUM if q["needle_lengths"]))
         hay = rng.choice(haystack) if isinstance(haystack, (list, tuple)) else haystack
         convs = [data.needle(rng, hay, length) for _ in range(max(1, tokens // length))]
     elif family == "recall":
@@ -192,7 +193,7 @@ def loss_fn(model, ids, mask, real):
 def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float | None = None, log_every: int = 20,
           init: Path | None = None, curriculum_from: float = 0.0, spaces: str | None = None,
           curriculum_until: float = 1.0, mix: dict | None = None, save_every: int = 250, common_keys: float = data.COMMON_KEYS,
-          needle_lengths: tuple[int, ...] | None = None, keyless: float = data.KEYLESS) -> dict:
+          needle_lengths: tuple[int, ...] | None = None, keyless: float = data.KEYLESS, overwrite: bool = False) -> dict:
     """Train and save to ``out``; ``init`` continues from a checkpoint folder this function wrote (its
     weights and tokenizer; the optimizer state starts fresh and the data continues at new seeds).
     ``curriculum_from`` in [0, 1): the `CURRICULUM` progress the data start at (a continued run can skip
@@ -209,13 +210,26 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
     over more text, at more seconds per step). ``keyless``: the probability that a one-argument tool request
     names no key (``Use the X tool on V.``: the key must be read from the schema). The weights
     are saved to ``out`` every ``save_every`` steps too (a run cut short by the machine keeps its work;
-    training.json and loss.png are written at the end).
+    training.json and loss.png are written at the end). ``out`` may hold a checkpoint only when it is
+    ``init`` (a run continued in place) or with ``overwrite``: the default folder is the committed one.
 
     Raises:
-        ValueError: a progress bound, ``common_keys`` or ``keyless`` outside its range, a needle length under 256 tokens,
-            or a ``mix`` family `batch` does not know."""
-    if mix is not None and (not mix or set(mix) - FAMILIES or any(w < 0 for w in mix.values()) or sum(mix.values()) <= 0):
-        raise ValueError(f"mix must give non-negative weights, not all zero, to families among {sorted(FAMILIES)}, got {mix}")
+        ValueError: ``steps`` below 1, ``minutes`` or ``lr`` not positive and finite, ``save_every`` negative, a
+            progress bound, ``common_keys`` or ``keyless`` outside its range, a needle length under 256 tokens,
+            a ``mix`` family `batch` does not know or a weight that is negative or not finite, an ``init``
+            saved quantized (its int8 layers would not train).
+        FileExistsError: ``out`` holds a checkpoint that is not ``init`` and ``overwrite`` is not set (checked
+            before anything is written)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    for name, value in (("minutes", minutes), ("lr", lr)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    if save_every < 0:
+        raise ValueError(f"save_every must be >= 0 (0: only at the end), got {save_every}")
+    if mix is not None and (not mix or set(mix) - FAMILIES or not all(math.isfinite(w) and w >= 0 for w in mix.values())
+                            or sum(mix.values()) <= 0):
+        raise ValueError(f"mix must give finite non-negative weights, not all zero, to families among {sorted(FAMILIES)}, got {mix}")
     if needle_lengths is not None and (not needle_lengths or min(needle_lengths) < 256):
         raise ValueError(f"needle_lengths must be lengths of at least 256 tokens, got {needle_lengths}")
     if not 0.0 <= common_keys <= 1.0:
@@ -226,6 +240,12 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
         raise ValueError(f"curriculum_from must be within [0, 1), got {curriculum_from}")
     if not curriculum_from < curriculum_until <= 1.0:
         raise ValueError(f"curriculum_until must be within ({curriculum_from}, 1], got {curriculum_until}")
+    out = Path(out)
+    held = sorted(p.name for p in out.glob("*.safetensors")) if out.is_dir() else []
+    same_as_init = init is not None and out.resolve() == Path(init).resolve()
+    if held and not same_as_init and not overwrite:
+        raise FileExistsError(f"{out} already holds a checkpoint ({', '.join(held[:3])}); training would replace it (and its "
+                              "training.json): choose a new --out, continue it in place with --init set to it, or pass --overwrite")
     torch.manual_seed(seed)
     t0 = time.time()
     if init is not None:
@@ -234,6 +254,9 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
         from ..tokenizer import load_tokenizer
 
         tokenizer, config = load_tokenizer(init), load_config(init)
+        if getattr(config, "quantization_config", None):
+            raise ValueError(f"{init} is saved quantized ({config.quantization_config.get('quant_method', '?')}); its "
+                             "quantized layers cannot train: continue from the float checkpoint")
         model = load_model(Path(init), config, progress=False)  # the serving loader: errors name the file
         if spaces is not None and spaces != tokenizer_spaces(tokenizer):
             new = make_tokenizer(seed, spaces)
@@ -304,7 +327,9 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
         prior = json.loads((Path(init) / "training.json").read_text())
         earlier = prior.pop("earlier_runs", []) + [prior]
     info = {"earlier_runs": earlier, "init": None if init is None else str(init), "curriculum_from": curriculum_from, "curriculum_until": curriculum_until, "seed": seed, "steps_planned": steps, "steps_run": len(history), "lr": lr, "spaces": tokenizer_spaces(tokenizer), "parameters": n_params,
-            "curriculum": CURRICULUM, "mix": mix, "common_keys": common_keys, "keyless": keyless, "needle_lengths": needle_lengths, "prompt_loss_weight": PROMPT_LOSS_WEIGHT, "config": CONFIG, "train_seconds": round(time.time() - t0, 1),
+            "curriculum": CURRICULUM, "mix": mix, "common_keys": common_keys, "keyless": keyless, "needle_lengths": needle_lengths, "prompt_loss_weight": PROMPT_LOSS_WEIGHT,
+            "config": {k: getattr(config, k) for k in CONFIG},  # the model trained (an --init's own sizes)
+            "train_seconds": round(time.time() - t0, 1),
             "torch_threads": torch.get_num_threads(), "history": history,
             "error": None if failure is None else f"{type(failure).__name__}: {failure}", "interrupted": interrupted}
     (out / "training.json").write_text(json.dumps(info))
@@ -355,14 +380,29 @@ def plot_loss(runs: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _positive(kind, zero: bool = False):
+    """An argparse type: ``kind`` (int or float) above 0 (or at least 0), finite."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+            raise argparse.ArgumentTypeError(f"expected a finite number {'>= 0' if zero else '> 0'}, got {text!r}")
+        return value
+    return parse
+
+
 def _parse_mix(text: str) -> dict:
-    """``--mix``: "family=weight,..." -> {family: weight}."""
-    expected = f"family=weight,... with families among {', '.join(sorted(FAMILIES))}"
+    """``--mix``: "family=weight,..." -> {family: weight}, weights finite, >= 0 and not all 0."""
+    expected = (f"family=weight,... with families among {', '.join(sorted(FAMILIES))} and finite weights >= 0, "
+                "not all 0")
     try:
         mix = {k.strip(): float(v) for k, v in (part.split("=") for part in text.split(",") if part.strip())}
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-    if not mix or set(mix) - FAMILIES:
+    if (not mix or set(mix) - FAMILIES or not all(math.isfinite(w) and w >= 0 for w in mix.values())
+            or sum(mix.values()) <= 0):
         raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return mix
 
@@ -381,11 +421,11 @@ def _stop_on_signals() -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jamba_core.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("checkpoints/jamba-tiny-chat"))
-    parser.add_argument("--steps", type=int, default=2400)
+    parser.add_argument("--steps", type=_positive(int), default=2400)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr", type=_positive(float), default=3e-3)
     parser.add_argument("--init", type=Path, default=None, help="continue from this checkpoint folder (use another --seed)")
-    parser.add_argument("--minutes", type=float, default=None,
+    parser.add_argument("--minutes", type=_positive(float), default=None,
                         help="time budget for the training loop: the schedule then runs on whichever of steps or time ends first")
     parser.add_argument("--curriculum-from", type=float, default=0.0,
                         help="curriculum progress (0..1) the data start at, e.g. 0.45 to skip the copying phases on --init")
@@ -404,11 +444,16 @@ def main(argv=None) -> int:
                              "so the key must be read from the tool's schema")
     parser.add_argument("--needle-lengths", type=lambda text: tuple(_token_list(text)), default=None,
                         help="needle lengths in tokens for every phase, e.g. 2048,4096,8192 (default: the curriculum's)")
-    parser.add_argument("--save-every", type=int, default=250, help="also save the weights every this many steps (0: only at the end)")
+    parser.add_argument("--save-every", type=_positive(int, zero=True), default=250, help="also save the weights every this many steps (0: only at the end)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out (other than --init)")
     args = parser.parse_args(argv)
+    if args.out.is_dir() and any(args.out.glob("*.safetensors")) and not args.overwrite and not (
+            args.init is not None and args.out.resolve() == args.init.resolve()):
+        parser.error(f"--out {args.out} already holds a checkpoint; training would replace it (and its training.json): "
+                     "choose a new --out, continue it in place with --init set to it, or pass --overwrite")
     _stop_on_signals()
     info = train(args.out, args.steps, args.seed, args.lr, args.minutes, init=args.init, curriculum_from=args.curriculum_from,
                  spaces=args.spaces, curriculum_until=args.curriculum_until, mix=args.mix, save_every=args.save_every,
-                 common_keys=args.common_keys, needle_lengths=args.needle_lengths, keyless=args.keyless)
+                 common_keys=args.common_keys, needle_lengths=args.needle_lengths, keyless=args.keyless, overwrite=args.overwrite)
     print(f"{info['parameters']:,} parameters, {info['steps_run']} steps, {info['train_seconds']:.0f} s -> {args.out}")
     return 0
