@@ -764,3 +764,28 @@ def test_fp32_model_with_bf16_kv_cache_close_to_fp32_cache(name, monkeypatch, tm
     assert rel(logits[torch.bfloat16], logits[torch.float32]) <= BF16_REL
     if name == "cpu":
         assert fused and all(y is not None for y in fused)
+
+
+def test_the_busy_check_reads_other_processes_cpu_time_not_the_load_average(monkeypatch):
+    """Kernels below BUSY_SERIAL_WORK run on one thread while other processes use the cores our threads need.
+    The 1-minute load average took a minute to show a new hog and counted our own threads; the check now
+    takes the CPU time /proc/stat counts outside this process since its last sample (every BUSY_CHECK_S)."""
+    from jamba_core.ops import cpu
+
+    samples = iter([(0.0, 100.0, 10.0),   # (wall s, busy CPU s on all cores, this process's CPU s)
+                    (1.0, 101.9, 11.8),   # 1.9 CPU s in 1 s, 1.8 of them ours: others 0.1 core -> not busy
+                    (2.0, 103.9, 12.7),   # 2.0 CPU s, 0.9 ours: others 1.1 cores -> busy with 2 threads
+                    (3.0, 105.9, 14.6)])  # 2.0 CPU s, 1.9 ours: quiet again
+    monkeypatch.setattr(cpu, "_cpu_sample", lambda: next(samples))
+    monkeypatch.setattr(cpu, "_cores", lambda: 2)
+    monkeypatch.setattr(cpu.torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(cpu.os, "getloadavg", lambda: (9.0, 9.0, 9.0))  # first sample: no window yet, the load average answers
+    monkeypatch.setattr(cpu, "_busy", {"checked": -1e9, "busy": False, "sample": None})
+    answers = []
+    for _ in range(4):
+        cpu._busy["checked"] = -1e9  # as if BUSY_CHECK_S had passed
+        answers.append(cpu._machine_busy())
+    assert answers == [True, False, True, False]
+    assert cpu._threads(cpu.SERIAL_WORK) == 2  # quiet: parallel above SERIAL_WORK
+    monkeypatch.setattr(cpu, "_machine_busy", lambda: True)
+    assert cpu._threads(cpu.SERIAL_WORK) == 1 and cpu._threads(cpu.BUSY_SERIAL_WORK) == 2

@@ -170,26 +170,63 @@ def _channels_last(t: torch.Tensor) -> torch.Tensor:
 
 
 # Below SERIAL_WORK multiply-adds (or elements) a kernel runs on one thread: a parallel region's start and
-# barrier cost more than they save. Below BUSY_SERIAL_WORK too while the machine is oversubscribed (load
-# average above its cores, as MKL_DYNAMIC does for MKL): each parallel region then waits for a thread the
-# OS has preempted. Measured on bench-small decode beside other processes: with every GEMV above 128K
-# elements parallel (about 50 regions per token) the median step was 6x slower than with only the LM
-# head parallel; on a quiet machine the parallel GEMVs read weights faster (the fastest steps, 16 ms
-# against 40 ms).
+# barrier cost more than they save. Below BUSY_SERIAL_WORK too while other processes use the cores our
+# threads need (as MKL_DYNAMIC does for MKL): each parallel region then waits for a thread the OS has
+# preempted. Measured on bench-small decode beside other processes: with every GEMV above 128K elements
+# parallel (about 50 regions per token) the median step was 6x slower than with only the LM head parallel;
+# on a quiet machine the parallel GEMVs read weights faster (the fastest steps, 16 ms against 40 ms).
 SERIAL_WORK = 1 << 17
 BUSY_SERIAL_WORK = 1 << 22
-_busy = {"checked": -1e9, "busy": False}
+BUSY_CHECK_S = 0.25  # how often the CPU time of other processes is sampled
+_busy = {"checked": -1e9, "busy": False, "sample": None}
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # the cores this process may run on (taskset, cgroup cpusets)
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _cpu_sample() -> tuple[float, float, float] | None:
+    """(wall s, CPU s busy on all cores, CPU s of this process) from /proc/stat and os.times(); None off Linux.
+
+    Busy counts user, nice, system, irq, softirq and steal (time a hypervisor gave to other machines)."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            fields = f.readline().split()
+        ticks = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if len(fields) < 9 or fields[0] != b"cpu":
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[1:9])
+    t = os.times()
+    return time.monotonic(), (user + nice + system + irq + softirq + steal) / ticks, t.user + t.system
 
 
 def _machine_busy() -> bool:
-    """Whether the 1-minute load average exceeds the cores (checked at most once a second)."""
+    """Whether other processes (or other virtual machines, as steal time) use the cores this process's
+    threads need: over the last BUSY_CHECK_S or more, the CPU time spent outside this process averaged
+    more than ``cores - threads + 0.5`` cores (from /proc/stat, sampled at most every BUSY_CHECK_S).
+    Where /proc/stat cannot be read: the 1-minute load average above the cores + 0.5. A hog started a
+    second ago counts at the next sample; the load average takes about a minute to show it."""
     now = time.monotonic()
-    if now - _busy["checked"] > 1.0:
-        _busy["checked"] = now
+    if now - _busy["checked"] < BUSY_CHECK_S:
+        return _busy["busy"]
+    _busy["checked"] = now
+    sample, last = _cpu_sample(), _busy["sample"]
+    if sample is None or last is None:
+        _busy["sample"] = sample
         try:
-            _busy["busy"] = os.getloadavg()[0] > (os.cpu_count() or 1) + 0.5
+            _busy["busy"] = os.getloadavg()[0] > _cores() + 0.5
         except OSError:
             _busy["busy"] = False
+        return _busy["busy"]
+    wall = sample[0] - last[0]
+    others = ((sample[1] - last[1]) - (sample[2] - last[2])) / wall
+    _busy["sample"] = sample
+    _busy["busy"] = others > _cores() - max(1, torch.get_num_threads()) + 0.5
     return _busy["busy"]
 
 
