@@ -524,3 +524,16 @@ def test_an_out_folder_holding_a_checkpoint_is_kept_unless_asked(tmp_path, monke
     info = trainer.train(held, steps=1, init=held, log_every=100)  # continued in place
     assert info["config"]["hidden_size"] == 64 != trainer.CONFIG["hidden_size"]  # make_checkpoint's tiny, not CONFIG
     assert (held / "model.safetensors").read_bytes() != before
+
+
+def test_the_documentation_haystack_is_the_same_in_every_process(shared_dir):
+    """pydoc renders default values with their memory address (`<function copy2 at 0x7f...>`): the
+    documentation needles, and with them a seeded run's weights, differed from process to process."""
+    import subprocess
+    import sys
+
+    code = ("import hashlib; from jamba_core.eval.ruler import Haystack; from jamba_core.tokenizer import train_tokenizer; "
+            "from jamba_core.train import data; t = train_tokenizer(4096); h = data.docs_haystack(t, Haystack(t)); "
+            "print(hashlib.sha256(str(h.ids).encode()).hexdigest(), ' at 0x' in t.decode(h.ids))")
+    runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout for _ in range(2)}
+    assert len(runs) == 1 and runs.pop().split()[1] == "False"

@@ -396,11 +396,16 @@ DOCS_MODULES = ("collections", "itertools", "functools", "string", "random", "st
 
 def docs_haystack(tokenizer, moby):
     """A second haystack, technical prose unlike the book: the plain-text documentation (pydoc) of the
-    standard-library modules `DOCS_MODULES`, with the book haystack ``moby``'s key words (so keys keep
-    their split)."""
+    standard-library modules `DOCS_MODULES` (as this Python renders them, memory addresses removed), with the
+    book haystack ``moby``'s key words (so keys keep their split)."""
     import pydoc
 
     text = "\n\n".join(pydoc.plain(pydoc.render_doc(name, renderer=pydoc.plaintext)) for name in DOCS_MODULES)
+    # default values render with their memory address (``<function copy2 at 0x7f...>``) and logging's module data
+    # lists the process's live handlers (``<weakref at 0x...; to 'StreamHandler'>``, as many as the imports made):
+    # the needle samples cut from this text, and so the seeded training runs, differed from process to process
+    text = "\n".join(line for line in text.split("\n") if "<weakref at 0x" not in line)
+    text = re.sub(r" at 0x[0-9a-fA-F]+", "", text)
     hay = ruler.Haystack(tokenizer, text=text)
     hay.words = moby.words
     return hay
