@@ -289,6 +289,12 @@ class ChatJamba(BaseChatModel):
         `input_token_details["cache_read"]` counts the prompt tokens whose state the engine reused from an
         earlier call with the same beginning (a shared system prompt, the turns of a conversation).
 
+    Reasoning models:
+        A checkpoint whose chat template writes ``<think>`` (Jamba Reasoning 3B) thinks before it answers. The
+        thinking goes to ``additional_kwargs["reasoning_content"]`` (streamed in chunks that merge to it, as
+        ChatDeepSeek and ChatOllama send it), not to ``content``, and a tool-call marker written while thinking
+        is no call. A forced tool choice or a structured output answers at once, without thinking.
+
     Response metadata:
         ```python
         print(ai_msg.response_metadata)
@@ -970,6 +976,7 @@ def _to_ai_message(result: Any, model_name: str) -> AIMessage:
     """A `jamba_core.chat.api.ChatResult` -> AIMessage (tool calls, invalid calls, usage, metadata)."""
     return AIMessage(
         content=result.content,
+        additional_kwargs={"reasoning_content": result.reasoning} if getattr(result, "reasoning", "") else {},
         tool_calls=[tool_call(name=c["name"], args=c["args"], id=c["id"]) for c in result.tool_calls],
         invalid_tool_calls=[invalid_tool_call(name=c.get("name"), args=c.get("args"), id=c.get("id"), error=c.get("error"))
                             for c in result.invalid_tool_calls],
@@ -990,10 +997,12 @@ def _to_chunk(event: Any, model_name: str, state: _StreamState) -> AIMessageChun
 
     Usage and response metadata ride on the last chunk only, so that merging the chunks counts them once.
     Citations come with that last chunk too (in `response_metadata`), as on invoke."""
-    from jamba_core.chat.api import ChatDone, ContentDelta, InvalidToolCall, ToolCallChunk
+    from jamba_core.chat.api import ChatDone, ContentDelta, InvalidToolCall, ReasoningDelta, ToolCallChunk
 
     if isinstance(event, ContentDelta):
         return AIMessageChunk(content=event.text) if event.text else None
+    if isinstance(event, ReasoningDelta):  # merged chunks concatenate it, as ChatDeepSeek's and ChatOllama's
+        return AIMessageChunk(content="", additional_kwargs={"reasoning_content": event.text})
     if isinstance(event, ToolCallChunk):
         state.call_args[event.index] = state.call_args.get(event.index, "") + event.args_delta
         return AIMessageChunk(content="", tool_call_chunks=[

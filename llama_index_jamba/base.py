@@ -48,7 +48,7 @@ from llama_index.core.schema import BaseNode, MetadataMode, NodeWithScore
 from llama_index.core.types import PydanticProgramMode
 
 from jamba_core.aio import iterate_in_thread
-from jamba_core.chat.api import ChatDone, ChatResult, ContentDelta, InvalidToolCall, ToolCallChunk, chat, chat_stream
+from jamba_core.chat.api import ChatDone, ChatResult, ContentDelta, InvalidToolCall, ReasoningDelta, ToolCallChunk, chat, chat_stream
 from jamba_core.engine import Engine, get_engine
 
 dispatcher = get_dispatcher(__name__)
@@ -112,6 +112,12 @@ class JambaLLM(FunctionCallingLLM):
         ``astream_structured_predict`` and ``as_structured_llm`` decode under the pydantic model's JSON
         schema (``pydantic_program_mode="default"``), so the output always parses unless it is cut off
         by ``max_new_tokens``.
+
+    Reasoning models:
+        A checkpoint whose chat template writes ``<think>`` (Jamba Reasoning 3B) thinks before it answers: the
+        thinking comes as a ``ThinkingBlock`` first in ``message.blocks`` (``message.content`` is the answer
+        alone; streamed, ``additional_kwargs["thinking_delta"]``), and a tool-call marker written while thinking
+        is no call. Thinking blocks in the history are not sent back to the model.
 
     Token log-probabilities:
         With ``logprobs=True`` (a field or per-call keyword; ``top_logprobs`` 0-20 alternatives), the final
@@ -235,6 +241,9 @@ class JambaLLM(FunctionCallingLLM):
                 yield ChatResponse(message=_partial_message(content, calls), delta="")
             elif isinstance(event, InvalidToolCall):
                 calls.pop(event.index, None)
+            elif isinstance(event, ReasoningDelta):  # as LlamaIndex's Ollama LLM streams thinking
+                yield ChatResponse(message=_partial_message(content, calls), delta="",
+                                   additional_kwargs={"thinking_delta": event.text})
             elif isinstance(event, ChatDone):
                 yield _chat_response(event.result, delta="")
 
@@ -529,7 +538,8 @@ def _raw(finish_reason: str, usage, timings, text: str, citations: Sequence[int]
 
 
 def _chat_response(result: ChatResult, delta: Optional[str] = None) -> ChatResponse:
-    blocks: List[Any] = [TextBlock(text=result.content)]
+    blocks: List[Any] = [ThinkingBlock(content=result.reasoning)] if result.reasoning else []
+    blocks += [TextBlock(text=result.content)]
     blocks += [ToolCallBlock(tool_call_id=c["id"], tool_name=c["name"], tool_kwargs=c["args"]) for c in result.tool_calls]
     extra: Dict[str, Any] = {}
     if result.tool_calls:

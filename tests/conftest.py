@@ -34,3 +34,30 @@ def tiny_engine(tiny_checkpoint):
     from jamba_core import Engine
 
     return Engine.from_pretrained(tiny_checkpoint, progress=False)
+
+
+@pytest.fixture
+def scripted_engine(tiny_checkpoint):
+    """A factory: a fresh tiny engine whose generation writes ``text`` (in 3-character chunks) whatever the
+    prompt, taken for a reasoning model when ``thinks`` (as a chat template writing ``<think>`` makes it), its
+    prompt ending inside ``<think>`` when ``opened``. For the adapters' handling of outputs a random model
+    never writes."""
+    from jamba_core import Engine
+    from jamba_core.engine import StreamChunk, Timings, Usage
+
+    def make(text: str, thinks: bool = True, opened: bool = False):
+        engine = Engine.from_pretrained(tiny_checkpoint, progress=False)
+        engine._thinks = thinks  # `jamba_core.chat.api.thinks` reads the template once and keeps the answer here
+
+        def stream(prompt, **kwargs):
+            for i in range(0, len(text), 3):
+                yield StreamChunk(text[i:i + 3], [0])
+            yield StreamChunk("", [], "stop", Usage(7, len(text)), Timings())
+
+        engine.stream = stream
+        if opened:
+            render = engine.render
+            engine.render = lambda *args, **kwargs: render(*args, **kwargs) + "<think>\n"
+        return engine
+
+    return make

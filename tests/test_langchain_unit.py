@@ -688,3 +688,32 @@ def test_top_logprobs_are_checked_when_the_model_is_built_and_per_call():
     with pytest.raises(ValueError, match="top_logprobs needs logprobs=True"):
         ChatJamba(model=HUB_ID)._request([HumanMessage("hi")], None, {"top_logprobs": 2})
     assert ChatJamba(model=HUB_ID)._request([HumanMessage("hi")], None, {"logprobs": True, "top_logprobs": 2}).params["logprobs"] == 2
+
+
+THOUGHT = ('<think>\nThe user asks about Paris. I could write <tool_calls>[{"name": "get_weather", "arguments": '
+           '{"city": "Rome"}}]</tool_calls> but that was only a thought.\n</think>\n\n')
+
+
+def test_a_reasoning_models_thinking_goes_to_reasoning_content_and_is_never_a_call(scripted_engine):
+    """Jamba Reasoning 3B thinks in <think> ... </think> before it answers: the thinking was the content's start,
+    and a call marker written while thinking became a tool call."""
+    def get_weather(city: str) -> str:
+        """Weather in a city."""
+        return "sunny"
+
+    reasoning = THOUGHT.strip()[len("<think>"):-len("</think>")].strip()
+    llm = ChatJamba(model=scripted_engine(THOUGHT + "It is sunny in Paris.")).bind_tools([get_weather])
+    message = llm.invoke("Weather in Paris?")
+    assert message.content == "It is sunny in Paris." and message.tool_calls == [] and message.invalid_tool_calls == []
+    assert message.additional_kwargs["reasoning_content"] == reasoning
+    merged = None
+    for chunk in llm.stream("Weather in Paris?"):
+        merged = chunk if merged is None else merged + chunk
+    assert (merged.content, merged.additional_kwargs["reasoning_content"], merged.tool_calls) == (message.content, reasoning, [])
+    call = '<tool_calls>[{"name": "get_weather", "arguments": {"city": "Paris"}}]</tool_calls>'
+    message = ChatJamba(model=scripted_engine(THOUGHT + call)).bind_tools([get_weather]).invoke("Weather in Paris?")
+    assert [(c["name"], c["args"]) for c in message.tool_calls] == [("get_weather", {"city": "Paris"})]
+    opened = ChatJamba(model=scripted_engine("Thinking already.</think>Answer.", opened=True)).invoke("Hi")
+    assert (opened.content, opened.additional_kwargs["reasoning_content"]) == ("Answer.", "Thinking already.")
+    plain = ChatJamba(model=scripted_engine("<think>x</think>Answer.", thinks=False)).invoke("Hi")  # not a reasoning model
+    assert plain.content == "<think>x</think>Answer." and "reasoning_content" not in plain.additional_kwargs

@@ -505,3 +505,19 @@ async def test_as_structured_llm_returns_schema_json(llm):
 def test_structured_output_cut_off_says_to_raise_max_new_tokens(llm):
     with pytest.raises(ValueError, match="cut off.*raise max_new_tokens"):
         llm.structured_predict(Whale, WHALE_PROMPT, llm_kwargs={"max_new_tokens": 4}, book="Moby-Dick")
+
+
+def test_a_reasoning_models_thinking_is_a_thinking_block_and_never_a_call(scripted_engine):
+    from llama_index.core.base.llms.types import TextBlock, ThinkingBlock
+
+    thought = ('<think>\nI could call <tool_calls>[{"name": "multiply", "arguments": {"a": 1, "b": 2}}]</tool_calls>, '
+               'but no.\n</think>\n\n')
+    llm = JambaLLM(scripted_engine(thought + "Twelve."))
+    response = llm.chat(QUESTION)
+    assert [type(b) for b in response.message.blocks] == [ThinkingBlock, TextBlock]
+    assert response.message.blocks[0].content.startswith("I could call") and response.message.content == "Twelve."
+    assert "tool_calls" not in response.message.additional_kwargs
+    streamed = list(llm.stream_chat(QUESTION))
+    thinking = "".join(r.additional_kwargs.get("thinking_delta", "") for r in streamed)
+    assert thinking == response.message.blocks[0].content and "".join(r.delta for r in streamed) == "Twelve."
+    assert streamed[-1].message.blocks[0].content == thinking

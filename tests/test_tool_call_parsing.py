@@ -441,3 +441,40 @@ def test_garbage_never_raises_and_streams_consistently(data, call_format):
     assert len(calls.keys() - invalid.keys()) == len(whole.tool_calls)
     assert len(invalid) == len(whole.invalid_tool_calls)
     assert all(isinstance(e, (ContentDelta, ToolCallChunk, InvalidToolCall, Citations)) for e in events)
+
+
+# -- a reasoning model's thinking (jamba_core.chat.reasoning) -------------------------------------------------
+REASONING_CASES = [
+    ("<think>\nLet me think.  About it.\n</think>\n\nThe answer is 4.", False, "Let me think.  About it.", "\n\nThe answer is 4."),
+    ("  <think> a  b </think>x", False, "a  b", "x"),
+    ("Plain answer, then <think> as text", False, "", "Plain answer, then <think> as text"),
+    ("<thi", False, "", "<thi"),
+    ("<think>cut off mid thought <", False, "cut off mid thought <", ""),  # the budget ran out while thinking
+    ("The template opened it.\n</think>\nAnswer <tool_call>{}</tool_call>", True, "The template opened it.",
+     "\nAnswer <tool_call>{}</tool_call>"),
+    ("<think></think>  ", False, "", "  "),
+]
+
+
+@pytest.mark.parametrize("text, opened, reasoning, answer", REASONING_CASES)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cuts=st.lists(st.integers(min_value=0, max_value=80), max_size=12))
+def test_reasoning_splits_the_same_however_the_text_is_streamed(text, opened, reasoning, answer, cuts):
+    from jamba_core.chat.reasoning import ReasoningSplitter, split_reasoning
+
+    assert split_reasoning(text, opened) == (reasoning, answer)
+    splitter, parts, start = ReasoningSplitter(opened), [], 0
+    for cut in sorted(c for c in cuts if c <= len(text)) + [len(text)]:
+        parts += splitter.feed(text[start:cut])
+        start = cut
+    parts += splitter.finish()
+    assert "".join(t for k, t in parts if k == "reasoning") == reasoning and "".join(t for k, t in parts if k == "answer") == answer
+    assert all(t for _, t in parts)  # no empty events
+
+
+def test_reasoning_templates_and_prompts_that_open_thinking_are_recognised():
+    from jamba_core.chat.reasoning import is_reasoning_template, prompt_opens_thinking
+
+    assert is_reasoning_template("{{ '<think>' }}") and is_reasoning_template({"default": "x", "tool_use": "<think>"})
+    assert not is_reasoning_template("{{ messages }}") and not is_reasoning_template(None)
+    assert prompt_opens_thinking("<|im_start|>assistant\n<think>\n") and not prompt_opens_thinking("<|im_start|>assistant\n")

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Iterator
 if TYPE_CHECKING:  # the engine imports the tokenizer, which imports this package's template
     from ..engine import Engine, Timings, Usage
 from .grammar import EitherConstraint, GrammarConstraint, response_format_constraint, tool_choice_constraint
+from .reasoning import ReasoningDelta, ReasoningSplitter, is_reasoning_template, prompt_opens_thinking
 from .tool_calls import Citations, ContentDelta, InvalidToolCall, StreamingToolCallParser, ToolCallChunk, detect_call_format
 
 
@@ -21,7 +22,9 @@ class ChatResult:
     """One assistant turn. ``tool_calls``: ``[{"id", "name", "args": dict}]``; ``invalid_tool_calls``:
     ``[{"id", "name", "args": raw str, "error"}]``; ``citations``: document indices; ``text``: the raw
     model output the rest was parsed from; ``logprobs``: one `jamba_core.engine.TokenLogprob` per generated
-    token of ``text`` when the request asked (``logprobs=N``), else None."""
+    token of ``text`` when the request asked (``logprobs=N``), else None; ``reasoning``: a reasoning model's
+    thinking (``<think> ... </think>``, `jamba_core.chat.reasoning`), apart from ``content`` and never parsed
+    for calls ("" for other models)."""
 
     content: str
     tool_calls: list[dict] = field(default_factory=list)
@@ -32,6 +35,7 @@ class ChatResult:
     timings: Timings | None = None
     text: str = ""
     logprobs: list | None = None
+    reasoning: str = ""
 
 
 @dataclass
@@ -47,6 +51,14 @@ def call_format(engine: Engine) -> str:
     if fmt is None:
         fmt = engine._call_format = detect_call_format(getattr(engine.tokenizer, "chat_template", None), engine.tokenizer.get_vocab())
     return fmt
+
+
+def thinks(engine: Engine) -> bool:
+    """Whether the checkpoint is a reasoning model: its chat template writes ``<think>``."""
+    flag = getattr(engine, "_thinks", None)
+    if flag is None:
+        flag = engine._thinks = is_reasoning_template(getattr(engine.tokenizer, "chat_template", None))
+    return flag
 
 
 def _constraint(engine: Engine, tools, tool_choice, response_format, parallel_tool_calls=True):
@@ -79,14 +91,28 @@ def _validate_tool_choice(tools, tool_choice):
 
 def chat_stream(engine: Engine, messages: list[dict], *, tools=None, tool_choice="auto", documents=None, response_format=None,
                 citations: bool = False, parallel_tool_calls: bool = True, **generation) -> Iterator:
-    """Stream one assistant turn: `ContentDelta`, `ToolCallChunk`, `InvalidToolCall` and `Citations` events, then
-    `ChatDone`. ``generation``: `Engine.stream` arguments (max_new_tokens, temperature, top_p, top_k,
+    """Stream one assistant turn: `ReasoningDelta` (a reasoning model's thinking, first), `ContentDelta`,
+    `ToolCallChunk`, `InvalidToolCall` and `Citations` events, then `ChatDone`. A reasoning model's output
+    (`thinks`) is split at ``</think>`` unless a constraint shapes it (a forced call or a JSON answer, which the
+    grammar starts at once). ``generation``: `Engine.stream` arguments (max_new_tokens, temperature, top_p, top_k,
     seed, stop, logprobs). ``parallel_tool_calls=False`` makes a forced ``"any"``/``"required"`` choice exactly one
     call. Raises ``ValueError`` for a ``tool_choice`` that names no tool."""
     _validate_tool_choice(tools, tool_choice)
     constraint = _constraint(engine, tools, tool_choice, response_format, parallel_tool_calls)
     fmt = call_format(engine)
     parser = StreamingToolCallParser(fmt, tool_calls=bool(tools) and tool_choice != "none")
+    splitter = None
+    if constraint is None and thinks(engine):
+        prompt = engine.render(messages, tools=tools, documents=documents, response_format=response_format, citations=citations)
+        splitter = ReasoningSplitter(opened=prompt_opens_thinking(prompt))
+
+    def route(parts):  # the splitter's (kind, text) -> reasoning events, or answer text for the call parser
+        for kind, piece in parts:
+            if kind == "reasoning":
+                yield ReasoningDelta(piece)
+            else:
+                yield from parser.feed(piece)
+
     pieces, last = [], None
     logprobs = [] if generation.get("logprobs") is not None else None
     for chunk in engine.stream(messages, tools=tools, documents=documents, response_format=response_format,
@@ -96,7 +122,9 @@ def chat_stream(engine: Engine, messages: list[dict], *, tools=None, tool_choice
             logprobs.extend(chunk.logprobs)
         if chunk.text:
             pieces.append(chunk.text)
-            yield from parser.feed(chunk.text)
+            yield from route(splitter.feed(chunk.text)) if splitter else parser.feed(chunk.text)
+    if splitter:
+        yield from route(splitter.finish())
     yield from parser.finish()
     text = "".join(pieces)
     parsed = parser.result()  # the whole parse, with the ids the stream announced
@@ -104,7 +132,8 @@ def chat_stream(engine: Engine, messages: list[dict], *, tools=None, tool_choice
     if parsed.tool_calls and finish == "stop":
         finish = "tool_calls"
     yield ChatDone(ChatResult(parsed.content, parsed.tool_calls, parsed.invalid_tool_calls, parsed.citations,
-                              finish, last.usage, last.timings, text, logprobs))
+                              finish, last.usage, last.timings, text, logprobs,
+                              "".join(splitter.reasoning) if splitter else ""))
 
 
 def chat(engine: Engine, messages: list[dict], **kwargs) -> ChatResult:
@@ -115,4 +144,5 @@ def chat(engine: Engine, messages: list[dict], **kwargs) -> ChatResult:
     raise RuntimeError("chat_stream ended without a result")
 
 
-__all__ = ["chat", "chat_stream", "ChatResult", "ChatDone", "ContentDelta", "ToolCallChunk", "InvalidToolCall", "Citations", "call_format"]
+__all__ = ["chat", "chat_stream", "ChatResult", "ChatDone", "ContentDelta", "ReasoningDelta", "ToolCallChunk", "InvalidToolCall",
+           "Citations", "call_format", "thinks"]
