@@ -713,6 +713,8 @@ def test_a_reasoning_models_thinking_goes_to_reasoning_content_and_is_never_a_ca
     call = '<tool_calls>[{"name": "get_weather", "arguments": {"city": "Paris"}}]</tool_calls>'
     message = ChatJamba(model=scripted_engine(THOUGHT + call)).bind_tools([get_weather]).invoke("Weather in Paris?")
     assert [(c["name"], c["args"]) for c in message.tool_calls] == [("get_weather", {"city": "Paris"})]
+    none = ChatJamba(model=scripted_engine(THOUGHT + "Sunny.")).bind_tools([get_weather], tool_choice="none").invoke("Hi")
+    assert (none.content, none.additional_kwargs["reasoning_content"]) == ("Sunny.", reasoning)  # the ban leaves text free
     opened = ChatJamba(model=scripted_engine("Thinking already.</think>Answer.", opened=True)).invoke("Hi")
     assert (opened.content, opened.additional_kwargs["reasoning_content"]) == ("Answer.", "Thinking already.")
     plain = ChatJamba(model=scripted_engine("<think>x</think>Answer.", thinks=False)).invoke("Hi")  # not a reasoning model
