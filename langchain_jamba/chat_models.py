@@ -428,11 +428,20 @@ class ChatJamba(BaseChatModel):
             "top_p": self.top_p,
             "top_k": self.top_k,
             "seed": self.seed,
+            "citations": self.citations,
+            "parallel_tool_calls": self.parallel_tool_calls,
+            "logprobs": self.logprobs,
+            "top_logprobs": self.top_logprobs,
             "dtype": self.dtype,
             "device": self.device,
             "quantization": self.quantization,
             "kv_cache_dtype": self.kv_cache_dtype,
         }
+
+    def _get_invocation_params(self, stop: list[str] | None = None, **kwargs: Any) -> dict[str, Any]:
+        """LangChain's params (its cache key among them) with the stop strings the call will use: the
+        call's, else this model's (LangChain writes the call's alone, None when it gives none)."""
+        return super()._get_invocation_params(stop=stop if stop is not None else self.stop, **kwargs)
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> dict[str, Any]:
         params: dict[str, Any] = {
@@ -509,7 +518,9 @@ class ChatJamba(BaseChatModel):
             "top_p": kwargs.get("top_p", self.top_p),
             "top_k": kwargs.get("top_k", self.top_k),
             "seed": kwargs.get("seed", self.seed),
-            "logprobs": _engine_logprobs(kwargs.get("logprobs", self.logprobs), kwargs.get("top_logprobs", self.top_logprobs)),
+            # a call's logprobs=False turns them off whatever this model's top_logprobs say
+            "logprobs": _engine_logprobs(kwargs.get("logprobs", self.logprobs),
+                                         kwargs.get("top_logprobs", self.top_logprobs if kwargs.get("logprobs", True) else None)),
             "stop": [stop] if isinstance(stop, str) else list(stop) if stop else None,  # "fox" is one stop string
             "citations": kwargs.get("citations", self.citations),
             "parallel_tool_calls": kwargs.get("parallel_tool_calls", self.parallel_tool_calls),

@@ -429,7 +429,8 @@ class JambaLLM(FunctionCallingLLM):
                             f"{sorted({*_GENERATION_KEYS, *_REQUEST_KEYS, *_LOGPROB_KEYS, 'max_tokens'})}")
         generation = {key: kwargs.get(key, getattr(self, key)) for key in _GENERATION_KEYS}
         if kwargs.get("logprobs", self.logprobs):
-            generation["logprobs"] = kwargs.get("top_logprobs", self.top_logprobs)  # the engine checks 0..20
+            top = kwargs.get("top_logprobs", self.top_logprobs)
+            generation["logprobs"] = 0 if top is None else top  # the engine checks 0..20
         if "max_tokens" in kwargs and "max_new_tokens" not in kwargs:  # the OpenAI name
             generation["max_new_tokens"] = kwargs["max_tokens"]
         documents = [to_document(d) for d in kwargs.get("documents") or []]

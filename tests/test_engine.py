@@ -373,6 +373,12 @@ def test_an_integer_tensor_for_a_float_weight_names_the_key(broken):
     save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=rf"model.safetensors: tensor '{re.escape(key)}' is stored as torch.int8, not a float"):
         Engine.from_pretrained(broken, progress=False)
+    expert = next(k for k in tensors if ".experts." in k or "feed_forward.down_proj" in k)  # a weight int8 quantizes on load
+    tensors[key] = tensors[key].float()
+    tensors[expert] = tensors[expert].round().to(torch.int32)
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"tensor '{re.escape(expert)}' is stored as torch.int32, not a float"):
+        Engine.from_pretrained(broken, quantization="int8", progress=False)
 
 
 def test_pickle_checkpoint_is_refused(broken):

@@ -206,7 +206,9 @@ def test_cli_eval_writes_the_finished_cells_when_a_sample_fails(tiny_checkpoint,
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["partial"] is True and results["error"] == "TimeoutError: read timed out"
     assert [c["depth"] for c in results["cells"]] == [0.0, 50.0] and len(results["means"]) == 1
-    assert "| niah_single | 256 |" in (tmp_path / "results.md").read_text() and (tmp_path / "heatmap.png").stat().st_size
+    markdown = (tmp_path / "results.md").read_text()
+    assert "| niah_single | 256 |" in markdown and (tmp_path / "heatmap.png").stat().st_size
+    assert "**Partial results**: the run stopped after 2 cells (TimeoutError: read timed out)" in markdown
     err = capsys.readouterr().err
     assert "stopped after 2 cells (TimeoutError: read timed out)" in err and "error: read timed out" in err
 

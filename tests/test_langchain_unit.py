@@ -719,3 +719,18 @@ def test_a_reasoning_models_thinking_goes_to_reasoning_content_and_is_never_a_ca
     assert (opened.content, opened.additional_kwargs["reasoning_content"]) == ("Answer.", "Thinking already.")
     plain = ChatJamba(model=scripted_engine("<think>x</think>Answer.", thinks=False)).invoke("Hi")  # not a reasoning model
     assert plain.content == "<think>x</think>Answer." and "reasoning_content" not in plain.additional_kwargs
+
+
+def test_settings_that_change_the_answer_are_part_of_the_cache_key_and_a_call_can_turn_logprobs_off():
+    """With a LangChain cache, a logprobs=True model got a plain model's cached answer (no logprobs), as
+    top_logprobs, citations, parallel_tool_calls and stop were not in the identifying params; a call's
+    logprobs=False on a model with top_logprobs raised instead of answering without them."""
+    base = ChatJamba(model=HUB_ID)
+    keys = {base._get_llm_string()}
+    for kwargs in (dict(logprobs=True), dict(logprobs=True, top_logprobs=2), dict(logprobs=True, top_logprobs=5),
+                   dict(citations=True), dict(parallel_tool_calls=False), dict(stop=["\n"])):
+        keys.add(ChatJamba(model=HUB_ID, **kwargs)._get_llm_string())
+    assert len(keys) == 7
+    llm = ChatJamba(model=HUB_ID, logprobs=True, top_logprobs=3)
+    assert llm._request([HumanMessage("hi")], None, {"logprobs": False}).params["logprobs"] is None
+    assert llm._request([HumanMessage("hi")], None, {}).params["logprobs"] == 3

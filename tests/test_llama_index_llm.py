@@ -251,6 +251,8 @@ def test_logprobs_per_token_with_the_chosen_token_first(llm, tiny_engine):
     assert len(raw.logprobs) == raw.raw["usage"]["completion_tokens"] and all(len(p) == 1 for p in raw.logprobs)
     with pytest.raises(ValueError, match="logprobs must be None or an integer in 0..20"):
         llm.chat(QUESTION, logprobs=True, top_logprobs=21)
+    alone = llm.chat(QUESTION, logprobs=True, top_logprobs=None)  # (returned none: None reached the engine as "off")
+    assert alone.logprobs and all(len(p) == 1 for p in alone.logprobs)
 
 
 @pytest.mark.asyncio

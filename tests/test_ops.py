@@ -789,3 +789,19 @@ def test_the_busy_check_reads_other_processes_cpu_time_not_the_load_average(monk
     assert cpu._threads(cpu.SERIAL_WORK) == 2  # quiet: parallel above SERIAL_WORK
     monkeypatch.setattr(cpu, "_machine_busy", lambda: True)
     assert cpu._threads(cpu.SERIAL_WORK) == 1 and cpu._threads(cpu.BUSY_SERIAL_WORK) == 2
+
+
+def test_the_busy_check_counts_only_the_cores_this_process_may_use(monkeypatch):
+    """Under taskset or a cpuset, load on other cores took nothing from our threads but counted as busy."""
+    import io
+
+    from jamba_core.ops import cpu
+
+    stat = (b"cpu  900 0 100 5000 0 0 0 0 0 0\ncpu0 100 0 0 2500 0 0 0 0 0 0\n"
+            b"cpu1 800 0 100 2500 0 0 0 0 0 0\nintr 1\n")
+    monkeypatch.setattr(cpu, "open", lambda *args: io.BytesIO(stat), raising=False)
+    monkeypatch.setattr(cpu.os, "sysconf", lambda name: 100)
+    monkeypatch.setattr(cpu.os, "sched_getaffinity", lambda pid: {0})
+    assert cpu._cpu_sample()[1] == 1.0  # cpu0's 100 ticks, not the machine's 1000
+    monkeypatch.setattr(cpu.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert cpu._cpu_sample()[1] == 10.0

@@ -18,13 +18,16 @@ def _markdown(results: dict) -> str:
     model = results["model"].get("model") or results["model"].get("class", "")
     lines = [f"# RULER-style accuracy: {model}", "",
              f"split {results['split']}, seed {results['seed']}, {results['samples_per_cell']} sample(s) per cell; "
-             "accuracy is the fraction of answers found in the reply (0..1).", "",
-             "| task | length | " + " | ".join(f"depth {d:g}" for d in depths) + " | mean |",
+             "accuracy is the fraction of answers found in the reply (0..1).", ""]
+    if results.get("partial"):  # an interrupted run (`ruler.summarize`): say so before the figures
+        lines += [f"**Partial results**: the run stopped after {len(results['cells'])} cells ({results.get('error')}); "
+                  "empty cells did not run, and a mean covers the depths that did.", ""]
+    lines += ["| task | length | " + " | ".join(f"depth {d:g}" for d in depths) + " | mean |",
              "|---|---:|" + "---:|" * (len(depths) + 1)]
     for task in results["tasks"]:
         for length, row in zip(results["lengths"], accuracy_grid(results, task)):
-            if all(a is None for a in row):
-                continue  # a length run for other tasks only (a long-context stage)
+            if all(a is None for a in row) and not results.get("partial"):
+                continue  # a length run for other tasks only (a long-context stage); a partial run shows what did not run
             values = " | ".join("" if a is None else f"{a:.2f}" for a in row)
             mean = means.get((task, length))
             lines.append(f"| {task} | {length} | {values} | {'' if mean is None else f'{mean:.2f}'} |")

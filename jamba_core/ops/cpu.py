@@ -189,20 +189,24 @@ def _cores() -> int:
 
 
 def _cpu_sample() -> tuple[float, float, float] | None:
-    """(wall s, CPU s busy on all cores, CPU s of this process) from /proc/stat and os.times(); None off Linux.
+    """(wall s, CPU s busy on the cores this process may use, CPU s of this process) from /proc/stat's per-core
+    lines and os.times(); None off Linux.
 
     Busy counts user, nice, system, irq, softirq and steal (time a hypervisor gave to other machines)."""
     try:
         with open("/proc/stat", "rb") as f:
-            fields = f.readline().split()
+            lines = [line.split() for line in f if line.startswith(b"cpu")]
         ticks = os.sysconf("SC_CLK_TCK")
+        allowed = {f"cpu{i}".encode() for i in os.sched_getaffinity(0)}
     except (OSError, ValueError, AttributeError):
         return None
-    if len(fields) < 9 or fields[0] != b"cpu":
+    # the cores this process may run on (taskset, cgroup cpusets): load elsewhere takes nothing from its threads
+    mine = [fields for fields in lines if fields[0] in allowed and len(fields) >= 9]
+    if not mine:
         return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[1:9])
+    busy = sum(int(v) for fields in mine for v in (fields[1:4] + fields[6:9]))  # user nice system, irq softirq steal
     t = os.times()
-    return time.monotonic(), (user + nice + system + irq + softirq + steal) / ticks, t.user + t.system
+    return time.monotonic(), busy / ticks, t.user + t.system
 
 
 def _machine_busy() -> bool:
