@@ -144,14 +144,15 @@ class Engine:
 
         ``dtype``: "float32" or "bfloat16" (or a torch dtype) for the weights; SSM state, scan and
         RMSNorm always run in fp32. "float16" also loads and runs (for a GPU), but on CPU it takes torch's
-        float16 path, which has none of the C++ kernels and is many times slower: use "bfloat16" there. ``quantization``: None, ``"int8"``, ``"bnb-int8"`` or ``"bnb-nf4"``
-        (optionally ``"+attention"`` / ``"+mamba"`` / ``"+lm_head"``, or a `jamba_core.quant.QuantConfig`),
-        applied to each weight as it is read; a checkpoint saved by `jamba_core.quant.save_quantized` loads
-        quantized as it is. Raises ``FileNotFoundError`` / ``ValueError`` naming the file or key at fault (see
-        `jamba_core.loading`). ``kv_cache_dtype``: the attention layers' K/V cache dtype when it should
-        differ from the compute dtype: "bfloat16" with fp32 weights halves the KV cache (as llama.cpp's f16
-        cache does) and runs prefill attention in bf16 (our flash kernel on an AVX512-BF16 CPU); attention
-        then computes on bf16 K/V and queries, scores, softmax and sums staying fp32. ``device``: a torch
+        float16 path, which has none of the C++ kernels (bench-small decodes 11 tokens/s against bf16's 93):
+        use "bfloat16" there. ``quantization``: None, ``"int8"``, ``"bnb-int8"`` or ``"bnb-nf4"`` (optionally
+        ``"+attention"`` / ``"+mamba"`` / ``"+lm_head"``, or a `jamba_core.quant.QuantConfig`), applied to each
+        weight as it is read; a checkpoint saved by `jamba_core.quant.save_quantized` loads quantized as it is.
+        Raises ``FileNotFoundError`` / ``ValueError`` naming the file or key at fault (see `jamba_core.loading`).
+        ``kv_cache_dtype``: the attention layers' K/V cache dtype when it should differ from the compute
+        dtype: "bfloat16" with fp32 weights halves the KV cache (as llama.cpp's f16 cache does) and runs
+        prefill attention in bf16 (our flash kernel on an AVX512-BF16 CPU); attention then computes on bf16
+        K/V and queries, scores, softmax and sums staying fp32. ``device``: a torch
         device ("cpu", "cuda", "cuda:1"); ``ValueError`` for one torch cannot name or this build cannot use.
         """
         check_device(device)
@@ -217,7 +218,8 @@ class Engine:
         if self._token_bytes is None:
             from .chat.grammar import _xgr
 
-            info = _xgr().TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=max(self.config.vocab_size, len(self.tokenizer)))
+            size = max(self.config.vocab_size, len(self.tokenizer))
+            info = _xgr().TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=size)
             self._token_bytes = list(info.decoded_vocab)  # a copy: xgrammar rebuilds the list on every read
         return self._token_bytes
 
@@ -421,7 +423,8 @@ class Engine:
                 entry = [_token_logprob(token, float(log_p[token]), token_bytes)]
                 if logprobs:
                     top = torch.topk(log_p, logprobs)
-                    entry[0].top_logprobs = [_token_logprob(i, v, token_bytes) for v, i in zip(top.values.tolist(), top.indices.tolist())]
+                    entry[0].top_logprobs = [_token_logprob(i, v, token_bytes)
+                                             for v, i in zip(top.values.tolist(), top.indices.tolist())]
             if constraint is not None:
                 constraint.accept(token)
             text = detok.text(out_ids)

@@ -270,7 +270,8 @@ def load_model(folder: Path, config: JambaConfig, dtype: torch.dtype = torch.flo
                             f"{file.name}: tensor {key!r} has shape {part_shape} but the config "
                             f"({folder / 'config.json'}) implies {tuple(want)} for {target!r}"
                         )
-                    float_weight = plan.saved is False if quantized else p.dtype.is_floating_point  # (quantized on load: from floats)
+                    # a float weight in the model, or one quantized as it loads (from floats; a saved one is int)
+                    float_weight = not plan.saved if quantized else p.dtype.is_floating_point
                     if float_weight and not f.dtype(key).is_floating_point:
                         raise ValueError(f"{file.name}: tensor {key!r} is stored as {f.dtype(key)}, not a float dtype; "
                                          f"{target!r} is a float weight (a quantized checkpoint needs its "

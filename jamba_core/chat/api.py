@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Iterator
 
 if TYPE_CHECKING:  # the engine imports the tokenizer, which imports this package's template
     from ..engine import Engine, Timings, Usage
-from .grammar import BannedTokensConstraint, EitherConstraint, GrammarConstraint, response_format_constraint, tool_choice_constraint
+from .grammar import (BannedTokensConstraint, EitherConstraint, GrammarConstraint, response_format_constraint,
+                      tool_choice_constraint)
 from .reasoning import ReasoningDelta, ReasoningSplitter, is_reasoning_template, prompt_opens_thinking
 from .tool_calls import Citations, ContentDelta, InvalidToolCall, StreamingToolCallParser, ToolCallChunk, detect_call_format
 
@@ -94,16 +95,18 @@ def chat_stream(engine: Engine, messages: list[dict], *, tools=None, tool_choice
     """Stream one assistant turn: `ReasoningDelta` (a reasoning model's thinking, first), `ContentDelta`,
     `ToolCallChunk`, `InvalidToolCall` and `Citations` events, then `ChatDone`. A reasoning model's output
     (`thinks`) is split at ``</think>`` unless a grammar shapes it (a forced call or a JSON answer, which start at
-    once; ``tool_choice="none"``'s ban on call markers leaves the text free, so it is split). ``generation``: `Engine.stream` arguments (max_new_tokens, temperature, top_p, top_k,
-    seed, stop, logprobs). ``parallel_tool_calls=False`` makes a forced ``"any"``/``"required"`` choice exactly one
-    call. Raises ``ValueError`` for a ``tool_choice`` that names no tool."""
+    once; ``tool_choice="none"``'s ban on call markers leaves the text free, so it is split). ``generation``:
+    `Engine.stream` arguments (max_new_tokens, temperature, top_p, top_k, seed, stop, logprobs).
+    ``parallel_tool_calls=False`` makes a forced ``"any"``/``"required"`` choice exactly one call. Raises
+    ``ValueError`` for a ``tool_choice`` that names no tool."""
     _validate_tool_choice(tools, tool_choice)
     constraint = _constraint(engine, tools, tool_choice, response_format, parallel_tool_calls)
     fmt = call_format(engine)
     parser = StreamingToolCallParser(fmt, tool_calls=bool(tools) and tool_choice != "none")
     splitter = None
     if (constraint is None or isinstance(constraint, BannedTokensConstraint)) and thinks(engine):  # free text
-        prompt = engine.render(messages, tools=tools, documents=documents, response_format=response_format, citations=citations)
+        prompt = engine.render(messages, tools=tools, documents=documents, response_format=response_format,
+                               citations=citations)
         splitter = ReasoningSplitter(opened=prompt_opens_thinking(prompt))
 
     def route(parts):  # the splitter's (kind, text) -> reasoning events, or answer text for the call parser
