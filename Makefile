@@ -9,8 +9,9 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# The CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
-	$(PY) -m pip install --quiet torch==2.13.0
+	# The CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build. Here (and in CI) the pin
+	# finds the CPU wheel on disk; elsewhere TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu".
+	$(PY) -m pip install --quiet torch==2.13.0 $(TORCH_PIP_ARGS)
 	$(PY) -m pip install --quiet -e '.[langchain,llama-index,grammar,notebooks,quant,dev]'
 	touch $(STAMP)
 

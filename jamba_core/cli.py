@@ -165,7 +165,7 @@ def _depths(text: str) -> list[float]:
 def cmd_eval(args) -> int:
     from langchain_jamba import ChatJamba
 
-    from .eval import evaluate, summarize, write_report
+    from .eval import Haystack, evaluate, summarize, write_report
 
     chat = ChatJamba(model=args.model, temperature=0.0, max_tokens=args.max_new_tokens, dtype=args.dtype,
                      device=args.device, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
@@ -185,8 +185,9 @@ def cmd_eval(args) -> int:
 
     grid = (args.tasks.split(","), args.lengths, args.depths, args.samples)
     try:
+        haystack = Haystack(tokenizer, text=Path(args.haystack).read_text(encoding="utf-8")) if args.haystack else None
         results = evaluate(chat, *grid[:3], args.samples, tokenizer, seed=args.seed, max_new_tokens=args.max_new_tokens,
-                           progress=progress)
+                           haystack=haystack, progress=progress)
     except (Exception, KeyboardInterrupt) as err:  # a failed sample or Ctrl-C: keep the cells already scored
         if done:
             why = "interrupted" if isinstance(err, KeyboardInterrupt) else f"{type(err).__name__}: {err}"
@@ -258,6 +259,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-new-tokens", type=_positive_int, default=32)
     p.add_argument("--out", default="ruler-results", help="folder for results.json, results.md, heatmap.png")
+    p.add_argument("--haystack", default=None, help="a UTF-8 text file to hide the needles in (default: "
+                                                     "$JAMBA_LOCAL_SHARED/data/moby-dick.txt, ../shared beside a checkout)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--quantization", default=None, help=_QUANT_HELP)

@@ -122,8 +122,9 @@ class JambaLLM(FunctionCallingLLM):
     Token log-probabilities:
         With ``logprobs=True`` (a field or per-call keyword; ``top_logprobs`` 0-20 alternatives), the final
         response's ``logprobs`` holds one list per generated token: that token's ``LogProb`` first, then the
-        ``top_logprobs`` most likely others (natural logs under the model's own distribution, before a tool
-        or JSON grammar and the sampling filters). They cover the raw output's tokens (``raw["text"]``,
+        other tokens among the ``top_logprobs`` most likely (so ``top_logprobs`` entries in all when the chosen
+        token ranks among them, as greedy decoding's does, one more when it does not); natural logs under the
+        model's own distribution, before a tool or JSON grammar and the sampling filters. They cover the raw output's tokens (``raw["text"]``,
         tool-call markup included); a stream gives them on its last response.
 
     Token usage and timings:
@@ -140,7 +141,8 @@ class JambaLLM(FunctionCallingLLM):
     seed: Optional[int] = Field(default=None, description="Seed for reproducible sampling.")
     stop: Optional[List[str]] = Field(default=None, description="Strings that end generation (never echoed).")
     logprobs: Optional[bool] = Field(default=None, description="Return each generated token's log-probability (response.logprobs).")
-    top_logprobs: int = Field(default=0, ge=0, le=20, description="With logprobs, the most likely alternatives listed per token.")
+    top_logprobs: Optional[int] = Field(default=0, ge=0, le=20,
+                                        description="With logprobs, how many most likely tokens to list per token (None: 0).")
     dtype: str = Field(default="float32", description='Weight dtype: "float32" or "bfloat16".')
     device: str = Field(default="cpu", description='Torch device, e.g. "cpu" or "cuda".')
     quantization: Optional[str] = Field(default=None, description="Weight quantization on load (e.g. 'int8'), or None.")

@@ -299,3 +299,23 @@ def test_needle_forms_ask_chatjamba_through_its_documents_too(tiny_checkpoint, s
 
     result = evaluate_needle_forms(ChatJamba(model=str(tiny_checkpoint), max_tokens=4), samples=1, max_chars=2000)
     assert set(result["forms"]) == {"ruler", "system", "llamaindex", "documents"} and result["chars"] == 2000
+
+
+def test_cli_eval_takes_a_haystack_file_and_names_the_missing_default(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    """In a checkout without ../shared, `eval` said only "[Errno 2] ... moby-dick.txt"; --haystack gives it a text."""
+    import random
+
+    from jamba_core.cli import main
+
+    monkeypatch.setenv("JAMBA_LOCAL_SHARED", str(tmp_path / "absent"))
+    args = ["eval", str(tiny_checkpoint), "--tasks", "niah_single", "--lengths", "512", "--depths", "50", "--samples", "1",
+            "--max-new-tokens", "4", "--out", str(tmp_path / "out")]
+    assert main(args) == 2
+    assert "set JAMBA_LOCAL_SHARED to the folder holding data/moby-dick.txt, or give a text (jamba-local eval --haystack FILE)" \
+        in capsys.readouterr().err
+    rng = random.Random(0)
+    words = ["harbour", "lantern", "voyage", "anchor", "timber", "compass", "harpoon", "weather", "captain", "rigging"]
+    text = "\n\n".join(" ".join(rng.choice(words) for _ in range(60)).capitalize() + "." for _ in range(120))
+    (tmp_path / "prose.txt").write_text(text, encoding="utf-8")
+    assert main([*args, "--haystack", str(tmp_path / "prose.txt")]) == 0
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["cells"][0]["prompt_tokens"] > 400

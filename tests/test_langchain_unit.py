@@ -681,7 +681,7 @@ def test_logprobs_follow_chatopenai_settings_and_layout(tiny_checkpoint):
 
 
 def test_top_logprobs_are_checked_when_the_model_is_built_and_per_call():
-    for kwargs, message in ((dict(logprobs=True, top_logprobs=21), "logprobs must be None or an integer in 0..20"),
+    for kwargs, message in ((dict(logprobs=True, top_logprobs=21), "top_logprobs must be None or an integer in 0..20, got 21"),
                             (dict(top_logprobs=3), "top_logprobs needs logprobs=True")):
         with pytest.raises(ValueError, match=message):
             ChatJamba(model=HUB_ID, **kwargs)

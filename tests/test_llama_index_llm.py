@@ -253,6 +253,8 @@ def test_logprobs_per_token_with_the_chosen_token_first(llm, tiny_engine):
         llm.chat(QUESTION, logprobs=True, top_logprobs=21)
     alone = llm.chat(QUESTION, logprobs=True, top_logprobs=None)  # (returned none: None reached the engine as "off")
     assert alone.logprobs and all(len(p) == 1 for p in alone.logprobs)
+    built = JambaLLM(llm.engine, max_new_tokens=4, logprobs=True, top_logprobs=None)  # (refused by the field's type)
+    assert all(len(p) == 1 for p in built.chat(QUESTION).logprobs)
 
 
 @pytest.mark.asyncio

@@ -81,7 +81,11 @@ class Haystack:
         if text is None:
             from jamba_core.tokenizer import shared_dir
 
-            text = (shared_dir() / "data" / "moby-dick.txt").read_text(encoding="utf-8")
+            book = shared_dir() / "data" / "moby-dick.txt"
+            if not book.is_file():  # a checkout without the project's shared data folder beside it
+                raise FileNotFoundError(f"the default haystack {book} is missing: set JAMBA_LOCAL_SHARED to the folder "
+                                        "holding data/moby-dick.txt, or give a text (jamba-local eval --haystack FILE)")
+            text = book.read_text(encoding="utf-8")
         self.tokenizer, self.text = tokenizer, text
         # Paragraph by paragraph in one batch: fast, and no "longer than model_max_length" warning.
         paragraphs = re.split(r"(?<=\n\n)", text)
