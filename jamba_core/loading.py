@@ -55,8 +55,9 @@ def resolve_checkpoint(path_or_hub_id: str | os.PathLike) -> Path:
     try:
         return Path(snapshot_download(text, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.model"]))
     except Exception as err:  # offline, unknown repo, no network: say what to do
+        why = " ".join(str(err).split())  # huggingface_hub's messages run over several lines: the CLI prints one
         raise FileNotFoundError(
-            f"could not get Hub checkpoint {text!r} ({type(err).__name__}: {err}). Download it first or pass a local folder."
+            f"could not get Hub checkpoint {text!r} ({type(err).__name__}: {why}). Download it first or pass a local folder."
         ) from err
 
 

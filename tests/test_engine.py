@@ -602,3 +602,18 @@ def test_logprobs_off_by_default_and_checked(tiny_engine):
     for bad in (-1, 21, True, 2.5, "3"):
         with pytest.raises(ValueError, match="logprobs must be None or an integer in 0..20"):
             tiny_engine.generate(PROMPT, max_new_tokens=3, logprobs=bad)
+
+
+def test_an_unreachable_hub_id_is_one_line(monkeypatch, capsys):
+    """huggingface_hub's offline message runs over two lines; the CLI promises one line, exit 2."""
+    import huggingface_hub
+
+    from jamba_core.cli import main
+
+    def offline(*args, **kwargs):
+        raise OSError("Cannot reach the Hub.\nPlease check your internet connection and try again.")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    assert main(["info", "--model", "ai21labs/Some-Unreleased-Jamba", "--context", "4k"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Cannot reach the Hub. Please check your internet connection" in err
