@@ -334,9 +334,14 @@ void conv(int64_t b, int64_t L, int64_t d, int64_t K, const T* x, int64_t sxb, i
 // weights are read as one sequential stream, which the hardware prefetcher follows best), four
 // accumulators per row (independent FMA chains); x stays in L1.
 constexpr int RB = 8;
-// how far ahead of the GEMV kernels' weight stream to prefetch (JL_PREFETCH_BYTES at build time)
+// how far ahead of the GEMV kernels' weight stream to prefetch in software (JL_PREFETCH_BYTES at build time; 0:
+// none, the default). Measured on the 2-vCPU AMD EPYC (Zen 4), interleaved builds in one process, bench-small's
+// layer matrices rotated cold plus its LM head, 2 threads: without software prefetch 26.3 / 27.9 / 36.7 GB/s fp32
+// and 28.4 / 31.1 / 26.8 bf16 against 23.8 / 22.9 / 30.6 and 25.7 / 28.0 / 22.0 with it 1 KiB ahead (4 and 8 KiB
+// no better), the same as a plain read loop of the same shape: the hardware prefetcher follows these sequential
+// streams, and the extra requests only took its place.
 #ifndef JL_PREFETCH_BYTES
-#define JL_PREFETCH_BYTES 1024
+#define JL_PREFETCH_BYTES 0
 #endif
 constexpr int PREFETCH_BYTES = JL_PREFETCH_BYTES;
 template <typename TW>
@@ -347,8 +352,9 @@ inline void dot_rows(const float* x, const TW* w, int64_t K, int nr, float* out)
         vf a0 = vf{}, a1 = vf{}, a2 = vf{}, a3 = vf{};
         int64_t k = 0;
         for (; k < K64; k += 4 * W) {
-            for (int line = 0; line < int(4 * W * sizeof(TW)); line += 64)  // the cache lines of this step, ahead
-                __builtin_prefetch(reinterpret_cast<const char*>(wr + k) + PREFETCH_BYTES + line);
+            if constexpr (PREFETCH_BYTES > 0)
+                for (int line = 0; line < int(4 * W * sizeof(TW)); line += 64)  // the cache lines of this step, ahead
+                    __builtin_prefetch(reinterpret_cast<const char*>(wr + k) + PREFETCH_BYTES + line);
             a0 += load(wr + k, W) * load(x + k, W);
             a1 += load(wr + k + W, W) * load(x + k + W, W);
             a2 += load(wr + k + 2 * W, W) * load(x + k + 2 * W, W);
@@ -374,8 +380,9 @@ inline void dot_rows_dp(const bf16* x, const bf16* w, int64_t K, int nr, float* 
         __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
         int64_t k = 0;
         for (; k < K128; k += 128) {
-            for (int line = 0; line < 256; line += 64)
-                __builtin_prefetch(reinterpret_cast<const char*>(wr + k) + PREFETCH_BYTES + line);
+            if constexpr (PREFETCH_BYTES > 0)
+                for (int line = 0; line < 256; line += 64)
+                    __builtin_prefetch(reinterpret_cast<const char*>(wr + k) + PREFETCH_BYTES + line);
             a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(wr + k), (__m512bh)_mm512_loadu_si512(x + k));
             a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(wr + k + 32), (__m512bh)_mm512_loadu_si512(x + k + 32));
             a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(wr + k + 64), (__m512bh)_mm512_loadu_si512(x + k + 64));
@@ -437,8 +444,10 @@ inline void dot_rows_vnni(const float* x, const int16_t* hi, const int16_t* lo, 
             __m512i a[8];  // row 0 hi, row 0 lo, row 1 hi, row 1 lo; two accumulators each
             for (int j = 0; j < 8; ++j) a[j] = _mm512_setzero_si512();
             for (; k + 64 <= end; k += 64) {
-                __builtin_prefetch(reinterpret_cast<const char*>(w0 + k) + PREFETCH_BYTES);
-                __builtin_prefetch(reinterpret_cast<const char*>(w1 + k) + PREFETCH_BYTES);
+                if constexpr (PREFETCH_BYTES > 0) {
+                    __builtin_prefetch(reinterpret_cast<const char*>(w0 + k) + PREFETCH_BYTES);
+                    __builtin_prefetch(reinterpret_cast<const char*>(w1 + k) + PREFETCH_BYTES);
+                }
                 for (int j = 0; j < 2; ++j) {
                     const __m512i xh = _mm512_loadu_si512(hi + k + 32 * j), xl = _mm512_loadu_si512(lo + k + 32 * j);
                     const __m512i v0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w0 + k + 32 * j)));
@@ -570,7 +579,8 @@ void gemv_bf16_pairs(int64_t M, int64_t N, int64_t K, const bf16* x, int64_t sx,
                 for (int64_t k = 0; k < H16; k += W) {
                     vu u;
                     std::memcpy(&u, wr + 2 * k, sizeof u);
-                    __builtin_prefetch(reinterpret_cast<const char*>(wr + 2 * k) + PREFETCH_BYTES);
+                    if constexpr (PREFETCH_BYTES > 0)
+                        __builtin_prefetch(reinterpret_cast<const char*>(wr + 2 * k) + PREFETCH_BYTES);
                     acc[(k / W) & 1] += (vf)(u << 16) * load(e + k, W) + (vf)(u & 0xffff0000u) * load(o + k, W);
                 }
                 float s = hsum(acc[0] + acc[1]);
