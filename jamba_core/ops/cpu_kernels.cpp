@@ -338,8 +338,8 @@ constexpr int RB = 8;
 // none, the default). Measured on the 2-vCPU AMD EPYC (Zen 4), interleaved builds in one process, bench-small's
 // layer matrices rotated cold plus its LM head, 2 threads: without software prefetch 26.3 / 27.9 / 36.7 GB/s fp32
 // and 28.4 / 31.1 / 26.8 bf16 against 23.8 / 22.9 / 30.6 and 25.7 / 28.0 / 22.0 with it 1 KiB ahead (4 and 8 KiB
-// no better), the same as a plain read loop of the same shape: the hardware prefetcher follows these sequential
-// streams, and the extra requests only took its place.
+// no better), the same as a plain read loop of the same shape (presumably the hardware prefetcher follows these
+// sequential streams and the extra requests only got in its way).
 #ifndef JL_PREFETCH_BYTES
 #define JL_PREFETCH_BYTES 0
 #endif
