@@ -186,7 +186,7 @@ def cmd_eval(args) -> int:
     grid = (args.tasks.split(","), args.lengths, args.depths, args.samples)
     try:
         haystack = Haystack(tokenizer, text=Path(args.haystack).read_text(encoding="utf-8")) if args.haystack else None
-        results = evaluate(chat, *grid[:3], args.samples, tokenizer, seed=args.seed, max_new_tokens=args.max_new_tokens,
+        results = evaluate(chat, *grid, tokenizer, seed=args.seed, max_new_tokens=args.max_new_tokens,
                            haystack=haystack, progress=progress)
     except (Exception, KeyboardInterrupt) as err:  # a failed sample or Ctrl-C: keep the cells already scored
         if done:

@@ -469,13 +469,14 @@ def _token_logprob(token: int, logprob: float, token_bytes: list[bytes]) -> Toke
     return TokenLogprob(token, raw.decode("utf-8", errors="replace"), list(raw), logprob)
 
 
-def check_logprobs(logprobs) -> None:
-    """Raise ``ValueError`` unless ``logprobs`` is None or an integer in 0..`MAX_LOGPROBS` (bools refused)."""
+def check_logprobs(logprobs, name: str = "logprobs") -> None:
+    """Raise ``ValueError`` unless ``logprobs`` is None or an integer in 0..`MAX_LOGPROBS` (bools refused);
+    ``name``: the setting's name in the message (an adapter's ``top_logprobs``)."""
     if logprobs is None:
         return
     if isinstance(logprobs, bool) or not hasattr(logprobs, "__index__") or not 0 <= logprobs <= MAX_LOGPROBS:
-        raise ValueError(f"logprobs must be None or an integer in 0..{MAX_LOGPROBS} (the alternatives reported per "
-                         f"token; 0 reports the chosen token's alone), got {logprobs!r}")
+        raise ValueError(f"{name} must be None or an integer in 0..{MAX_LOGPROBS}, got {logprobs!r} (the alternatives "
+                         "reported per token; 0 reports the chosen token's alone)")
 
 
 class _Detokenizer:

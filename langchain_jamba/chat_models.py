@@ -977,10 +977,7 @@ def _engine_logprobs(logprobs: bool | None, top_logprobs: int | None) -> int | N
     from jamba_core.engine import check_logprobs
 
     if top_logprobs is not None:
-        try:
-            check_logprobs(top_logprobs)
-        except ValueError:
-            raise ValueError(f"top_logprobs must be None or an integer in 0..20, got {top_logprobs!r}") from None
+        check_logprobs(top_logprobs, "top_logprobs")
         if not logprobs:
             raise ValueError("top_logprobs needs logprobs=True")
     return (top_logprobs or 0) if logprobs else None

@@ -227,8 +227,7 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
             raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     if save_every < 0:
         raise ValueError(f"save_every must be >= 0 (0: only at the end), got {save_every}")
-    if mix is not None and (not mix or set(mix) - FAMILIES or not all(math.isfinite(w) and w >= 0 for w in mix.values())
-                            or sum(mix.values()) <= 0):
+    if mix is not None and not _mix_ok(mix):
         raise ValueError(f"mix must give finite non-negative weights, not all zero, to families among {sorted(FAMILIES)}, got {mix}")
     if needle_lengths is not None and (not needle_lengths or min(needle_lengths) < 256):
         raise ValueError(f"needle_lengths must be lengths of at least 256 tokens, got {needle_lengths}")
@@ -401,10 +400,15 @@ def _parse_mix(text: str) -> dict:
         mix = {k.strip(): float(v) for k, v in (part.split("=") for part in text.split(",") if part.strip())}
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-    if (not mix or set(mix) - FAMILIES or not all(math.isfinite(w) and w >= 0 for w in mix.values())
-            or sum(mix.values()) <= 0):
+    if not _mix_ok(mix):
         raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return mix
+
+
+def _mix_ok(mix: dict) -> bool:
+    """A task mix `batch` can draw from: known families, finite weights >= 0, not all 0."""
+    return (bool(mix) and not set(mix) - FAMILIES and all(math.isfinite(w) and w >= 0 for w in mix.values())
+            and sum(mix.values()) > 0)
 
 
 def _stop(signum, frame):
@@ -447,13 +451,13 @@ def main(argv=None) -> int:
     parser.add_argument("--save-every", type=_positive(int, zero=True), default=250, help="also save the weights every this many steps (0: only at the end)")
     parser.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out (other than --init)")
     args = parser.parse_args(argv)
-    if args.out.is_dir() and any(args.out.glob("*.safetensors")) and not args.overwrite and not (
-            args.init is not None and args.out.resolve() == args.init.resolve()):
-        parser.error(f"--out {args.out} already holds a checkpoint; training would replace it (and its training.json): "
-                     "choose a new --out, continue it in place with --init set to it, or pass --overwrite")
     _stop_on_signals()
-    info = train(args.out, args.steps, args.seed, args.lr, args.minutes, init=args.init, curriculum_from=args.curriculum_from,
-                 spaces=args.spaces, curriculum_until=args.curriculum_until, mix=args.mix, save_every=args.save_every,
-                 common_keys=args.common_keys, needle_lengths=args.needle_lengths, keyless=args.keyless, overwrite=args.overwrite)
+    try:
+        info = train(args.out, args.steps, args.seed, args.lr, args.minutes, init=args.init, curriculum_from=args.curriculum_from,
+                     spaces=args.spaces, curriculum_until=args.curriculum_until, mix=args.mix, save_every=args.save_every,
+                     common_keys=args.common_keys, needle_lengths=args.needle_lengths, keyless=args.keyless,
+                     overwrite=args.overwrite)
+    except FileExistsError as err:  # an --out holding a checkpoint: refused before anything is written
+        parser.error(str(err))
     print(f"{info['parameters']:,} parameters, {info['steps_run']} steps, {info['train_seconds']:.0f} s -> {args.out}")
     return 0
