@@ -10,6 +10,11 @@ layout that `transformers` 5 uses in memory (``feed_forward.experts.gate_up_proj
 With ``quantization`` (or a checkpoint saved quantized), the target modules are swapped for quantized ones
 on the meta model, before allocation, and each of their weights is quantized as it is read
 (`jamba_core.quant.LoadPlan`): the full-precision model never exists in memory.
+
+On Linux the weights are placed in one anonymous mapping advised for transparent huge pages
+(`place_in_huge_pages`): a decode step streams every weight once, and with 4 KiB pages the reads miss the
+TLB every 4 KiB; measured on this project's 2-vCPU AMD EPYC, bench-small's GEMVs read 10-15% faster from
+2 MiB pages. ``JAMBA_LOCAL_HUGE_PAGES=0`` keeps torch's allocation.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import mmap
 import os
 import re
 from pathlib import Path
@@ -244,6 +250,8 @@ def load_model(folder: Path, config: JambaConfig, dtype: torch.dtype = torch.flo
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
         params = dict(model.named_parameters())
+    if torch.device(device).type == "cpu":
+        place_in_huge_pages(model)  # before any weight is read: the storage to_empty gave is never touched
     expected = list(params) + (plan.expected() if plan else [])
     filled: set[str] = set()
     unexpected: list[str] = []
@@ -295,4 +303,52 @@ def load_model(folder: Path, config: JambaConfig, dtype: torch.dtype = torch.flo
     return model
 
 
-__all__ = ["resolve_checkpoint", "weight_files", "load_model", "load_config", "SafetensorsFile"]
+HUGE_PAGE_BYTES = 2 << 20
+_ALIGN = 64  # each tensor starts on a cache line (the kernels' AVX-512 loads)
+
+
+def place_in_huge_pages(model: torch.nn.Module) -> int:
+    """Give every CPU parameter and buffer of ``model`` new storage, uninitialised, inside one anonymous
+    mapping advised ``MADV_HUGEPAGE`` and aligned to 2 MiB, so the kernel backs it with transparent huge
+    pages where the system allows them (``/sys/kernel/mm/transparent_hugepage/enabled``: "always" or
+    "madvise"). The contents are NOT copied: call it on a model whose weights are still to be read.
+    Parameters keep their objects (``.data`` is set), buffers are replaced in their modules; each tensor
+    has a storage of its own (a view of the mapping's memory, which lives until the last one is freed),
+    so saving them (safetensors) sees no shared storage. Tensor subclasses (bitsandbytes' parameters),
+    meta tensors and other devices are left alone. Returns the bytes placed: 0 off Linux, with
+    ``JAMBA_LOCAL_HUGE_PAGES=0``, or where the mapping cannot be made (the storage is then unchanged)."""
+    if os.environ.get("JAMBA_LOCAL_HUGE_PAGES", "1") == "0" or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return 0
+    slots, seen, offsets, total = [], {}, {}, 0
+    for module in model.modules():
+        for kind in ("_parameters", "_buffers"):
+            for name, t in getattr(module, kind).items():
+                if t is None or t.device.type != "cpu" or type(t) not in (torch.Tensor, torch.nn.Parameter) or t.numel() == 0:
+                    continue
+                slots.append((module, kind, name, t))
+                if id(t) not in seen:
+                    seen[id(t)] = t
+                    offsets[id(t)] = total
+                    total += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
+    if not total:
+        return 0
+    try:
+        arena = mmap.mmap(-1, total + HUGE_PAGE_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        arena.madvise(mmap.MADV_HUGEPAGE)
+    except (OSError, ValueError) as e:
+        log.debug("no huge-page mapping of %d bytes: %s", total, e)
+        return 0
+    start = -torch.frombuffer(arena, dtype=torch.uint8, count=1).data_ptr() % HUGE_PAGE_BYTES
+    placed = {}
+    for i, t in seen.items():
+        new = torch.frombuffer(arena, dtype=t.dtype, count=t.numel(), offset=start + offsets[i]).view(t.shape)
+        placed[i] = new
+    for module, kind, name, t in slots:
+        if kind == "_parameters":
+            t.data = placed[id(t)]
+        else:
+            module._buffers[name] = placed[id(t)]
+    return total
+
+
+__all__ = ["resolve_checkpoint", "weight_files", "load_model", "load_config", "SafetensorsFile", "place_in_huge_pages"]

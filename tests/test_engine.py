@@ -617,3 +617,35 @@ def test_an_unreachable_hub_id_is_one_line(monkeypatch, capsys):
     assert main(["info", "--model", "ai21labs/Some-Unreleased-Jamba", "--context", "4k"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Cannot reach the Hub. Please check your internet connection" in err
+
+
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_weights_in_huge_pages_load_the_same_and_each_keeps_its_own_storage(tmp_path, monkeypatch, quantization):
+    """`loading.place_in_huge_pages`: the same logits as torch's allocation, the tied head still tied, each
+    tensor its own storage inside one 2 MiB-aligned mapping (so safetensors saves them), nothing placed
+    with JAMBA_LOCAL_HUGE_PAGES=0."""
+    from jamba_core import loading
+    from jamba_core.quant import save_quantized
+
+    folder = make_checkpoint(tmp_path / "tied", preset="tiny", tie_word_embeddings=True)
+    placed = []
+    real = loading.place_in_huge_pages
+    monkeypatch.setattr(loading, "place_in_huge_pages", lambda model: placed.append(real(model)) or placed[-1])
+    monkeypatch.setenv("JAMBA_LOCAL_HUGE_PAGES", "0")
+    plain = Engine.from_pretrained(folder, progress=False, quantization=quantization)
+    monkeypatch.setenv("JAMBA_LOCAL_HUGE_PAGES", "1")
+    huge = Engine.from_pretrained(folder, progress=False, quantization=quantization)
+    if not hasattr(loading.mmap, "MADV_HUGEPAGE"):
+        pytest.skip("no MADV_HUGEPAGE on this platform: nothing is placed")
+    tensors = list(huge.model.parameters()) + list(huge.model.buffers())
+    assert placed[0] == 0 and placed[1] >= sum(t.numel() * t.element_size() for t in tensors) > 0
+    ptrs = sorted(t.data_ptr() for t in tensors)
+    assert ptrs[-1] - ptrs[0] < placed[1] and all(p % 64 == 0 for p in ptrs)
+    assert len({t.untyped_storage().data_ptr() for t in tensors}) == len(tensors)
+    assert huge.model.lm_head.weight is huge.model.model.embed_tokens.weight
+    ids = torch.tensor([plain.encode(PROMPT)])
+    torch.testing.assert_close(huge.prefill(ids, huge.new_cache()), plain.prefill(ids, plain.new_cache()), rtol=0, atol=0)
+    assert huge.generate(PROMPT, max_new_tokens=8).token_ids == plain.generate(PROMPT, max_new_tokens=8).token_ids
+    if quantization:
+        again = Engine.from_pretrained(save_quantized(huge, tmp_path / "saved"), progress=False)
+        assert again.generate(PROMPT, max_new_tokens=8).token_ids == plain.generate(PROMPT, max_new_tokens=8).token_ids
