@@ -225,12 +225,15 @@ def _timed(fn, reps: int) -> float:
 
 
 def _machine_bounds() -> dict:
-    """Memory bandwidth (copy: bytes read + written; read: a reduction) and matmul FLOP rates."""
+    """Memory bandwidth (copy: bytes read + written; read: a reduction) and matmul FLOP rates. The
+    buffers are in huge pages where the engine's weights are (`jamba_core.loading.huge_page_empty`)."""
     import torch
 
+    from jamba_core.loading import huge_page_empty
+
     n = 256 * MiB // 4  # 256 MiB of fp32 each way: far beyond any cache
-    x = torch.ones(n)
-    y = torch.empty_like(x)
+    x, y = huge_page_empty([torch.empty(n)] * 2) or (torch.empty(n), torch.empty(n))
+    x.fill_(1.0)
     copy = 2 * x.numel() * 4 / _timed(lambda: y.copy_(x), 5) / 1e9
     read = x.numel() * 4 / _timed(lambda: x.sum(), 5) / 1e9
     del x, y

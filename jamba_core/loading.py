@@ -307,48 +307,55 @@ HUGE_PAGE_BYTES = 2 << 20
 _ALIGN = 64  # each tensor starts on a cache line (the kernels' AVX-512 loads)
 
 
-def place_in_huge_pages(model: torch.nn.Module) -> int:
-    """Give every CPU parameter and buffer of ``model`` new storage, uninitialised, inside one anonymous
-    mapping advised ``MADV_HUGEPAGE`` and aligned to 2 MiB, so the kernel backs it with transparent huge
-    pages where the system allows them (``/sys/kernel/mm/transparent_hugepage/enabled``: "always" or
-    "madvise"). The contents are NOT copied: call it on a model whose weights are still to be read.
-    Parameters keep their objects (``.data`` is set), buffers are replaced in their modules; each tensor
-    has a storage of its own (a view of the mapping's memory, which lives until the last one is freed),
-    so saving them (safetensors) sees no shared storage. Tensor subclasses (bitsandbytes' parameters),
-    meta tensors and other devices are left alone. Returns the bytes placed: 0 off Linux, with
-    ``JAMBA_LOCAL_HUGE_PAGES=0``, or where the mapping cannot be made (the storage is then unchanged)."""
+def huge_page_empty(like: list[torch.Tensor]) -> list[torch.Tensor] | None:
+    """New uninitialised CPU tensors of ``like``'s shapes and dtypes, inside one anonymous mapping advised
+    ``MADV_HUGEPAGE`` and aligned to 2 MiB, so the kernel backs it with transparent huge pages where the
+    system allows them (``/sys/kernel/mm/transparent_hugepage/enabled``: "always" or "madvise"). Each
+    starts on a 64-byte line and has a storage of its own (a view of the mapping, which lives until the
+    last of them is freed), so saving them (safetensors) sees no shared storage. None off Linux, with
+    ``JAMBA_LOCAL_HUGE_PAGES=0``, or when the mapping cannot be made."""
     if os.environ.get("JAMBA_LOCAL_HUGE_PAGES", "1") == "0" or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return 0
-    slots, seen, offsets, total = [], {}, {}, 0
-    for module in model.modules():
-        for kind in ("_parameters", "_buffers"):
-            for name, t in getattr(module, kind).items():
-                if t is None or t.device.type != "cpu" or type(t) not in (torch.Tensor, torch.nn.Parameter) or t.numel() == 0:
-                    continue
-                slots.append((module, kind, name, t))
-                if id(t) not in seen:
-                    seen[id(t)] = t
-                    offsets[id(t)] = total
-                    total += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
+        return None
+    offsets, total = [], 0
+    for t in like:
+        offsets.append(total)
+        total += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
     if not total:
-        return 0
+        return None
     try:
         arena = mmap.mmap(-1, total + HUGE_PAGE_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         arena.madvise(mmap.MADV_HUGEPAGE)
     except (OSError, ValueError) as e:
         log.debug("no huge-page mapping of %d bytes: %s", total, e)
-        return 0
+        return None
     start = -torch.frombuffer(arena, dtype=torch.uint8, count=1).data_ptr() % HUGE_PAGE_BYTES
-    placed = {}
-    for i, t in seen.items():
-        new = torch.frombuffer(arena, dtype=t.dtype, count=t.numel(), offset=start + offsets[i]).view(t.shape)
-        placed[i] = new
+    return [torch.frombuffer(arena, dtype=t.dtype, count=t.numel(), offset=start + o).view(t.shape) if t.numel()
+            else torch.empty(t.shape, dtype=t.dtype) for t, o in zip(like, offsets)]
+
+
+def place_in_huge_pages(model: torch.nn.Module) -> int:
+    """Give every CPU parameter and buffer of ``model`` new, uninitialised storage from `huge_page_empty`.
+    The contents are NOT copied: call it on a model whose weights are still to be read. Parameters keep
+    their objects (``.data`` is set; tied ones stay tied), buffers are replaced in their modules. Tensor
+    subclasses (bitsandbytes' parameters), meta tensors and other devices are left alone. Returns the
+    bytes placed: 0 where `huge_page_empty` gives None (the storage is then unchanged)."""
+    slots, unique = [], {}
+    for module in model.modules():
+        for kind in ("_parameters", "_buffers"):
+            for name, t in getattr(module, kind).items():
+                if t is not None and t.device.type == "cpu" and type(t) in (torch.Tensor, torch.nn.Parameter):
+                    slots.append((module, kind, name, t))
+                    unique.setdefault(id(t), t)
+    placed = huge_page_empty(list(unique.values()))
+    if placed is None:
+        return 0
+    new = dict(zip(unique, placed))
     for module, kind, name, t in slots:
         if kind == "_parameters":
-            t.data = placed[id(t)]
+            t.data = new[id(t)]
         else:
-            module._buffers[name] = placed[id(t)]
-    return total
+            module._buffers[name] = new[id(t)]
+    return sum(-(-t.numel() * t.element_size() // _ALIGN) * _ALIGN for t in placed)
 
 
-__all__ = ["resolve_checkpoint", "weight_files", "load_model", "load_config", "SafetensorsFile", "place_in_huge_pages"]
+__all__ = ["resolve_checkpoint", "weight_files", "load_model", "load_config", "SafetensorsFile", "huge_page_empty", "place_in_huge_pages"]
