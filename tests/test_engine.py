@@ -649,3 +649,16 @@ def test_weights_in_huge_pages_load_the_same_and_each_keeps_its_own_storage(tmp_
     if quantization:
         again = Engine.from_pretrained(save_quantized(huge, tmp_path / "saved"), progress=False)
         assert again.generate(PROMPT, max_new_tokens=8).token_ids == plain.generate(PROMPT, max_new_tokens=8).token_ids
+
+
+@pytest.mark.parametrize("values", [[1.0, 3.0, 3.0, 2.0], [1.0, float("nan"), 5.0, float("nan")], [float("-inf")] * 3,
+                                    [float("inf"), 1.0, float("inf")], [0.5]])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_pick_is_torchs_argmax_on_ties_nan_and_inf(values, dtype):
+    """`engine.sample` at temperature 0 takes numpy's argmax for CPU fp32 logits: the same index as torch's."""
+    from jamba_core.engine import sample
+
+    logits = torch.tensor(values, dtype=dtype)
+    assert sample(logits, 0.0, 1.0, 0, None) == int(torch.argmax(logits))
+    big = torch.randn(65536, generator=torch.Generator().manual_seed(len(values))).to(dtype)
+    assert sample(big, 0.0, 1.0, 0, None) == int(torch.argmax(big))

@@ -499,6 +499,41 @@ def test_mamba_layer_decode_follows_the_layers_weights_and_leaves_autograd_and_b
             assert layer._fused_decode(x, state()) is None  # an int8 projection with a bias: the modules run
 
 
+def test_a_layers_plan_is_checked_at_each_new_cache_not_at_every_token(monkeypatch):
+    """`DecoderLayer._fused_decode` checks its plan against the weights at the first step of each layer
+    state (a cache), not per token; an in-place change is used from the next cache on."""
+    from jamba_core.cache import MambaState
+    from jamba_core.model import jamba
+    from jamba_core.testing import make_config
+
+    config = make_config("tiny")
+    layer = jamba.DecoderLayer(config, 0).requires_grad_(False)
+    x = torch.randn(1, 1, config.hidden_size)
+    checks = []
+    real = jamba._Snapshot.current
+    monkeypatch.setattr(jamba._Snapshot, "current", lambda self: checks.append(1) or real(self))
+
+    def state():
+        return MambaState(1, layer.mamba.d_in, config.mamba_d_conv, config.mamba_d_state, torch.float32, "cpu")
+
+    with ops.using("cpu"), torch.inference_mode():
+        first, second = state(), state()
+        for _ in range(4):
+            assert layer._fused_decode(x, first) is not None
+        assert len(checks) == 0  # the plan was made at the first step
+        layer._fused_decode(x, second)
+        layer._fused_decode(x, second)
+        assert len(checks) == 1
+        layer._fused_decode(x, first)  # states alternating: each switch checks
+        assert len(checks) == 2
+        layer.mamba.out_proj.weight.mul_(2.0)
+        fresh = state()
+        fused = layer._fused_decode(x, fresh)
+        with monkeypatch.context() as m:
+            m.setattr(jamba.DecoderLayer, "_fused_decode", lambda self, x, s: None)
+            assert torch.equal(fused, layer(x, state(), None, None))
+
+
 # -- fallback --------------------------------------------------------------------------------------
 def test_a_failed_build_falls_back_to_the_reference(monkeypatch, caplog):
     monkeypatch.setattr(cpu, "_state", {"lib": None, "error": None, "tried": False})
