@@ -241,7 +241,7 @@ def _mixer(dtype, seed=0, **overrides):
 
 @needs_cpu
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("overrides", [{}, dict(mamba_d_conv=2, mamba_d_state=8), dict(mamba_conv_bias=False, mamba_dt_rank=5),
+@pytest.mark.parametrize("overrides", [{}, dict(mamba_d_conv=2, mamba_d_state=8), dict(mamba_conv_bias=False, mamba_dt_rank=5), dict(mamba_dt_rank=21),
                                        dict(hidden_size=44, mamba_dt_rank=3, mamba_d_state=20)])  # d_in 88: 5.5 blocks of 16 channels
 def test_fused_decode_step_matches_separate_ops(dtype, overrides):
     from jamba_core.cache import MambaState
