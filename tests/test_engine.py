@@ -528,6 +528,31 @@ def test_bench_merge_never_mixes_machines(tmp_path):
     assert merge_base(tmp_path / "empty", "any", log=messages.append) == {"runs": []}
 
 
+def test_bench_decode_percent_of_bound_beside_each_repetition():
+    """`benchmarks.bench.summarize`: the run's bound (the better bandwidth of its start and end) gives
+    pct_of_bound; each decode repetition over the bandwidth measured in its own process gives
+    pct_of_bound_beside (their median), shown in the table beside the run's."""
+    from benchmarks.bench import _bounds_for, markdown, summarize
+    from jamba_core.testing import make_config
+
+    config = make_config("tiny")
+    bounds = {"bandwidth_gb_s": 40.0, "copy_gb_s": 40.0, "read_gb_s": 30.0, "matmul_gflop_s": {"float32": 100.0, "bfloat16": 200.0}}
+    per_gb_s = _bounds_for(config, bounds, "float32")["decode_tok_s"] / 40.0  # tokens/s per GB/s
+    entries = [{"phase": "decode", "tokens": 1024, "system": system, "dtype": "float32", "rep": rep, "decode_tok_s": tok_s,
+                "token_ids": [1, 2], "step_s": [1 / tok_s], "phase_mem": {"peak_mib": 100.0}, "after_load": {"rss_mib": 90.0},
+                **({"bandwidth_beside_gb_s": bw} if system == "ours" else {})}
+               for system, rep, tok_s, bw in [("ours", 0, 0.9 * per_gb_s * 20, 20.0), ("ours", 1, 0.8 * per_gb_s * 40, 40.0),
+                                              ("ours", 2, 0.7 * per_gb_s * 30, 30.0), ("reference", 0, 1.0, None)]]
+    results = {"runs": [{"started": "t", "argv": [], "machine": {"cpu": "x", "cores": 2, "torch": "t", "python": "p", "memory_gib": 1.0},
+                         "loadavg_start": None,
+                         "loadavg_end": None, "bounds": bounds, "entries": entries}]}
+    results["summary"] = summarize(results, config)
+    row = next(r for r in results["summary"]["rows"] if r["system"] == "ours")
+    assert row["pct_of_bound"] == pytest.approx(100 * row["tok_s"] / (per_gb_s * 40.0))
+    assert row["pct_of_bound_beside"] == pytest.approx(80.0)
+    assert "bandwidth measured beside each repetition (median) | 80% |" in markdown(results)
+
+
 @pytest.mark.parametrize("quantization", [None, "int8"])
 def test_an_engine_loaded_under_inference_mode_decodes_as_one_loaded_outside(tiny_checkpoint, quantization):
     """Weights made under ``torch.inference_mode`` are inference tensors, which keep no version counter:
