@@ -534,6 +534,43 @@ def test_a_layers_plan_is_checked_at_each_new_cache_not_at_every_token(monkeypat
             assert torch.equal(fused, layer(x, state(), None, None))
 
 
+@pytest.mark.parametrize("change", ["clone", "share_memory"])
+def test_weights_given_new_memory_mid_stream_make_a_new_plan_at_once(tiny_checkpoint, change):
+    """Mid-stream, every parameter gets new memory with equal values (``p.data = clone``, as ``.to()``
+    does; ``share_memory()``, which moves each storage in place) and the old memory is freed and scribbled
+    over: the stream must go on with equal tokens (the layer compares its tensors' data pointers at every
+    token and makes a new plan). With the whole check at each new cache only, the plans read freed memory
+    (the huge-page mapping unmapped: SIGSEGV). In a child process, so that a crash fails this test only."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import gc, torch
+        from jamba_core import Engine
+        engine = Engine.from_pretrained({str(tiny_checkpoint)!r}, progress=False)
+        prompt = "Call me Ishmael. Some years ago, never mind how long precisely"
+        want = engine.generate(prompt, max_new_tokens=12).token_ids
+        got = []
+        for i, chunk in enumerate(engine.stream(prompt, max_new_tokens=12)):
+            got += chunk.token_ids
+            if i == 2:
+                with torch.no_grad():
+                    if {change!r} == "clone":
+                        for p in engine.model.parameters():
+                            p.data = p.data.clone()
+                    else:
+                        engine.model.share_memory()
+                gc.collect()
+                junk = [torch.full((1 << 16,), float("nan")) for _ in range(300)]
+        print(got == want, got, want)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("True"), done.stdout
+
+
 # -- fallback --------------------------------------------------------------------------------------
 def test_a_failed_build_falls_back_to_the_reference(monkeypatch, caplog):
     monkeypatch.setattr(cpu, "_state", {"lib": None, "error": None, "tried": False})
