@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import json
 import logging
+import ctypes
 import math
 import mmap
 import os
 import re
+import weakref
 from pathlib import Path
 
 import torch
@@ -311,8 +313,10 @@ def huge_page_empty(like: list[torch.Tensor]) -> list[torch.Tensor] | None:
     """New uninitialised CPU tensors of ``like``'s shapes and dtypes, inside one anonymous mapping advised
     ``MADV_HUGEPAGE`` and aligned to 2 MiB, so the kernel backs it with transparent huge pages where the
     system allows them (``/sys/kernel/mm/transparent_hugepage/enabled``: "always" or "madvise"). Each
-    starts on a 64-byte line and has a storage of its own (a view of the mapping, which lives until the
-    last of them is freed), so saving them (safetensors) sees no shared storage. None off Linux, with
+    starts on a 64-byte line and has a storage of its own, so saving them (safetensors) sees no shared
+    storage. When a tensor's storage is freed, the whole pages inside it go back to the system
+    (``MADV_DONTNEED``): replacing some weights (`jamba_core.quant.quantize_model`) frees their memory as
+    with torch's allocator, and the mapping itself goes when the last tensor does. None off Linux, with
     ``JAMBA_LOCAL_HUGE_PAGES=0``, or when the mapping cannot be made."""
     if os.environ.get("JAMBA_LOCAL_HUGE_PAGES", "1") == "0" or not hasattr(mmap, "MADV_HUGEPAGE"):
         return None
@@ -328,16 +332,37 @@ def huge_page_empty(like: list[torch.Tensor]) -> list[torch.Tensor] | None:
     except (OSError, ValueError) as e:
         log.debug("no huge-page mapping of %d bytes: %s", total, e)
         return None
-    start = -torch.frombuffer(arena, dtype=torch.uint8, count=1).data_ptr() % HUGE_PAGE_BYTES
-    return [torch.frombuffer(arena, dtype=t.dtype, count=t.numel(), offset=start + o).view(t.shape) if t.numel()
-            else torch.empty(t.shape, dtype=t.dtype) for t, o in zip(like, offsets)]
+    start = -ctypes.addressof(ctypes.c_char.from_buffer(arena)) % HUGE_PAGE_BYTES
+    out = []
+    for t, o in zip(like, offsets):
+        n = t.numel() * t.element_size()
+        if not n:
+            out.append(torch.empty(t.shape, dtype=t.dtype))
+            continue
+        # a buffer object per tensor: torch holds it until the storage is freed, then its finalizer runs
+        view = (ctypes.c_char * n).from_buffer(arena, start + o)
+        weakref.finalize(view, _release_pages, arena, start + o, n).atexit = False
+        out.append(torch.frombuffer(view, dtype=t.dtype).view(t.shape))
+    return out
+
+
+def _release_pages(arena: mmap.mmap, offset: int, n: int) -> None:
+    """Give back the whole pages of ``arena[offset:offset + n]`` (a freed tensor's; the pages it shares
+    with its neighbours stay)."""
+    lo, hi = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE, (offset + n) // mmap.PAGESIZE * mmap.PAGESIZE
+    if hi > lo:
+        try:
+            arena.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+        except (OSError, ValueError):  # a closed mapping: nothing left to give back
+            pass
 
 
 def place_in_huge_pages(model: torch.nn.Module) -> int:
     """Give every CPU parameter and buffer of ``model`` new, uninitialised storage from `huge_page_empty`.
     The contents are NOT copied: call it on a model whose weights are still to be read. Parameters keep
     their objects (``.data`` is set; tied ones stay tied), buffers are replaced in their modules. Tensor
-    subclasses (bitsandbytes' parameters), meta tensors and other devices are left alone. Returns the
+    subclasses (bitsandbytes' parameters), tensors sharing a storage with another, meta tensors and other
+    devices are left alone. Returns the
     bytes placed: 0 where `huge_page_empty` gives None (the storage is then unchanged)."""
     slots, unique = [], {}
     for module in model.modules():
@@ -346,6 +371,13 @@ def place_in_huge_pages(model: torch.nn.Module) -> int:
                 if t is not None and t.device.type == "cpu" and type(t) in (torch.Tensor, torch.nn.Parameter):
                     slots.append((module, kind, name, t))
                     unique.setdefault(id(t), t)
+    # tensors that are views of one another (distinct objects, one storage) would lose the link: left alone
+    storages: dict[int, int] = {}
+    for t in unique.values():
+        if t.numel():
+            storages[t.untyped_storage().data_ptr()] = storages.get(t.untyped_storage().data_ptr(), 0) + 1
+    unique = {i: t for i, t in unique.items() if not t.numel() or storages[t.untyped_storage().data_ptr()] == 1}
+    slots = [slot for slot in slots if id(slot[3]) in unique]
     placed = huge_page_empty(list(unique.values()))
     if placed is None:
         return 0

@@ -687,3 +687,50 @@ def test_greedy_pick_is_torchs_argmax_on_ties_nan_and_inf(values, dtype):
     assert sample(logits, 0.0, 1.0, 0, None) == int(torch.argmax(logits))
     big = torch.randn(65536, generator=torch.Generator().manual_seed(len(values))).to(dtype)
     assert sample(big, 0.0, 1.0, 0, None) == int(torch.argmax(big))
+    assert sample(torch._neg_view(big), 0.0, 1.0, 0, None) == int(torch.argmax(-big))  # numpy refuses the neg bit
+
+
+def test_a_freed_tensor_in_huge_pages_gives_its_memory_back():
+    """`loading.huge_page_empty`: each tensor's whole pages go back to the system when its storage is freed
+    (quantizing a loaded model in memory kept every float weight resident while one tensor of the mapping
+    lived); the others keep their values."""
+    import gc
+    import os
+
+    from jamba_core import loading
+
+    def rss_mib():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    made = loading.huge_page_empty([torch.empty(16 << 20), torch.empty(3, 5), torch.empty(16 << 20)])
+    if made is None:
+        pytest.skip("no MADV_HUGEPAGE on this platform")
+    big, small, other = made
+    made.clear()
+    big.fill_(1.0), small.fill_(2.0), other.fill_(3.0)
+    before = rss_mib()
+    del big
+    gc.collect()
+    assert before - rss_mib() > 60  # 64 MiB given back
+    assert torch.equal(small, torch.full((3, 5), 2.0)) and bool((other == 3.0).all())
+    del small, other
+    gc.collect()
+    assert before - rss_mib() > 120
+
+
+def test_place_in_huge_pages_leaves_tensors_that_view_one_another():
+    """Two tensors of one storage (a buffer viewing a parameter) would each get storage of their own and
+    lose the link: they keep torch's; the rest are placed."""
+    from jamba_core import loading
+
+    module = torch.nn.Module()
+    module.weight = torch.nn.Parameter(torch.zeros(4, 4))
+    module.register_buffer("row", module.weight.data[1])
+    module.other = torch.nn.Parameter(torch.zeros(3))
+    placed = loading.place_in_huge_pages(module)
+    if not hasattr(loading.mmap, "MADV_HUGEPAGE"):
+        pytest.skip("no MADV_HUGEPAGE on this platform")
+    assert placed == 64  # `other` only (12 bytes, one 64-byte line)
+    module.weight.data[1] = 7.0
+    assert bool((module.row == 7.0).all())
