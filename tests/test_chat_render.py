@@ -2,7 +2,6 @@
 
 import copy
 import json
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -10,9 +9,9 @@ from hypothesis import strategies as st
 from jinja2.exceptions import TemplateError
 
 from jamba_core.chat import JAMBA_CHAT_TEMPLATE, count_chat_tokens, render_chat
-from jamba_core.tokenizer import train_tokenizer
+from jamba_core.tokenizer import shared_dir, train_tokenizer
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SHARED = shared_dir()  # $JAMBA_LOCAL_SHARED, else ../shared: where the library itself looks
 FIXTURE = SHARED / "fixtures" / "jamba-1.7-chat-template.jinja"
 needs_fixture = pytest.mark.skipif(not FIXTURE.is_file(), reason="../shared/fixtures is absent")
 

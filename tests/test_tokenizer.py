@@ -1,6 +1,5 @@
 """The trained test tokenizer, loading a saved one, and the stop / control token ids."""
 
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -11,10 +10,10 @@ from tokenizers import Tokenizer, models
 
 from jamba_core.chat import JAMBA_CHAT_TEMPLATE
 from jamba_core.tokenizer import (
-    MIN_VOCAB_SIZE, SPECIAL_TOKENS, control_token_ids, load_tokenizer, stop_token_ids, train_tokenizer,
+    MIN_VOCAB_SIZE, SPECIAL_TOKENS, control_token_ids, load_tokenizer, shared_dir, stop_token_ids, train_tokenizer,
 )
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SHARED = shared_dir()  # $JAMBA_LOCAL_SHARED, else ../shared: where the library itself looks
 
 
 @pytest.fixture(scope="module")
