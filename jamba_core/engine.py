@@ -542,6 +542,21 @@ def check_device(device) -> None:
         raise ValueError(f"device {device!r}: jamba-local runs on 'cpu' and 'cuda' only")
 
 
+def warn_unknown_options(owner: str, given, fields: dict, accepted: Sequence[str] = (), stacklevel: int = 3) -> None:
+    """Warn (``UserWarning``) about constructor options ``owner`` has no field for: pydantic drops them
+    without a word, so a misspelt ``max_tokens`` left the default in force. ``fields``: the class's
+    ``model_fields``, whose aliases count too; ``accepted``: names taken and ignored on purpose;
+    ``stacklevel``: as ``warnings.warn``'s, counted from the caller (the warning names the user's line)."""
+    import difflib
+    import warnings
+
+    known = set(fields) | {f.alias for f in fields.values() if f.alias} | set(accepted)
+    for name in sorted(set(given) - known):
+        close = difflib.get_close_matches(name, sorted(known), n=1)
+        warnings.warn(f"{owner} has no option {name!r}; it is ignored" + (f" (did you mean {close[0]!r}?)" if close else ""),
+                      UserWarning, stacklevel=stacklevel + 1)
+
+
 def check_sampling(max_new_tokens, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0) -> None:
     """Raise ``ValueError`` (``TypeError`` for a non-integer count, or a temperature or top_p that is not a
     number) for sampling settings no sampler takes: ``max_new_tokens < 1``, ``temperature < 0``, ``top_p``

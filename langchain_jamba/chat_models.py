@@ -324,8 +324,9 @@ class ChatJamba(BaseChatModel):
     temperature: float = 0.0
     """Sampling temperature; 0 is greedy decoding."""
 
-    max_tokens: int | None = 256
-    """Most tokens to generate per call; None: until the context window is full."""
+    max_tokens: int | None = Field(default=256, alias="max_new_tokens")
+    """Most tokens to generate per call; None: until the context window is full (``max_new_tokens``, the
+    name `JambaLLM` and transformers use, is taken too)."""
 
     top_p: float = 1.0
     """Nucleus sampling: keep the smallest set of tokens whose probability reaches `top_p` (1 disables)."""
@@ -396,6 +397,16 @@ class ChatJamba(BaseChatModel):
             self._engine = engine
         copied._engine = engine
         return copied
+
+    @model_validator(mode="before")
+    @classmethod
+    def _warn_unknown(cls, values: Any) -> Any:
+        if isinstance(values, dict):  # LangChain's standard timeout / max_retries / api_key mean nothing here
+            from jamba_core.engine import warn_unknown_options
+
+            warn_unknown_options("ChatJamba", values, cls.model_fields, accepted=("timeout", "max_retries", "api_key"),
+                                 stacklevel=5)  # through pydantic's and LangChain's __init__ to the caller
+        return values
 
     @field_validator("model", mode="before")
     @classmethod

@@ -31,7 +31,7 @@ from llama_index.core.base.llms.types import (
     ThinkingBlock,
     ToolCallBlock,
 )
-from llama_index.core.bridge.pydantic import BaseModel, Field, PrivateAttr
+from llama_index.core.bridge.pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.events.llm import (
     LLMStructuredPredictEndEvent,
@@ -49,7 +49,7 @@ from llama_index.core.types import PydanticProgramMode
 
 from jamba_core.aio import iterate_in_thread
 from jamba_core.chat.api import ChatDone, ChatResult, ContentDelta, InvalidToolCall, ReasoningDelta, ToolCallChunk, chat, chat_stream
-from jamba_core.engine import Engine, get_engine
+from jamba_core.engine import Engine, get_engine, warn_unknown_options
 
 dispatcher = get_dispatcher(__name__)
 
@@ -135,7 +135,8 @@ class JambaLLM(FunctionCallingLLM):
 
     model: str = Field(description="Checkpoint folder or Hub id (offline when cached); default $JAMBA_LOCAL_MODEL.")
     temperature: float = Field(default=0.0, ge=0.0, description="Sampling temperature; 0 is greedy.")
-    max_new_tokens: int = Field(default=256, ge=1, description="Most tokens generated per call (LlamaIndex's num_output).")
+    max_new_tokens: int = Field(default=256, ge=1, alias="max_tokens",
+                                description="Most tokens generated per call (LlamaIndex's num_output); max_tokens too.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass; 1 disables it.")
     top_k: int = Field(default=0, ge=0, description="Sample from the k most likely tokens; 0 disables it.")
     seed: Optional[int] = Field(default=None, description="Seed for reproducible sampling.")
@@ -152,6 +153,8 @@ class JambaLLM(FunctionCallingLLM):
         default=None, gt=0,
         description="Context window LlamaIndex should budget for; None: the checkpoint's max_position_embeddings.")
 
+    model_config = ConfigDict(populate_by_name=True)  # max_new_tokens or its alias max_tokens
+
     _engine: Optional[Engine] = PrivateAttr(default=None)
     _checkpoint_window: Optional[int] = PrivateAttr(default=None)
 
@@ -162,6 +165,7 @@ class JambaLLM(FunctionCallingLLM):
         model = model or os.environ.get("JAMBA_LOCAL_MODEL")  # as ChatJamba
         if not model:
             raise ValueError("JambaLLM needs model= (a checkpoint folder, Hub id or Engine) or $JAMBA_LOCAL_MODEL")
+        warn_unknown_options("JambaLLM", kwargs, type(self).model_fields, stacklevel=2)
         super().__init__(model=str(model), **kwargs)
         self._engine = engine
 

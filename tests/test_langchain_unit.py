@@ -61,6 +61,17 @@ class TestChatJambaStandardUnit(ChatModelUnitTests):
 
 
 # -- construction ------------------------------------------------------------------------------------
+def test_a_misspelt_option_warns_and_max_new_tokens_is_max_tokens(tmp_path, recwarn):
+    """pydantic drops unknown options without a word: ChatJamba(max_new_tokens=3) kept 256 tokens."""
+    assert ChatJamba(model=tmp_path, max_new_tokens=3).max_tokens == 3  # JambaLLM's and transformers' name
+    assert ChatJamba(model=tmp_path, max_tokens=4).max_tokens == 4
+    ChatJamba(model=tmp_path, timeout=5, max_retries=1, api_key="x")  # LangChain's standard options: taken
+    assert not [w for w in recwarn.list if "no option" in str(w.message)]
+    with pytest.warns(UserWarning, match=r"ChatJamba has no option 'temprature'.*did you mean 'temperature'") as caught:
+        ChatJamba(model=tmp_path, temprature=0.5)
+    assert caught[0].filename == __file__  # the warning names the caller's line
+
+
 def test_construction_loads_nothing(tmp_path):
     llm = ChatJamba(model=tmp_path / "not-a-checkpoint", max_tokens=8)
     assert llm.model == str(tmp_path / "not-a-checkpoint")

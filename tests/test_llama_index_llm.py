@@ -118,6 +118,16 @@ def llm(tiny_engine):
 
 
 # -- metadata and the engine ------------------------------------------------------------------------
+def test_a_misspelt_option_warns_and_max_tokens_is_max_new_tokens(tiny_engine):
+    """pydantic drops unknown options without a word: JambaLLM(max_tokens=3) kept 256 tokens."""
+    assert JambaLLM(tiny_engine, max_tokens=3).max_new_tokens == 3  # ChatJamba's (and OpenAI's) name
+    llm = JambaLLM(tiny_engine, max_new_tokens=5)
+    assert type(llm).from_dict(llm.to_dict()).max_new_tokens == 5
+    with pytest.warns(UserWarning, match=r"JambaLLM has no option 'temprature'.*did you mean 'temperature'") as caught:
+        JambaLLM(tiny_engine, temprature=0.5)
+    assert caught[0].filename == __file__
+
+
 
 
 def test_metadata_comes_from_config_without_loading_weights(tiny_checkpoint):
