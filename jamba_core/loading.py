@@ -47,6 +47,11 @@ _CONVERT_CHUNK_BYTES = 16 << 20  # staging buffer when the file's dtype differs 
 _MAX_HEADER_BYTES = 100 << 20
 
 
+def could_be_hub_id(text: str) -> bool:
+    """Whether a path that does not exist locally may name a Hub repository ('org/name')."""
+    return not text.startswith((".", "/", "~")) and text.count("/") == 1
+
+
 def resolve_checkpoint(path_or_hub_id: str | os.PathLike) -> Path:
     """A local folder as is; otherwise a Hub id fetched (or found in the cache, offline) with
     ``huggingface_hub.snapshot_download``, safetensors and JSON/tokenizer files only."""
@@ -56,7 +61,7 @@ def resolve_checkpoint(path_or_hub_id: str | os.PathLike) -> Path:
             raise NotADirectoryError(f"{path} is a file; pass the checkpoint folder that holds config.json")
         return path
     text = str(path_or_hub_id)
-    if text.startswith((".", "/", "~")) or text.count("/") != 1:
+    if not could_be_hub_id(text):
         raise FileNotFoundError(f"checkpoint folder {text} does not exist (and it is not a Hub id 'org/name')")
     from huggingface_hub import snapshot_download
 
@@ -64,8 +69,9 @@ def resolve_checkpoint(path_or_hub_id: str | os.PathLike) -> Path:
         return Path(snapshot_download(text, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.model"]))
     except Exception as err:  # offline, unknown repo, no network: say what to do
         why = " ".join(str(err).split())  # huggingface_hub's messages run over several lines: the CLI prints one
-        raise FileNotFoundError(
-            f"could not get Hub checkpoint {text!r} ({type(err).__name__}: {why}). Download it first or pass a local folder."
+        raise FileNotFoundError(  # a mistyped relative folder looks like a Hub id: say both
+            f"{text!r} is no local folder (nothing at {path.resolve()}) and not a Hub checkpoint this machine could get "
+            f"({type(err).__name__}: {why}). Check the path, or download it first."
         ) from err
 
 
@@ -390,4 +396,4 @@ def place_in_huge_pages(model: torch.nn.Module) -> int:
     return sum(-(-t.numel() * t.element_size() // _ALIGN) * _ALIGN for t in placed)
 
 
-__all__ = ["resolve_checkpoint", "weight_files", "load_model", "load_config", "SafetensorsFile", "huge_page_empty", "place_in_huge_pages"]
+__all__ = ["could_be_hub_id", "resolve_checkpoint", "weight_files", "load_model", "load_config", "SafetensorsFile", "huge_page_empty", "place_in_huge_pages"]

@@ -644,13 +644,18 @@ def _validate_structured(output_cls: Type[BaseModel], response: Optional[ChatRes
 
 def _config_file(model: str) -> Path:
     """``config.json`` of a checkpoint folder, or of a Hub id (that one file, from the cache if offline)."""
+    from jamba_core.loading import could_be_hub_id
+
     path = Path(model).expanduser()
     if path.exists():
         return path
+    if not could_be_hub_id(model):  # the engine's message for a missing folder
+        raise FileNotFoundError(f"checkpoint folder {model} does not exist (and it is not a Hub id 'org/name')")
     from huggingface_hub import hf_hub_download
 
     try:
         return Path(hf_hub_download(model, "config.json"))
     except Exception as err:  # offline, unknown repo: say what to do
-        raise FileNotFoundError(f"cannot read config.json of {model!r} ({type(err).__name__}: {err}); "
-                                "pass a local checkpoint folder or download the model first") from err
+        why = " ".join(str(err).split())
+        raise FileNotFoundError(f"{model!r} is no local folder (nothing at {path.resolve()}) and the Hub's config.json of it "
+                                f"could not be read ({type(err).__name__}: {why}). Check the path, or download it first.") from err

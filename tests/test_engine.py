@@ -642,6 +642,7 @@ def test_an_unreachable_hub_id_is_one_line(monkeypatch, capsys):
     assert main(["info", "--model", "ai21labs/Some-Unreleased-Jamba", "--context", "4k"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Cannot reach the Hub. Please check your internet connection" in err
+    assert "'ai21labs/Some-Unreleased-Jamba' is no local folder (nothing at " in err  # a mistyped folder reads so too
 
 
 @pytest.mark.parametrize("quantization", [None, "int8"])

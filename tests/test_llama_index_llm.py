@@ -118,6 +118,13 @@ def llm(tiny_engine):
 
 
 # -- metadata and the engine ------------------------------------------------------------------------
+def test_a_missing_folder_reads_as_the_engine_says_it(tmp_path):
+    """JambaLLM's metadata (config.json only) said "HFValidationError: Repo id must be in the form..." for a
+    missing folder, where the engine, ChatJamba and the CLI say the folder does not exist."""
+    with pytest.raises(FileNotFoundError, match=r"checkpoint folder .*nope does not exist"):
+        JambaLLM(tmp_path / "nope").metadata
+
+
 def test_a_misspelt_option_warns_and_max_tokens_is_max_new_tokens(tiny_engine):
     """pydantic drops unknown options without a word: JambaLLM(max_tokens=3) kept 256 tokens."""
     assert JambaLLM(tiny_engine, max_tokens=3).max_new_tokens == 3  # ChatJamba's (and OpenAI's) name
