@@ -262,7 +262,7 @@ class Engine:
             raise ValueError(
                 f"prompt of {prompt_tokens} tokens + max_new_tokens={max_new_tokens} = {need} tokens exceeds the "
                 f"model's context window of {self.context_window} tokens (config max_position_embeddings); it would "
-                f"need {(est.kv_cache + est.mamba_state) / 2**30:.2f} GiB of cache. Shorten the prompt or lower max_new_tokens."
+                f"need {_size(est.kv_cache + est.mamba_state)} of cache. Shorten the prompt or lower max_new_tokens."
             )
 
     def generate(self, prompt, **kwargs) -> GenerationResult:
@@ -540,6 +540,11 @@ def check_device(device) -> None:
         raise ValueError(f"device {device!r} asked, but {why}; use device='cpu'")
     if dev.type not in ("cpu", "cuda"):  # mps, xpu, meta, ...: no kernels or tests here
         raise ValueError(f"device {device!r}: jamba-local runs on 'cpu' and 'cuda' only")
+
+
+def _size(nbytes: int) -> str:
+    """Bytes in GiB, or MiB below 1 GiB (a small model's cache read "0.00 GiB")."""
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
 def warn_unknown_options(owner: str, given, fields: dict, accepted: Sequence[str] = (), stacklevel: int = 3) -> None:
