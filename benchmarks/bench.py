@@ -14,7 +14,8 @@ The machine's bounds are measured in the same run (before and after the measurem
 the two is used): memory bandwidth (a large copy, and a large read), matmul FLOP rate in fp32 and bf16
 (best of the model's prefill shapes). The bandwidth is also measured in each decode repetition's process,
 just before and after it (the better of the two): on a shared VM it drifts by tens of percent within
-seconds, and the "best repetition" table gives the median of each repetition over its own bound too. Decode bound = bandwidth / weight bytes read per token (active
+seconds, and the "best repetition" table gives the median of each repetition over its own bound too.
+Decode bound = bandwidth / weight bytes read per token (active
 parameters less the embedding table, of which one row is read); prefill bound = FLOP rate /
 (2 x those parameters less the LM head, which prefill runs for the last position only, + the attention
 scores' FLOPs at that context).

@@ -19,14 +19,15 @@ TLB every 4 KiB; measured on this project's 2-vCPU AMD EPYC, bench-small's GEMVs
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
-import ctypes
 import math
 import mmap
 import os
 import re
 import weakref
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -368,8 +369,8 @@ def place_in_huge_pages(model: torch.nn.Module) -> int:
     The contents are NOT copied: call it on a model whose weights are still to be read. Parameters keep
     their objects (``.data`` is set; tied ones stay tied), buffers are replaced in their modules. Tensor
     subclasses (bitsandbytes' parameters), tensors sharing a storage with another, meta tensors and other
-    devices are left alone. Returns the
-    bytes placed: 0 where `huge_page_empty` gives None (the storage is then unchanged)."""
+    devices are left alone. Returns the bytes placed: 0 where `huge_page_empty` gives None (the storage is
+    then unchanged)."""
     slots, unique = [], {}
     for module in model.modules():
         for kind in ("_parameters", "_buffers"):
@@ -378,10 +379,7 @@ def place_in_huge_pages(model: torch.nn.Module) -> int:
                     slots.append((module, kind, name, t))
                     unique.setdefault(id(t), t)
     # tensors that are views of one another (distinct objects, one storage) would lose the link: left alone
-    storages: dict[int, int] = {}
-    for t in unique.values():
-        if t.numel():
-            storages[t.untyped_storage().data_ptr()] = storages.get(t.untyped_storage().data_ptr(), 0) + 1
+    storages = Counter(t.untyped_storage().data_ptr() for t in unique.values() if t.numel())
     unique = {i: t for i, t in unique.items() if not t.numel() or storages[t.untyped_storage().data_ptr()] == 1}
     slots = [slot for slot in slots if id(slot[3]) in unique]
     placed = huge_page_empty(list(unique.values()))
@@ -396,4 +394,5 @@ def place_in_huge_pages(model: torch.nn.Module) -> int:
     return sum(-(-t.numel() * t.element_size() // _ALIGN) * _ALIGN for t in placed)
 
 
-__all__ = ["could_be_hub_id", "resolve_checkpoint", "weight_files", "load_model", "load_config", "SafetensorsFile", "huge_page_empty", "place_in_huge_pages"]
+__all__ = ["could_be_hub_id", "resolve_checkpoint", "weight_files", "load_model", "load_config", "SafetensorsFile",
+           "huge_page_empty", "place_in_huge_pages"]
