@@ -735,3 +735,17 @@ def test_place_in_huge_pages_leaves_tensors_that_view_one_another():
     assert placed == 64  # `other` only (12 bytes, one 64-byte line)
     module.weight.data[1] = 7.0
     assert bool((module.row == 7.0).all())
+
+
+def test_a_model_that_has_generated_deep_copies_and_saves(tiny_checkpoint):
+    """The layers' decode plans (a module object, ctypes arrays, a weakref) made ``copy.deepcopy`` and
+    ``torch.save`` of the model fail after the first generation ("cannot pickle 'module' object")."""
+    import copy
+    import io
+
+    engine = Engine.from_pretrained(tiny_checkpoint, progress=False)
+    want = engine.generate(PROMPT, max_new_tokens=8).token_ids
+    copied = copy.deepcopy(engine.model)
+    torch.save(engine.model, io.BytesIO())
+    engine.model = copied
+    assert engine.generate(PROMPT, max_new_tokens=8).token_ids == want

@@ -82,6 +82,13 @@ class DecoderLayer(nn.Module):
                 state.length += 1
         return None if y is None else y.view(x.shape)
 
+    def __getstate__(self) -> dict:
+        """Without the decode plan (its backend module, ctypes pointer arrays and weakref do not pickle or
+        deepcopy; it is made again at the next decode step), so ``copy.deepcopy`` and ``torch.save`` of a
+        model that has generated work as before its first token."""
+        state = super().__getstate__()
+        return {k: v for k, v in state.items() if k not in ("_decode_plan", "_checked_for")}
+
     def _decode_weights(self, constants) -> dict | None:
         """This layer's tensors as `ops.prepare_layer` takes them (None: a module without that form);
         ``constants``: the mixer's `MambaMixer._decode_constants` (None for attention)."""
