@@ -174,7 +174,7 @@ def _worker(spec: dict) -> dict:
         del cache, logits
     # decode reads the weights at memory bandwidth, which drifts on a shared machine within seconds: it is
     # measured beside each repetition too, before the peak is reset and after the phase's memory is read
-    beside = [max(_bandwidth())] if spec["phase"] == "decode" else []
+    before = max(_bandwidth()) if spec["phase"] == "decode" else None
     reset = _reset_peak()
     result = {"load_s": load_s, "after_load": after_load, "peak_reset": reset, "backend": backend}
     with torch.inference_mode():
@@ -206,8 +206,8 @@ def _worker(spec: dict) -> dict:
             decode_s = time.perf_counter() - t
             result.update(decode_s=decode_s, new_tokens=new, decode_tok_s=new / decode_s, token_ids=tokens, step_s=steps)
     result["phase_mem"] = _mem()
-    if beside:
-        result["bandwidth_beside_gb_s"] = max(beside[0], max(_bandwidth()))  # the better of before and after
+    if before is not None:
+        result["bandwidth_beside_gb_s"] = max(before, *_bandwidth())  # the better of before and after
     return result
 
 

@@ -644,13 +644,13 @@ def _validate_structured(output_cls: Type[BaseModel], response: Optional[ChatRes
 
 def _config_file(model: str) -> Path:
     """``config.json`` of a checkpoint folder, or of a Hub id (that one file, from the cache if offline)."""
-    from jamba_core.loading import could_be_hub_id
+    from jamba_core.loading import could_be_hub_id, resolve_checkpoint
 
     path = Path(model).expanduser()
     if path.exists():
         return path
-    if not could_be_hub_id(model):  # the engine's message for a missing folder
-        raise FileNotFoundError(f"checkpoint folder {model} does not exist (and it is not a Hub id 'org/name')")
+    if not could_be_hub_id(model):
+        resolve_checkpoint(model)  # raises the engine's FileNotFoundError for a missing folder
     from huggingface_hub import hf_hub_download
 
     try:

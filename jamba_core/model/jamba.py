@@ -63,13 +63,13 @@ class DecoderLayer(nn.Module):
         backend = ops.backend_for(x.device)
         plan = self.__dict__.get("_decode_plan")
         checked = self.__dict__.get("_checked_for")
-        if (plan is None or plan[0] != backend or plan[1].moved()
-                or ((checked is None or checked() is not state) and not plan[1].current())):
+        new_state = checked is None or checked() is not state
+        if plan is None or plan[0] != backend or plan[1].moved() or (new_state and not plan[1].current()):
             constants = None if self.is_attention else self.mamba._decode_constants()
             weights = self._decode_weights(constants)
             prepared = None if weights is None else ops.prepare_layer(weights, x)
             plan = self.__dict__["_decode_plan"] = (backend, _Snapshot(self), prepared, constants)  # constants kept alive
-        if checked is None or checked() is not state:
+        if new_state:
             self.__dict__["_checked_for"] = weakref.ref(state)
         if plan[2] is None:
             return None
