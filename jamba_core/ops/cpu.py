@@ -66,6 +66,8 @@ _SIGNATURES = {
     "jl_mamba_layer_decode": [_c, _c, *[_i] * 9, _p, _p, _p, _f, *[_p] * 10, _f, *[_p] * 16, _c, _c],
     "jl_attn_layer_decode": [_c, _c, _c, *[_i] * 9, _p, _p, _p, _f, *[_p] * 6, _i, _i, *[_p] * 8, _c],
     "jl_flash": [_c, *[_i] * 5, _p, _i, _i, _i, _p, _i, _i, _i, _p, _i, _i, _i, _f, _p, _p, _c],
+    "jl_train_scan_fwd": [*[_i] * 4, *[_p] * 6, _c],
+    "jl_train_scan_bwd": [*[_i] * 4, *[_p] * 11, _c],
 }
 _RESTYPES = {"jl_flash": ctypes.c_int}
 

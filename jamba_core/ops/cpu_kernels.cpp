@@ -2,11 +2,11 @@
 //
 // Compiled on first use with the system C++ compiler (g++ -O3 -march=native -fopenmp, no fast-math):
 // see cpu.py. Each kernel computes what its reference in reference.py computes, in fp32, and is tested
-// against it (tests/test_ops.py). GCC vector extensions (16 x fp32 lanes) keep the source portable: they
-// lower to AVX-512 where the machine has it, to AVX2 / SSE otherwise.
+// against it (tests/test_ops.py). GCC vector extensions (W fp32 lanes, below) keep the source portable:
+// they lower to AVX-512, to AVX2 or to SSE, whatever the machine has.
 //
 // Layouts: activations are token-major with channels contiguous ((b, L, d), any token / batch stride);
-// the selective scan runs 16 channels side by side with their (16 x d_state) SSM state held in
+// the selective scan runs W channels side by side with their (W x d_state) SSM state held in
 // registers, so no (b, d, L, d_state) tensor ever exists (Mamba paper, Gu & Dao 2023, section 3.3.2:
 // the state is kept in fast memory and never written out per step).
 // dtype codes: 0 = fp32, 1 = bf16. Threads: OpenMP pragmas (sharing the libgomp that torch loaded; ignored,
@@ -21,17 +21,27 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#if defined(__AVX512F__)
+#if defined(__AVX__)
 #include <immintrin.h>
+#elif defined(__SSE2__)
+#include <xmmintrin.h>
 #endif
 
 namespace {
 
-constexpr int W = 16;  // lanes per vector
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-typedef uint32_t vu __attribute__((vector_size(64)));
-typedef uint16_t vh __attribute__((vector_size(32)));
+// lanes per vector: 16 (one zmm) with AVX-512, and where there is no AVX at all; 8 (one ymm) with AVX / AVX2
+// alone. GCC 12 lowers a 64-byte vector's comparisons, scalar broadcasts and stores lane by lane, through
+// the stack, on a target whose registers are 32 bytes: on an AVX2 EPYC the clamps of `vexp` alone made the
+// prefill scan several times slower, and the training scan's step took ~380 cycles per channel.
+#if defined(__AVX__) && !defined(__AVX512F__)
+constexpr int W = 8;
+#else
+constexpr int W = 16;
+#endif
+typedef float vf __attribute__((vector_size(4 * W)));
+typedef int32_t vi __attribute__((vector_size(4 * W)));
+typedef uint32_t vu __attribute__((vector_size(4 * W)));
+typedef uint16_t vh __attribute__((vector_size(2 * W)));
 typedef uint16_t bf16;
 
 inline vf splat(float a) { return vf{} + a; }
@@ -155,7 +165,7 @@ inline float to_f(bf16 x) { return bf16_to_f(x); }
 // int8 weights (jamba_core.quant.int8): full vectors only. GCC 12 turns a direct int8 -> float
 // __builtin_convertvector into scalar code (measured: 3 GB/s); widening to int32 first, or AVX-512's
 // sign-extending load, keeps it vectorised.
-typedef int8_t vb __attribute__((vector_size(16)));
+typedef int8_t vb __attribute__((vector_size(W)));
 inline vf load(const int8_t* p, int) {
 #if defined(__AVX512F__)
     const __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
@@ -1147,6 +1157,125 @@ void flash_tile(const uint32_t* q32, int nr, const uint32_t* kp, const uint32_t*
 }
 #endif
 
+
+// ---------------------------------------------------------------------------------------------
+// The selective scan for training (jamba_core/train/scan.py): forward and backward, fp32, contiguous,
+// from a zero state. Mamba paper eq. 2a/2b, per (batch i, channel c):
+//   h_t = exp(delta_t A_c) h_{t-1} + delta_t B_t x_t,  y_t = C_t . h_t
+// The lanes are the state index n (d_state <= 64: NV vectors of W lanes, lanes past N zero, so they stay 0).
+// Backward: the recurrence's adjoint run in reverse, dh_{t-1} = exp(delta_t A) (dh_t + gy_t C_t), with the
+// channel's forward states recomputed into a (L + 1) x N buffer (not stored by the forward).
+// x, delta, gy, y, dx, ddelta: (b, d, L); A, dA: (d, N); B, C, dB, dC: (b, L, N).
+//
+// Decayed states and adjoints underflow towards zero over long spans; in subnormal range every multiply
+// costs ~100x (a training run stalled in the backward once). They are flushed to zero on each thread while
+// the kernel runs and the thread's mode is restored after: the calling thread is Python's, and a mode left
+// set changed every later float operation of the process.
+struct DenormalsFlushed {
+#if defined(__SSE2__)
+    unsigned int saved = _mm_getcsr();
+    DenormalsFlushed() { _mm_setcsr(saved | 0x8040u); }  // flush-to-zero and denormals-are-zero
+    ~DenormalsFlushed() { _mm_setcsr(saved); }
+#endif
+};
+
+inline int lanes(int64_t N, int k) { return int(std::min<int64_t>(W, N - int64_t(k) * W)); }
+
+template <int NV>  // vectors per state: ceil(N / W)
+void train_scan_fwd(int64_t b, int64_t d, int64_t L, int64_t N, const float* x, const float* delta, const float* A,
+                    const float* B, const float* C, float* y, int nthreads) {
+#pragma omp parallel num_threads(nthreads)
+    {
+        DenormalsFlushed flushed;
+#pragma omp for collapse(2) schedule(static)
+        for (int64_t i = 0; i < b; ++i)
+            for (int64_t c = 0; c < d; ++c) {
+                vf h[NV], a[NV];
+                for (int k = 0; k < NV; ++k) h[k] = vf{}, a[k] = load(A + c * N + k * W, lanes(N, k));
+                const float* xs = x + (i * d + c) * L;
+                const float* ds = delta + (i * d + c) * L;
+                float* ys = y + (i * d + c) * L;
+                for (int64_t t = 0; t < L; ++t) {
+                    const float* Bt = B + (i * L + t) * N;
+                    const float* Ct = C + (i * L + t) * N;
+                    const float dt = ds[t], dx = dt * xs[t];
+                    vf acc = vf{};
+                    for (int k = 0; k < NV; ++k) {
+                        const int n = lanes(N, k);
+                        h[k] = vexp(dt * a[k]) * h[k] + dx * load(Bt + k * W, n);
+                        acc += load(Ct + k * W, n) * h[k];
+                    }
+                    ys[t] = hsum(acc);
+                }
+            }
+    }
+}
+
+template <int NV>
+void train_scan_bwd(int64_t b, int64_t d, int64_t L, int64_t N, const float* x, const float* delta, const float* A,
+                    const float* B, const float* C, const float* gy, float* dx, float* ddelta, float* dA, float* dB,
+                    float* dC, int nthreads) {
+    const int64_t M = b * L * N;
+    std::vector<std::vector<float>> part(nthreads, std::vector<float>(2 * M, 0.f));  // each thread's dB, dC
+#pragma omp parallel num_threads(nthreads)
+    {
+        DenormalsFlushed flushed;
+#ifdef _OPENMP
+        float* pB = part[omp_get_thread_num()].data();
+#else
+        float* pB = part[0].data();
+#endif
+        float* pC = pB + M;
+        std::vector<vf> hs((L + 1) * NV);  // hs[(t + 1) NV + k] = h_t, hs[k] = h_{-1} = 0
+#pragma omp for schedule(static)
+        for (int64_t c = 0; c < d; ++c) {
+            vf a[NV], gA[NV];
+            for (int k = 0; k < NV; ++k) a[k] = load(A + c * N + k * W, lanes(N, k)), gA[k] = vf{};
+            for (int64_t i = 0; i < b; ++i) {
+                const float* xs = x + (i * d + c) * L;
+                const float* ds = delta + (i * d + c) * L;
+                const float* gs = gy + (i * d + c) * L;
+                for (int k = 0; k < NV; ++k) hs[k] = vf{};
+                for (int64_t t = 0; t < L; ++t) {
+                    const float* Bt = B + (i * L + t) * N;
+                    const float dt = ds[t], u = dt * xs[t];
+                    for (int k = 0; k < NV; ++k)
+                        hs[(t + 1) * NV + k] = vexp(dt * a[k]) * hs[t * NV + k] + u * load(Bt + k * W, lanes(N, k));
+                }
+                vf dh[NV];
+                for (int k = 0; k < NV; ++k) dh[k] = vf{};
+                for (int64_t t = L - 1; t >= 0; --t) {
+                    const int64_t o = (i * L + t) * N;
+                    const float dt = ds[t], xt = xs[t], g = gs[t];
+                    vf gdt = vf{}, gx = vf{};
+                    for (int k = 0; k < NV; ++k) {
+                        const int n = lanes(N, k);
+                        const vf Bv = load(B + o + k * W, n), Cv = load(C + o + k * W, n);
+                        const vf hp = hs[t * NV + k], hc = hs[(t + 1) * NV + k];
+                        store(pC + o + k * W, load(pC + o + k * W, n) + g * hc, n);
+                        const vf adj = dh[k] + g * Cv;  // dL/dh_t
+                        const vf e = vexp(dt * a[k]);
+                        const vf ah = adj * e * hp;
+                        gdt += ah * a[k] + adj * Bv * xt;
+                        gA[k] += ah * dt;
+                        store(pB + o + k * W, load(pB + o + k * W, n) + adj * (dt * xt), n);
+                        gx += adj * Bv;
+                        dh[k] = adj * e;  // dL/dh_{t-1} through the recurrence
+                    }
+                    ddelta[(i * d + c) * L + t] = hsum(gdt);
+                    dx[(i * d + c) * L + t] = hsum(gx) * dt;
+                }
+            }
+            for (int k = 0; k < NV; ++k) store(dA + c * N + k * W, gA[k], lanes(N, k));
+        }
+    }
+    for (int64_t m = 0; m < M; ++m) {
+        float sb = 0.f, sc = 0.f;
+        for (int p = 0; p < nthreads; ++p) sb += part[p][m], sc += part[p][M + m];
+        dB[m] = sb, dC[m] = sc;
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -1403,5 +1532,35 @@ int jl_flash(int dtype, int64_t B, int64_t NKV, int64_t R, int64_t S, int64_t hd
     return 0;
 #endif
 }
+
+// the training scan (train_scan_fwd / train_scan_bwd above); N <= 64, so at most 64 / W vectors per state
+#define JL_BY_NV(F)                          \
+    switch ((N + W - 1) / W) {               \
+        case 1: F(1); break;                 \
+        case 2: F(2); break;                 \
+        case 3: F(3); break;                 \
+        case 4: F(4); break;                 \
+        case 5: F(5); break;                 \
+        case 6: F(6); break;                 \
+        case 7: F(7); break;                 \
+        default: F(8); break;                \
+    }
+
+void jl_train_scan_fwd(int64_t b, int64_t d, int64_t L, int64_t N, const float* x, const float* delta, const float* A,
+                       const float* B, const float* C, float* y, int nthreads) {
+#define JL_FWD(NV) train_scan_fwd<NV>(b, d, L, N, x, delta, A, B, C, y, nthreads)
+    JL_BY_NV(JL_FWD);
+#undef JL_FWD
+}
+
+void jl_train_scan_bwd(int64_t b, int64_t d, int64_t L, int64_t N, const float* x, const float* delta, const float* A,
+                       const float* B, const float* C, const float* gy, float* dx, float* ddelta, float* dA, float* dB,
+                       float* dC, int nthreads) {
+#define JL_BWD(NV) train_scan_bwd<NV>(b, d, L, N, x, delta, A, B, C, gy, dx, ddelta, dA, dB, dC, nthreads)
+    JL_BY_NV(JL_BWD);
+#undef JL_BWD
+}
+
+#undef JL_BY_NV
 
 }  // extern "C"

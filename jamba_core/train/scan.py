@@ -1,36 +1,29 @@
 """A differentiable selective scan for training (the ops backend ``"train"``).
 
 Inference scans (`jamba_core.ops`) update a cache in place and have no backward. Training needs
-gradients through thousands of tokens: `selective_scan` here is a `torch.autograd.Function` over two C++
-kernels (``scan_grad.cpp``: the recurrence forward, and its adjoint run in reverse, recomputing each
-channel's states in cache instead of storing ``(b, d_in, L, N)`` of them). The D skip term and the
+gradients through thousands of tokens: `selective_scan` here is a `torch.autograd.Function` over two
+kernels of the CPU library (``jl_train_scan_fwd`` / ``jl_train_scan_bwd`` in ``ops/cpu_kernels.cpp``: the
+recurrence forward, and its adjoint run in reverse, recomputing each channel's states in cache instead of
+storing ``(b, d_in, L, N)`` of them; vectorised over the state index). The D skip term and the
 ``silu(z)`` gate stay in torch. Recurrence and shapes as `jamba_core.ops.reference.selective_scan`
 (Mamba paper, Gu & Dao 2023, eq. 2a/2b); training always starts from a zero state.
 """
 
 from __future__ import annotations
 
-import ctypes
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
 from ..ops import cpu, reference
 
-_SOURCE = Path(__file__).with_name("scan_grad.cpp")
-_lib = {}
-_p, _i, _c = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-
 
 def _kernels():
-    if "lib" not in _lib:
-        torch.get_num_threads()  # share torch's libgomp
-        lib = ctypes.CDLL(str(cpu.build(source=_SOURCE)))
-        lib.jl_scan_fwd.argtypes = [_i, _i, _i, _i, _p, _p, _p, _p, _p, _p, _c]
-        lib.jl_scan_bwd.argtypes = [_i, _i, _i, _i, _p, _p, _p, _p, _p, _p, _p, _p, _p, _p, _p, _c]
-        _lib["lib"] = lib
-    return _lib["lib"]
+    """The CPU library. Raises RuntimeError when it cannot be built (training has no reference path:
+    the plain recurrence would hold ``(b, d_in, L, N)`` per layer for autograd)."""
+    lib = cpu._lib()
+    if lib is None:
+        raise RuntimeError(f"training needs the compiled CPU kernels: {cpu.status()}")
+    return lib
 
 
 class _Scan(torch.autograd.Function):
@@ -42,8 +35,8 @@ class _Scan(torch.autograd.Function):
         x, delta, A, B, C = (t.float().contiguous() for t in (x, delta, A, B, C))
         b, d, L = x.shape
         y = torch.empty_like(x)
-        _kernels().jl_scan_fwd(b, d, L, A.shape[1], x.data_ptr(), delta.data_ptr(), A.data_ptr(), B.data_ptr(),
-                               C.data_ptr(), y.data_ptr(), torch.get_num_threads())
+        _kernels().jl_train_scan_fwd(b, d, L, A.shape[1], x.data_ptr(), delta.data_ptr(), A.data_ptr(),
+                                     B.data_ptr(), C.data_ptr(), y.data_ptr(), torch.get_num_threads())
         ctx.save_for_backward(x, delta, A, B, C)
         return y
 
@@ -54,8 +47,8 @@ class _Scan(torch.autograd.Function):
         b, d, L = x.shape
         dx, ddelta, dA = torch.empty_like(x), torch.empty_like(delta), torch.empty_like(A)
         dB, dC = torch.empty_like(B), torch.empty_like(C)
-        _kernels().jl_scan_bwd(b, d, L, A.shape[1], *(t.data_ptr() for t in (x, delta, A, B, C, gy, dx, ddelta, dA, dB, dC)),
-                               torch.get_num_threads())
+        _kernels().jl_train_scan_bwd(b, d, L, A.shape[1], *(t.data_ptr() for t in (x, delta, A, B, C, gy, dx, ddelta, dA, dB, dC)),
+                                     torch.get_num_threads())
         return dx, ddelta, dA, dB, dC
 
 
