@@ -628,16 +628,38 @@ def test_matmuls_without_an_instruction_set_match_too(tmp_path, flag, feature, t
     """This CPU's build takes VDPBF16PS for bf16 weights and VPDPWSSD for int8 ones; the same tests on a
     build without the instruction set (the path of a CPU that lacks it), in a fresh process so that build is
     the one loaded."""
-    import os
+    if feature not in cpu._cpu_signature():
+        pytest.skip(f"this CPU has no {feature}: the suite ran its fallback")
+    _tests_pass_on_a_build_with(flag, f"({tests}) and not without_an_instruction_set", tmp_path)
+
+
+@needs_cpu
+def test_kernels_at_the_other_vector_width_match_too(tmp_path):
+    """The kernels' vectors have 16 lanes with AVX-512 (or no AVX at all) and 8 with AVX / AVX2 alone (see
+    cpu_kernels.cpp's W): the kernel tests and the training scan's on a build of the width this CPU does not
+    take, made by turning its widest instruction set off."""
+    flags = set(cpu._cpu_signature().split())
+    if "avx512f" in flags:
+        flag = "-mno-avx512f"  # 8 lanes in ymm registers
+    elif "avx" in flags:
+        flag = "-mno-avx"  # 16 lanes over SSE
+    else:
+        pytest.skip("no AVX on this CPU: there is no other vector width to build")
+    tests = ("scan or conv or linear or int8_matmul or rms_norm or decode or flash or every_backend "
+             "or bf16_chunked_prefill) and not (without_an_instruction_set or other_vector_width")
+    _tests_pass_on_a_build_with(flag, tests, tmp_path, extra_files=[os.path.join(os.path.dirname(__file__), "test_train.py")],
+                                extra_k=" or training_scan")
+
+
+def _tests_pass_on_a_build_with(flag, tests, tmp_path, extra_files=(), extra_k=""):
+    """Run the tests ``-k tests`` in a fresh process whose kernels are built with ``flag`` added (so that
+    build is the one loaded), in its own kernel cache; they must all pass, none skipped."""
     import subprocess
     import sys
 
-    if feature not in cpu._cpu_signature():
-        pytest.skip(f"this CPU has no {feature}: the suite ran its fallback")
     env = dict(os.environ, JAMBA_LOCAL_CXXFLAGS=flag, JAMBA_LOCAL_CACHE=str(tmp_path))
-    tests = f"({tests}) and not without_an_instruction_set"  # not this test again
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", tests],
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, *extra_files,
+                           "-k", f"({tests}){extra_k}"], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-500:]
     assert list(tmp_path.glob("kernels/*.so")), f"the build with {flag} was not made"
