@@ -396,15 +396,30 @@ def merge_base(out_dir: Path, cpu: str, log=print) -> dict:
     return {"runs": []}
 
 
+def vector_isa(flags: set[str]) -> str:
+    """The widest vector instructions among /proc/cpuinfo's ``flags``, as the kernels use them: "AVX-512 BF16",
+    "AVX-512", "AVX2", "AVX", or "" (none of these: another architecture)."""
+    for flag, name in (("avx512_bf16", "AVX-512 BF16"), ("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX")):
+        if flag in flags:
+            return name
+    return ""
+
+
 def _machine() -> dict:
+    """The CPU as a table key: its model name and vector instructions ("AMD EPYC, AVX2"). Cloud VMs of one
+    model name differ (this project's "AMD EPYC" VMs were AVX-512 BF16 ones and AVX2 ones, with the kernels'
+    speed and the bf16 matmul rate far apart), so the name alone would merge two machines' runs."""
     import torch
 
-    cpu = platform.processor()
+    cpu, flags = platform.processor(), set()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+        flags = set(next(line.split(":", 1)[1].split() for line in lines if line.startswith(("flags", "Features"))))
     except (OSError, StopIteration):
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+    isa = vector_isa(flags)
+    return {"cpu": f"{cpu}, {isa}" if isa else cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
             "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1) if hasattr(os, "sysconf") else None}
 
 

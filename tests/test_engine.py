@@ -528,6 +528,22 @@ def test_bench_merge_never_mixes_machines(tmp_path):
     assert merge_base(tmp_path / "empty", "any", log=messages.append) == {"runs": []}
 
 
+def test_bench_tells_cpus_of_one_model_name_apart_by_their_vector_instructions(tmp_path):
+    """Two "AMD EPYC" VMs, one with AVX-512 BF16 and one with AVX2 alone, run the kernels at very different
+    speeds: the table key carries the vector instructions, so their runs never merge."""
+    import json
+
+    from benchmarks.bench import merge_base, vector_isa
+
+    assert vector_isa({"fpu", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_bf16"}) == "AVX-512 BF16"
+    assert vector_isa({"avx", "avx2", "avx512f"}) == "AVX-512"
+    assert vector_isa({"sse2", "avx", "avx2", "fma"}) == "AVX2"
+    assert vector_isa({"fp", "asimd"}) == ""
+    (tmp_path / "bench.json").write_text(json.dumps({"runs": [{"machine": {"cpu": "AMD EPYC, AVX-512 BF16"}}]}))
+    assert merge_base(tmp_path, "AMD EPYC, AVX2", log=lambda m: None) == {"runs": []}
+    assert (tmp_path / "bench-amd-epyc-avx-512-bf16.json").is_file()
+
+
 def test_bench_decode_percent_of_bound_beside_each_repetition():
     """`benchmarks.bench.summarize`: the run's bound (the better bandwidth of its start and end) gives
     pct_of_bound; each decode repetition over the bandwidth measured in its own process gives
