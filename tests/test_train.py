@@ -23,10 +23,11 @@ def _recurrence(x, delta, A, B, C, D, z):
     return (torch.stack(ys, -1) + x * D[:, None]) * F.silu(z)
 
 
-@pytest.mark.parametrize("L", [1, 3, 37, 130])
-def test_training_scan_and_its_gradients_match_the_recurrence(L):
-    g = torch.Generator().manual_seed(L)
-    b, d, N = 2, 24, 16
+@pytest.mark.parametrize("L,N", [(1, 16), (3, 16), (37, 16), (130, 16), (37, 20), (37, 33), (37, 64)])
+def test_training_scan_and_its_gradients_match_the_recurrence(L, N):
+    """N 20 and 33: a partial vector after full ones (8 or 16 lanes a vector); 64: the most the kernels hold."""
+    g = torch.Generator().manual_seed(L + N)
+    b, d = 2, 24
     inputs = [torch.randn(b, d, L, generator=g), torch.rand(b, d, L, generator=g) * 0.8,
               -torch.exp(torch.randn(d, N, generator=g)), torch.randn(b, L, N, generator=g), torch.randn(b, L, N, generator=g),
               torch.randn(d, generator=g), torch.randn(b, d, L, generator=g)]

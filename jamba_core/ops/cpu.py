@@ -1,7 +1,7 @@
 """The fast CPU path: C++ kernels (``cpu_kernels.cpp``) compiled on first use, called through ctypes.
 
 Why this route (measured on bench-small shapes by benchmarks/ops_choice.py, see benchmarks/README.md): the
-C++ scan holds each block of 16 channels' SSM state in registers and vectorises across channels, so at
+C++ scan holds each block of W channels' (8 or 16: see ``features``) SSM state in registers and vectorises across channels, so at
 2048 tokens it is about 6x faster than numba (whose scalar exp, fastmath off, does not vectorise), 19x
 faster than the reference and far ahead of torch.compile, with no (b, d_inner, L, d_state)
 temporaries; it needs only a C++ compiler (g++ or clang++, found as ``$CXX``,
@@ -68,8 +68,9 @@ _SIGNATURES = {
     "jl_flash": [_c, *[_i] * 5, _p, _i, _i, _i, _p, _i, _i, _i, _p, _i, _i, _i, _f, _p, _p, _c],
     "jl_train_scan_fwd": [*[_i] * 4, *[_p] * 6, _c],
     "jl_train_scan_bwd": [*[_i] * 4, *[_p] * 11, _c],
+    "jl_features": [],
 }
-_RESTYPES = {"jl_flash": ctypes.c_int}
+_RESTYPES = {"jl_flash": ctypes.c_int, "jl_features": ctypes.c_int}
 
 
 def _compiler() -> str | None:
@@ -148,6 +149,17 @@ def _lib():
                 log.warning("jamba_core fast CPU kernels unavailable, using the reference ops: %s", _state["error"])
             _state["tried"] = True
     return _state["lib"]
+
+
+def features() -> dict | None:
+    """What the loaded kernels were built with: ``lanes`` (fp32 lanes per vector: 16 with AVX-512 or no AVX,
+    8 with AVX / AVX2 alone), ``avx512`` (the fp32 flash-attention kernel), ``avx512_bf16`` (bf16 GEMVs and
+    the bf16 flash kernel on VDPBF16PS), ``avx512_vnni`` (int8 GEMVs on VPDPWSSD); None without the kernels."""
+    lib = _lib()
+    if lib is None:
+        return None
+    f = lib.jl_features()
+    return {"lanes": f >> 8, "avx512": bool(f & 1), "avx512_bf16": bool(f & 2), "avx512_vnni": bool(f & 4)}
 
 
 def available() -> bool:

@@ -122,7 +122,7 @@ inline bf16 f_to_bf16(float f) {  // round to nearest even, NaN kept
 
 inline float round_bf16(float f) { return bf16_to_f(f_to_bf16(f)); }
 
-// load / store n <= 16 lanes (zeros past n)
+// load / store n <= W lanes (zeros past n)
 inline vf load(const float* p, int n) {
     vf v;
     if (n == W) {
@@ -191,7 +191,7 @@ template <> inline vf vrnd<bf16>(vf x) {
     return (vf)(((vu)nan & (vu)x) | (~(vu)nan & r));
 }
 
-// sum of the 16 lanes as a tree (halves added, then their halves): four dependent adds instead of a
+// sum of the W lanes as a tree (halves added, then their halves): log2(W) dependent adds instead of a
 // chain of sixteen, which at the end of every GEMV row and every per-channel dot was the critical path
 inline float hsum(vf v) {
 #if defined(__AVX512F__)
@@ -230,7 +230,7 @@ inline vf load_column(const bf16* p, int64_t stride, int n) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Selective scan (reference.selective_scan): for 16 channels at a time,
+// Selective scan (reference.selective_scan): for W channels at a time,
 //   h_t = exp(delta_t A) h_{t-1} + delta_t B_t x_t,  y_t = (C_t . h_t + D x_t) * silu(z_t).
 // x, z: (b, L, d) of T with strides (sxb, sxt) / (szb, szt), channel stride 1; delta fp32 likewise;
 // At: (N, d) fp32 (A transposed); B, C: (b, L, N) fp32 contiguous; D: (d,) fp32;
@@ -725,7 +725,7 @@ void mamba_decode(int64_t b, int64_t d, int64_t N, int64_t R, int64_t K, const T
     const int64_t S = K - 1;
     float* xs = new float[b * d];
     float* proj = new float[b * P];
-    const int64_t nblk = (d + W - 1) / W;  // the per-channel loops run 16 channels at a time, one per lane
+    const int64_t nblk = (d + W - 1) / W;  // the per-channel loops run W channels at a time, one per lane
 #pragma omp parallel num_threads(nthreads)
     {
 #pragma omp for schedule(static)
@@ -777,7 +777,7 @@ void mamba_decode(int64_t b, int64_t d, int64_t N, int64_t R, int64_t K, const T
             const float* Cv = p + R + N;
             vf s = vf{};
             for (int c = 0; c < nc; ++c) {  // dt_proj: a channel's R weights are one contiguous row (read
-                // column-wise, 16 channels a lane each, the gathers cost 8-10 of the mixer's 40-50 us per
+                // column-wise, W channels a lane each, the gathers cost 8-10 of the mixer's 40-50 us per
                 // layer on bench-small, 2 threads)
                 const T* wr = dtw + (c0 + c) * R;
                 vf a = vf{};
@@ -794,7 +794,7 @@ void mamba_decode(int64_t b, int64_t d, int64_t N, int64_t R, int64_t K, const T
                 float* h = ssm + (bi * d + c0 + c) * N;
                 const float* a = A + (c0 + c) * N;
                 vf accv = vf{};
-                for (int64_t n0 = 0; n0 < N; n0 += W) {  // the d_state axis, 16 lanes at a time
+                for (int64_t n0 = 0; n0 < N; n0 += W) {  // the d_state axis, W lanes at a time
                     const int nn = int(N - n0 < W ? N - n0 : W);
                     const vf hv = vexp(delta[c] * load(a + n0, nn)) * load(h + n0, nn) + delta[c] * load(Bv + n0, nn) * xv[c];
                     store(h + n0, hv, nn);
@@ -813,7 +813,7 @@ void mamba_decode(int64_t b, int64_t d, int64_t N, int64_t R, int64_t K, const T
 // Keys lo..hi-1 of one KV head for its g query heads (q: g x hd fp32), updating each query's running max
 // m, sum l and weighted sum of values acc (g x hd) as an online softmax does (Milakov & Gimelshein 2018),
 // a block of AB keys at a time (flash attention's order, Dao et al. 2022, Algorithm 1): the block's scores
-// for all g heads (each key read once), then per head the block's max, exp(score - max) 16 lanes at a
+// for all g heads (each key read once), then per head the block's max, exp(score - max) W lanes at a
 // time, and one rescale of l and acc per block instead of per key.
 constexpr int AB = 64;
 template <typename T>
@@ -1281,6 +1281,19 @@ void train_scan_bwd(int64_t b, int64_t d, int64_t L, int64_t N, const float* x, 
 extern "C" {
 
 int jl_version() { return 1; }
+
+// what this build was compiled with (its flags and the CPU's): the vector lanes W in bits 8-15, and bit 0
+// AVX-512F (the fp32 flash kernel), bit 1 AVX512-BF16 (VDPBF16PS: bf16 GEMVs, the bf16 flash kernel), bit 2
+// AVX512-VNNI (int8 GEMVs)
+int jl_features() {
+    int f = W << 8;
+#if defined(__AVX512F__)
+    f |= 1;
+#endif
+    if (HAS_DPBF16) f |= 2;
+    if (HAS_VNNI) f |= 4;
+    return f;
+}
 
 // delta: fp32 (ddtype 0) or bf16 (1); with dt_bias / softplus, delta is the raw dt_proj output and the
 // kernel applies softplus(delta + dt_bias) itself (one pass fewer over a (b, L, d) fp32 tensor).
