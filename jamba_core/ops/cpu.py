@@ -1,10 +1,10 @@
 """The fast CPU path: C++ kernels (``cpu_kernels.cpp``) compiled on first use, called through ctypes.
 
 Why this route (measured on bench-small shapes by benchmarks/ops_choice.py, see benchmarks/README.md): the
-C++ scan holds each block of W channels' (8 or 16: see ``features``) SSM state in registers and vectorises across channels, so at
-2048 tokens it is about 6x faster than numba (whose scalar exp, fastmath off, does not vectorise), 19x
-faster than the reference and far ahead of torch.compile, with no (b, d_inner, L, d_state)
-temporaries; it needs only a C++ compiler (g++ or clang++, found as ``$CXX``,
+C++ scan holds each block of W channels' SSM state in registers (W = 8 or 16 lanes: see ``features``) and
+vectorises across channels, so at 2048 tokens it is about 6x faster than numba (whose scalar exp, fastmath
+off, does not vectorise), 19x faster than the reference and far ahead of torch.compile, with no
+(b, d_inner, L, d_state) temporaries; it needs only a C++ compiler (g++ or clang++, found as ``$CXX``,
 ``c++``, ``g++``), builds in a few seconds with no torch headers, ninja or pybind11, and is cached per
 source, compiler and CPU. Where no compiler works, every function here runs the reference instead (with
 one warning), so the dispatch never breaks.
