@@ -52,7 +52,7 @@ def scan_inputs(b, d, L, N, dtype, seed, token_major=True):
 
 
 # -- selective scan --------------------------------------------------------------------------------
-SCAN_SHAPES = [  # (batch, d_inner, L, d_state): d not a multiple of the channel block (8 or 16 lanes), L of anything
+SCAN_SHAPES = [  # (batch, d_inner, L, d_state): d not a multiple of the channel block (4, 8 or 16 lanes), L of anything
     (1, 1024, 1, 16),
     (2, 40, 37, 16),
     (3, 17, 5, 5),
@@ -636,25 +636,25 @@ def test_matmuls_without_an_instruction_set_match_too(tmp_path, flag, feature, t
 
 
 @needs_cpu
-def test_kernels_at_the_other_vector_width_match_too(tmp_path):
-    """The kernels' vectors have 16 lanes with AVX-512 (or no AVX at all) and 8 with AVX / AVX2 alone (see
-    cpu_kernels.cpp's W): the kernel tests and the training scan's on a build of the width this CPU does not
-    take, made by turning its widest instruction set off."""
+def test_kernels_at_the_other_vector_widths_match_too(tmp_path):
+    """The kernels' vectors have the register's width: 16 lanes with AVX-512, 8 with AVX / AVX2, 4 with SSE2
+    or NEON (see cpu_kernels.cpp's W): the kernel tests and the training scan's on a build of each narrower
+    width this CPU runs, made by turning its wider instruction sets off."""
     flags = set(cpu._cpu_signature().split())
-    if "avx512f" in flags:
-        flag = "-mno-avx512f"  # 8 lanes in ymm registers
-    elif "avx" in flags:
-        flag = "-mno-avx"  # 16 lanes over SSE
-    else:
-        pytest.skip("no AVX on this CPU: there is no other vector width to build")
+    builds = (["-mno-avx512f"] if "avx512f" in flags else []) + (["-mno-avx"] if "avx" in flags else [])
+    if not builds:
+        pytest.skip("no AVX on this CPU: there is no narrower vector width to build")
     tests = ("(scan or conv or linear or int8_matmul or rms_norm or decode or flash or every_backend or bf16_chunked_prefill)"
              " and not (without_an_instruction_set or other_vector_width) or training_scan")
-    _tests_pass_on_a_build_with(flag, tests, tmp_path, extra_files=[os.path.join(os.path.dirname(__file__), "test_train.py")])
+    for flag in builds:  # 8 lanes in ymm registers; 4 lanes in xmm registers (SSE2)
+        _tests_pass_on_a_build_with(flag, tests, tmp_path / flag, extra_files=[os.path.join(os.path.dirname(__file__), "test_train.py")],
+                                    lanes=8 if flag == "-mno-avx512f" else 4)
 
 
-def _tests_pass_on_a_build_with(flag, tests, tmp_path, extra_files=()):
+def _tests_pass_on_a_build_with(flag, tests, tmp_path, extra_files=(), lanes=None):
     """Run the tests ``-k tests`` in a fresh process whose kernels are built with ``flag`` added (so that
-    build is the one loaded), in its own kernel cache; they must all pass, none skipped."""
+    build is the one loaded), in its own kernel cache; they must all pass, none skipped; ``lanes``: the
+    vector width that build must report (`cpu.features`)."""
     import subprocess
     import sys
 
@@ -664,6 +664,10 @@ def _tests_pass_on_a_build_with(flag, tests, tmp_path, extra_files=()):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-500:]
     assert list(tmp_path.glob("kernels/*.so")), f"the build with {flag} was not made"
+    if lanes is not None:
+        probe = subprocess.run([sys.executable, "-c", "from jamba_core.ops import cpu; print(cpu.features()['lanes'])"], env=env,
+                               capture_output=True, text=True, timeout=300)
+        assert probe.stdout.split()[-1:] == [str(lanes)], probe.stdout + probe.stderr[-1000:]
 
 
 def test_unknown_backend_is_refused():

@@ -25,7 +25,7 @@ def _recurrence(x, delta, A, B, C, D, z):
 
 @pytest.mark.parametrize("L,N", [(1, 16), (3, 16), (37, 16), (130, 16), (37, 20), (37, 33), (37, 64)])
 def test_training_scan_and_its_gradients_match_the_recurrence(L, N):
-    """N 20 and 33: a partial vector after full ones (8 or 16 lanes a vector); 64: the most the kernels hold."""
+    """N 20 and 33: a partial vector after full ones (4, 8 or 16 lanes a vector); 64: the most the kernels hold."""
     g = torch.Generator().manual_seed(L + N)
     b, d = 2, 24
     inputs = [torch.randn(b, d, L, generator=g), torch.rand(b, d, L, generator=g) * 0.8,

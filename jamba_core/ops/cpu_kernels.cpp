@@ -29,14 +29,18 @@
 
 namespace {
 
-// lanes per vector: 16 (one zmm) with AVX-512, and where there is no AVX at all; 8 (one ymm) with AVX / AVX2
-// alone. GCC 12 lowers a 64-byte vector's comparisons, scalar broadcasts and stores lane by lane, through
-// the stack, on a target whose registers are 32 bytes: on an AVX2 EPYC the clamps of `vexp` alone made the
-// prefill scan several times slower, and the training scan's step took ~380 cycles per channel.
-#if defined(__AVX__) && !defined(__AVX512F__)
+// lanes per vector: the register's width in floats, 16 (one zmm) with AVX-512, 8 (one ymm) with AVX / AVX2,
+// 4 (one xmm, one NEON q register) otherwise (SSE2, aarch64). GCC 12 lowers a vector wider than the target's
+// registers lane by lane, through the stack, for comparisons, `cond ? a : b`, scalar broadcasts and stores:
+// on an AVX2 EPYC the clamps of `vexp` alone made the prefill scan several times slower and the training
+// scan's step took ~380 cycles per channel; 16 lanes on SSE2 or aarch64 left ~10,000 scalar operations in
+// the library's code (`fcsel` and scalar `fmax` / `fmul` in place of vector ones on aarch64), ~800 at 4.
+#if defined(__AVX512F__)
+constexpr int W = 16;
+#elif defined(__AVX__)
 constexpr int W = 8;
 #else
-constexpr int W = 16;
+constexpr int W = 4;
 #endif
 typedef float vf __attribute__((vector_size(4 * W)));
 typedef int32_t vi __attribute__((vector_size(4 * W)));
@@ -1213,6 +1217,17 @@ struct DenormalsFlushed {
 #endif
 };
 
+// the training scan (train_scan_fwd / train_scan_bwd below) instantiated for ceil(N / W) vectors per state:
+// N <= MAX_N (64), so 1 .. MAX_N / W (4 with AVX-512, 8 with AVX, 16 with 4 lanes)
+constexpr int MAX_N = 64;
+template <int NV = 1, typename F>
+void by_nv(int64_t N, F f) {
+    if constexpr (NV < MAX_N / W) {
+        if (N > int64_t(NV) * W) return by_nv<NV + 1>(N, f);
+    }
+    f(std::integral_constant<int, NV>{});
+}
+
 inline int lanes(int64_t N, int k) { return int(std::min<int64_t>(W, N - int64_t(k) * W)); }
 
 template <int NV>  // vectors per state: ceil(N / W)
@@ -1220,7 +1235,7 @@ void train_scan_fwd(int64_t b, int64_t d, int64_t L, int64_t N, const float* x, 
                     const float* B, const float* C, float* y, int nthreads) {
 #pragma omp parallel num_threads(nthreads)
     {
-        DenormalsFlushed flushed;
+        [[maybe_unused]] DenormalsFlushed flushed;
 #pragma omp for collapse(2) schedule(static)
         for (int64_t i = 0; i < b; ++i)
             for (int64_t c = 0; c < d; ++c) {
@@ -1253,7 +1268,7 @@ void train_scan_bwd(int64_t b, int64_t d, int64_t L, int64_t N, const float* x, 
     std::vector<std::vector<float>> part(nthreads, std::vector<float>(2 * M, 0.f));  // each thread's dB, dC
 #pragma omp parallel num_threads(nthreads)
     {
-        DenormalsFlushed flushed;
+        [[maybe_unused]] DenormalsFlushed flushed;
 #ifdef _OPENMP
         float* pB = part[omp_get_thread_num()].data();
 #else
@@ -1580,34 +1595,17 @@ int jl_flash(int dtype, int64_t B, int64_t NKV, int64_t R, int64_t S, int64_t hd
 #endif
 }
 
-// the training scan (train_scan_fwd / train_scan_bwd above); N <= 64, so at most 64 / W vectors per state
-#define JL_BY_NV(F)                          \
-    switch ((N + W - 1) / W) {               \
-        case 1: F(1); break;                 \
-        case 2: F(2); break;                 \
-        case 3: F(3); break;                 \
-        case 4: F(4); break;                 \
-        case 5: F(5); break;                 \
-        case 6: F(6); break;                 \
-        case 7: F(7); break;                 \
-        default: F(8); break;                \
-    }
-
 void jl_train_scan_fwd(int64_t b, int64_t d, int64_t L, int64_t N, const float* x, const float* delta, const float* A,
                        const float* B, const float* C, float* y, int nthreads) {
-#define JL_FWD(NV) train_scan_fwd<NV>(b, d, L, N, x, delta, A, B, C, y, nthreads)
-    JL_BY_NV(JL_FWD);
-#undef JL_FWD
+    by_nv(N, [&](auto nv) { train_scan_fwd<decltype(nv)::value>(b, d, L, N, x, delta, A, B, C, y, nthreads); });
 }
 
 void jl_train_scan_bwd(int64_t b, int64_t d, int64_t L, int64_t N, const float* x, const float* delta, const float* A,
                        const float* B, const float* C, const float* gy, float* dx, float* ddelta, float* dA, float* dB,
                        float* dC, int nthreads) {
-#define JL_BWD(NV) train_scan_bwd<NV>(b, d, L, N, x, delta, A, B, C, gy, dx, ddelta, dA, dB, dC, nthreads)
-    JL_BY_NV(JL_BWD);
-#undef JL_BWD
+    by_nv(N, [&](auto nv) {
+        train_scan_bwd<decltype(nv)::value>(b, d, L, N, x, delta, A, B, C, gy, dx, ddelta, dA, dB, dC, nthreads);
+    });
 }
-
-#undef JL_BY_NV
 
 }  // extern "C"

@@ -55,7 +55,7 @@ class _Scan(torch.autograd.Function):
 def selective_scan(x, delta, A, B, C, D, z, state):
     """`reference.selective_scan`'s contract from a zero ``state`` (asserted), differentiable in every
     input. The final state is not computed (training never continues a cache); ``state`` is left as is."""
-    if A.shape[1] > cpu.MAX_D_STATE:  # the kernels hold at most 64 state lanes (8 vectors of 8, 4 of 16)
+    if A.shape[1] > cpu.MAX_D_STATE:  # the kernels hold at most 64 state lanes (4 vectors of 16, 8 of 8, 16 of 4)
         raise ValueError(f"d_state {A.shape[1]} > {cpu.MAX_D_STATE} is not supported by the training scan")
     if bool(state.any()):
         raise ValueError("the training scan starts from a zero SSM state")
