@@ -647,8 +647,8 @@ def test_kernels_at_the_other_vector_widths_match_too(tmp_path):
     tests = ("(scan or conv or linear or int8_matmul or rms_norm or decode or flash or every_backend or bf16_chunked_prefill)"
              " and not (without_an_instruction_set or other_vector_width) or training_scan")
     for flag in builds:  # 8 lanes in ymm registers; 4 lanes in xmm registers (SSE2)
-        _tests_pass_on_a_build_with(flag, tests, tmp_path / flag, extra_files=[os.path.join(os.path.dirname(__file__), "test_train.py")],
-                                    lanes=8 if flag == "-mno-avx512f" else 4)
+        _tests_pass_on_a_build_with(flag, tests, tmp_path / flag, lanes=8 if flag == "-mno-avx512f" else 4,
+                                    extra_files=[os.path.join(os.path.dirname(__file__), "test_train.py")])
 
 
 def _tests_pass_on_a_build_with(flag, tests, tmp_path, extra_files=(), lanes=None):

@@ -2,12 +2,12 @@
 
 Why this route (measured on bench-small shapes by benchmarks/ops_choice.py, see benchmarks/README.md): the
 C++ scan holds each block of W channels' SSM state in registers (W = 16, 8 or 4 lanes, the vector
-register's width: see ``features``) and vectorises across channels, so at 2048 tokens it is about 6x faster than numba (whose scalar exp, fastmath
-off, does not vectorise), 19x faster than the reference and far ahead of torch.compile, with no
-(b, d_inner, L, d_state) temporaries; it needs only a C++ compiler (g++ or clang++, found as ``$CXX``,
-``c++``, ``g++``), builds in a few seconds with no torch headers, ninja or pybind11, and is cached per
-source, compiler and CPU. Where no compiler works, every function here runs the reference instead (with
-one warning), so the dispatch never breaks.
+register's width: see ``features``) and vectorises across channels, so at 2048 tokens it is about 6x faster
+than numba (whose scalar exp, fastmath off, does not vectorise), 19x faster than the reference and far ahead
+of torch.compile, with no (b, d_inner, L, d_state) temporaries; it needs only a C++ compiler (g++ or
+clang++, found as ``$CXX``, ``c++``, ``g++``), builds in a few seconds with no torch headers, ninja or
+pybind11, and is cached per source, compiler and CPU. Where no compiler works, every function here runs
+the reference instead (with one warning), so the dispatch never breaks.
 
 Each function has the signature and result of its reference (``reference.py`` and the compositions in
 ``jamba_core/ops/__init__.py``); layouts are free (the kernels take strides), dtypes fp32 or bf16.
@@ -153,8 +153,9 @@ def _lib():
 
 def features() -> dict | None:
     """What the loaded kernels were built with: ``lanes`` (fp32 lanes per vector: 16 with AVX-512, 8 with
-    AVX / AVX2, 4 otherwise: SSE2, aarch64's NEON), ``avx512`` (the fp32 flash-attention kernel), ``avx512_bf16`` (bf16 GEMVs and
-    the bf16 flash kernel on VDPBF16PS), ``avx512_vnni`` (int8 GEMVs on VPDPWSSD); None without the kernels."""
+    AVX / AVX2, 4 otherwise: SSE2, aarch64's NEON), ``avx512`` (the fp32 flash-attention kernel),
+    ``avx512_bf16`` (bf16 GEMVs and the bf16 flash kernel on VDPBF16PS), ``avx512_vnni`` (int8 GEMVs on
+    VPDPWSSD); None without the kernels."""
     lib = _lib()
     if lib is None:
         return None
