@@ -44,7 +44,7 @@ FLAG_SETS = [FLAGS, [f for f in FLAGS if f != "-march=native"], [f for f in FLAG
 # F.linear with at most this many rows goes through the GEMV kernel (torch's bf16 matmul is slow up to
 # about 16 rows; its fp32 one is as fast as the kernel past 4)
 MAX_GEMV_ROWS = {torch.float32: 4, torch.bfloat16: 16}
-MAX_D_STATE = 64
+MAX_D_STATE = 64  # cpu_kernels.cpp's MAX_N
 SCAN_FUSES_DELTA = True  # selective_scan takes delta_bias / delta_softplus (see jamba_core.ops.selective_scan)
 MAX_D_CONV = 8  # the conv kernel keeps K weight vectors and K-1 inputs in fixed arrays of 8
 

@@ -42,6 +42,7 @@ constexpr int W = 8;
 #else
 constexpr int W = 4;
 #endif
+constexpr int MAX_N = 64;  // the most SSM states (d_state) the scans hold: cpu.MAX_D_STATE
 typedef float vf __attribute__((vector_size(4 * W)));
 typedef int32_t vi __attribute__((vector_size(4 * W)));
 typedef uint32_t vu __attribute__((vector_size(4 * W)));
@@ -244,7 +245,7 @@ void scan_block(int64_t L, int64_t d, int64_t N_rt, int64_t d0, int nc, const T*
                 const TD* dl, int64_t sdt, const float* dt_bias, int softplus, const float* At, const float* Bm,
                 const float* Cm, const float* D, float* state, float* y) {
     const int64_t N = NS > 0 ? NS : N_rt;
-    vf h[NS > 0 ? NS : 64];
+    vf h[NS > 0 ? NS : MAX_N];
     for (int64_t n = 0; n < N; ++n) {
         h[n] = vf{};
         for (int c = 0; c < nc; ++c) h[n][c] = state[(d0 + c) * N + n];
@@ -1218,8 +1219,7 @@ struct DenormalsFlushed {
 };
 
 // the training scan (train_scan_fwd / train_scan_bwd below) instantiated for ceil(N / W) vectors per state:
-// N <= MAX_N (64), so 1 .. MAX_N / W (4 with AVX-512, 8 with AVX, 16 with 4 lanes)
-constexpr int MAX_N = 64;
+// N <= MAX_N, so 1 .. MAX_N / W (4 with AVX-512, 8 with AVX, 16 with 4 lanes)
 template <int NV = 1, typename F>
 void by_nv(int64_t N, F f) {
     if constexpr (NV < MAX_N / W) {
