@@ -538,3 +538,16 @@ def test_the_documentation_haystack_is_the_same_in_every_process(shared_dir):
             "print(hashlib.sha256(str(h.ids).encode()).hexdigest(), ' at 0x' in t.decode(h.ids))")
     runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout for _ in range(2)}
     assert len(runs) == 1 and runs.pop().split()[1] == "False"
+
+
+def test_the_learning_rate_holds_its_peak_through_the_copying_phase_then_decays_to_a_tenth():
+    from jamba_core.train import trainer
+
+    assert trainer.LR_HOLD >= trainer.CURRICULUM[0]["until"]  # the copying circuit forms at the peak rate
+    for p in (0.0, 0.1, trainer.LR_HOLD):
+        assert trainer.lr_scale(p) == pytest.approx(1.0)
+    points = [trainer.LR_HOLD + (1 - trainer.LR_HOLD) * i / 20 for i in range(21)]
+    values = [trainer.lr_scale(p) for p in points]
+    assert all(a > b for a, b in zip(values, values[1:]))
+    assert values[-1] == pytest.approx(0.1)
+    assert trainer.lr_scale((1 + trainer.LR_HOLD) / 2) == pytest.approx(0.55)

@@ -42,25 +42,32 @@ CONFIG = dict(vocab_size=4096, hidden_size=192, intermediate_size=384, num_hidde
 # The curriculum, by training progress (the fraction of steps or minutes spent): each phase's end, tokens
 # per batch, mix of task families, the longest `data.repeat` sequence, recall context lengths and needle
 # lengths. Copying first: verbatim repetition of short random word sequences, in small batches (many
-# updates), until the induction circuit forms (loss on repeats falls from ~4.2 to under 2.5 between steps
-# ~500 and ~850 with repeats alone at 1K tokens per batch; with long sparse needles from the start a
-# 55-minute run learned the formats and no copying, and with repeats at 30% of the batches none formed in
-# 1,200 steps; with `spaces="isolated"` the previous token of every word is a space and the circuit formed
-# only after about 150 minutes, ~4,000 steps of this phase at lr 2e-3, `--curriculum-until 0.2`; a checkpoint
-# trained with spaces attached and moved onto isolated spaces by `transfer_vocabulary` copied again within
-# ~60 steps: repeat loss 5.8 -> 0.58, its layers keep the circuit). Then dense short lookups, then longer
-# recall and RULER needles up to 2K tokens; tool calls and JSON throughout.
+# updates), until the induction circuit forms. From scratch (seed 0, 1K tokens per batch, repeats alone,
+# lr held at 3e-3) the loss on held-out repeats sat at the unigram plateau (~4.0) until step ~900 and fell
+# to 3.0 by step 1,100 (`LR_HOLD` keeps the peak rate that long); with the rate decaying from the start
+# (a 900-step cosine) it was still 3.8 at step 900, and with the copying phase at 22% of a 60-minute run
+# (~620 steps) none formed in 2,837 steps. A mimetic initialisation (attention's W_q W_k^T and W_o W_v near
+# the identity, Trockman & Kolter 2023; shift taps in the Mamba convolutions; lm_head starting as the
+# embedding) formed it no sooner (3.13 vs 3.01 at step 1,100). With long sparse needles from the start a
+# 55-minute run learned the formats and no copying; with `spaces="isolated"` the previous token of every
+# word is a space and the circuit formed only after about 150 minutes, ~4,000 steps of this phase at lr 2e-3;
+# a checkpoint trained with spaces attached and moved onto isolated spaces by `transfer_vocabulary` copied
+# again within ~60 steps: repeat loss 5.8 -> 0.58, its layers keep the circuit). Then dense short lookups, then
+# longer recall and RULER needles up to 2K tokens; tool calls and JSON throughout.
 CURRICULUM = (
-    dict(until=0.22, tokens=1024, mix={"repeat": 0.85, "tool_call": 0.1, "json": 0.05}, repeat_items=16,
+    dict(until=0.35, tokens=1024, mix={"repeat": 0.85, "tool_call": 0.1, "json": 0.05}, repeat_items=16,
          recall_contexts=(0,), needle_lengths=()),
-    dict(until=0.45, tokens=1024, mix={"repeat": 0.3, "recall": 0.45, "tool_call": 0.15, "json": 0.1}, repeat_items=40,
+    dict(until=0.55, tokens=1024, mix={"repeat": 0.3, "recall": 0.45, "tool_call": 0.15, "json": 0.1}, repeat_items=40,
          recall_contexts=(0, 0, 16, 32, 64), needle_lengths=()),
-    dict(until=0.75, tokens=2048, mix={"repeat": 0.1, "recall": 0.25, "needle": 0.2, "tool_call": 0.35, "json": 0.1}, repeat_items=40,
+    dict(until=0.8, tokens=2048, mix={"repeat": 0.1, "recall": 0.25, "needle": 0.2, "tool_call": 0.35, "json": 0.1}, repeat_items=40,
          recall_contexts=(32, 64, 128, 256, 512), needle_lengths=(256, 512, 1024)),
     dict(until=1.00, tokens=2048, mix={"repeat": 0.05, "spell": 0.1, "recall": 0.08, "needle": 0.2, "tool_call": 0.45, "json": 0.12},
          repeat_items=40,
          recall_contexts=(128, 256, 512, 1024), needle_lengths=(512, 1024, 2048)),
 )
+# the share of a run (steps or minutes) at the peak learning rate after warm-up, before the cosine decay to
+# 0.1x: the copying phase's length, where the circuit forms (above)
+LR_HOLD = 0.35
 # tool-call and JSON samples: book-word tools (held-out evaluation's kind), tools named as applications
 # name them (`data.common_tool`) and arithmetic tools asked in words (`data.arithmetic_call`); records under a schema and in schema-less JSON mode, keys in the request
 TOOL_STYLES = ("book", "book", "common", "common", "arithmetic")
@@ -126,6 +133,14 @@ def transfer_vocabulary(model, old, new) -> None:
             else:
                 pieces = old(new.convert_tokens_to_string([text]), add_special_tokens=False)["input_ids"] or [old.unk_token_id]
                 emb[i], head[i] = E[pieces].mean(0), W[pieces].mean(0)
+
+
+def lr_scale(progress: float) -> float:
+    """The learning rate's factor at run ``progress`` in [0, 1] (warm-up aside): 1 until `LR_HOLD`, then a
+    cosine to 0.1 at the end (warm-up, hold, decay: MiniCPM's WSD schedule, Hu et al. 2024, with a cosine
+    decay)."""
+    decay = max(0.0, progress - LR_HOLD) / (1.0 - LR_HOLD)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * decay))
 
 
 def phase(progress: float) -> dict:
@@ -198,7 +213,7 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
     weights and tokenizer; the optimizer state starts fresh and the data continues at new seeds).
     ``curriculum_from`` in [0, 1): the `CURRICULUM` progress the data start at (a continued run can skip
     the phases its checkpoint has learned), ``curriculum_until`` in (``curriculum_from``, 1]: where they
-    end (a run can stay in one phase, e.g. 0.22 for copying alone); the learning-rate schedule still spans
+    end (a run can stay in one phase, e.g. 0.35 for copying alone); the learning-rate schedule still spans
     the whole run.
     ``spaces``: the new tokenizer's word split (`jamba_core.tokenizer.train_tokenizer`). With ``init``,
     None or the init tokenizer's own split keeps that tokenizer; the other split makes a new tokenizer
@@ -286,13 +301,13 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
     failure, interrupted = None, False
     try:
         for step in range(steps):
-            # progress drives the cosine schedule and the needle lengths: steps done, or the time budget
+            # progress drives the learning-rate schedule and the needle lengths: steps done, or the time budget
             # spent when one is given (then the run is reproducible up to where a slower machine stops)
             progress = step / steps if minutes is None else max(step / steps, (time.time() - t_train) / (minutes * 60))
             if progress >= 1.0:
                 print(f"stopping at step {step}: {minutes} minutes reached", flush=True)
                 break
-            scale = min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+            scale = min(1.0, (step + 1) / warmup) * lr_scale(progress)
             for group in opt.param_groups:
                 group["lr"] = lr * scale
             ids, mask, real, family = batch(step, curriculum_from + (curriculum_until - curriculum_from) * progress, seed, tokenizer,
@@ -326,7 +341,7 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
         prior = json.loads((Path(init) / "training.json").read_text())
         earlier = prior.pop("earlier_runs", []) + [prior]
     info = {"earlier_runs": earlier, "init": None if init is None else str(init), "curriculum_from": curriculum_from, "curriculum_until": curriculum_until, "seed": seed, "steps_planned": steps, "steps_run": len(history), "lr": lr, "spaces": tokenizer_spaces(tokenizer), "parameters": n_params,
-            "curriculum": CURRICULUM, "mix": mix, "common_keys": common_keys, "keyless": keyless, "needle_lengths": needle_lengths, "prompt_loss_weight": PROMPT_LOSS_WEIGHT,
+            "curriculum": CURRICULUM, "mix": mix, "common_keys": common_keys, "keyless": keyless, "needle_lengths": needle_lengths, "prompt_loss_weight": PROMPT_LOSS_WEIGHT, "lr_hold": LR_HOLD,
             "config": {k: getattr(config, k) for k in CONFIG},  # the model trained (an --init's own sizes)
             "train_seconds": round(time.time() - t0, 1),
             "torch_threads": torch.get_num_threads(), "history": history,
@@ -434,7 +449,7 @@ def main(argv=None) -> int:
     parser.add_argument("--curriculum-from", type=float, default=0.0,
                         help="curriculum progress (0..1) the data start at, e.g. 0.45 to skip the copying phases on --init")
     parser.add_argument("--curriculum-until", type=float, default=1.0,
-                        help="curriculum progress (0..1] the data end at, e.g. 0.22 for the copying phase alone")
+                        help="curriculum progress (0..1] the data end at, e.g. 0.35 for the copying phase alone")
     parser.add_argument("--spaces", choices=("attached", "isolated"), default=None,
                         help="the tokenizer's word split (default: attached, or --init's): 'isolated' gives each word one "
                              "spelling in prose and in JSON; with --init of the other split, its weights move to a new tokenizer")
