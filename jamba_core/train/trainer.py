@@ -67,7 +67,7 @@ CURRICULUM = (
 )
 # the share of a run (steps or minutes) at the peak learning rate after warm-up, before the cosine decay to
 # 0.1x: the copying phase's length, where the circuit forms (above)
-LR_HOLD = 0.35
+LR_HOLD = CURRICULUM[0]["until"]
 # tool-call and JSON samples: book-word tools (held-out evaluation's kind), tools named as applications
 # name them (`data.common_tool`) and arithmetic tools asked in words (`data.arithmetic_call`); records under a schema and in schema-less JSON mode, keys in the request
 TOOL_STYLES = ("book", "book", "common", "common", "arithmetic")
