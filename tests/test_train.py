@@ -489,7 +489,38 @@ def test_bad_run_settings_are_refused_before_anything_is_written(tmp_path, capsy
                    dict(steps=3, mix={"json": float("nan")})):
         with pytest.raises(ValueError, match="steps|minutes|lr|save_every|mix"):
             trainer.train(out, **kwargs)
+    for value in ("0", "1", "1.5", "nan", "half"):
+        with pytest.raises(SystemExit) as stop:
+            trainer.main(["--out", str(out), "--isolate-at", value])
+        assert stop.value.code == 2 and "argument --isolate-at" in capsys.readouterr().err
+    for kwargs in (dict(isolate_at=0.0), dict(isolate_at=1.0), dict(isolate_at=0.5, spaces="isolated")):
+        with pytest.raises(ValueError, match="isolate_at"):
+            trainer.train(out, steps=3, **kwargs)
     assert not out.exists()
+
+
+def test_a_run_moves_onto_isolated_spaces_at_isolate_at(tmp_path, monkeypatch, shared_dir, capsys):
+    """From scratch on spaces attached; at ``isolate_at`` the weights move to the isolated tokenizer
+    (`transfer_vocabulary`), the later batches are encoded with it and it is what the checkpoint saves."""
+    from jamba_core.tokenizer import load_tokenizer, train_tokenizer
+    from jamba_core.train import trainer
+
+    seen = []
+    real_batch = trainer.batch
+
+    def batch(step, progress, seed, tokenizer, *args):
+        seen.append(trainer.tokenizer_spaces(tokenizer))
+        return real_batch(step, progress, seed, tokenizer, *args)
+
+    monkeypatch.setattr(trainer, "batch", batch)
+    monkeypatch.setattr(trainer, "make_tokenizer", lambda seed, spaces: train_tokenizer(trainer.CONFIG["vocab_size"], spaces=spaces))
+    monkeypatch.setattr(trainer, "CONFIG", dict(trainer.CONFIG, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                                                 num_key_value_heads=1, num_hidden_layers=3))
+    info = trainer.train(tmp_path / "out", steps=4, seed=1, log_every=100, isolate_at=0.5, save_every=0)
+    assert seen == ["attached", "attached", "isolated", "isolated"]
+    assert "step 2: moved onto isolated spaces" in capsys.readouterr().out
+    assert info["spaces"] == "isolated" == trainer.tokenizer_spaces(load_tokenizer(tmp_path / "out"))
+    assert info["isolate_at"] == 0.5 and all(math.isfinite(h["loss"]) for h in info["history"])
 
 
 def test_a_mix_with_needles_works_in_the_phases_that_have_none(tiny_engine, shared_dir):

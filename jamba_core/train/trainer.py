@@ -213,7 +213,8 @@ def loss_fn(model, ids, mask, real):
 def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float | None = None, log_every: int = 20,
           init: Path | None = None, curriculum_from: float = 0.0, spaces: str | None = None,
           curriculum_until: float = 1.0, mix: dict | None = None, save_every: int = 250, common_keys: float = data.COMMON_KEYS,
-          needle_lengths: tuple[int, ...] | None = None, keyless: float = data.KEYLESS, overwrite: bool = False) -> dict:
+          needle_lengths: tuple[int, ...] | None = None, keyless: float = data.KEYLESS, overwrite: bool = False,
+          isolate_at: float | None = None) -> dict:
     """Train and save to ``out``; ``init`` continues from a checkpoint folder this function wrote (its
     weights and tokenizer; the optimizer state starts fresh and the data continues at new seeds).
     ``curriculum_from`` in [0, 1): the `CURRICULUM` progress the data start at (a continued run can skip
@@ -232,12 +233,17 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
     are saved to ``out`` every ``save_every`` steps too (a run cut short by the machine keeps its work;
     training.json and loss.png are written at the end). ``out`` may hold a checkpoint only when it is
     ``init`` (a run continued in place) or with ``overwrite``: the default folder is the committed one.
+    ``isolate_at`` in (0, 1): the run progress at which a run on spaces attached moves onto a tokenizer
+    with isolated spaces (`transfer_vocabulary`; the embedding's and output's optimizer state restarts):
+    the copying circuit forms on attached spaces, where a word's previous token is another word, and the
+    tool calls then learn on isolated spaces, where a word is spelled alike in the request and in JSON.
 
     Raises:
         ValueError: ``steps`` below 1, ``minutes`` or ``lr`` not positive and finite, ``save_every`` negative, a
             progress bound, ``common_keys`` or ``keyless`` outside its range, a needle length under 256 tokens,
             a ``mix`` family `batch` does not know or a weight that is negative or not finite, an ``init``
-            saved quantized (its int8 layers would not train).
+            saved quantized (its int8 layers would not train), ``isolate_at`` outside (0, 1) or for a run
+            whose tokenizer already isolates spaces.
         FileExistsError: ``out`` holds a checkpoint that is not ``init`` and ``overwrite`` is not set (checked
             before anything is written)."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -259,6 +265,8 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
         raise ValueError(f"curriculum_from must be within [0, 1), got {curriculum_from}")
     if not curriculum_from < curriculum_until <= 1.0:
         raise ValueError(f"curriculum_until must be within ({curriculum_from}, 1], got {curriculum_until}")
+    if isolate_at is not None and not (0.0 < isolate_at < 1.0 and spaces != "isolated"):
+        raise ValueError(f"isolate_at must be within (0, 1) on a run with spaces attached, got {isolate_at} (spaces {spaces})")
     out = Path(out)
     held = sorted(p.name for p in out.glob("*.safetensors")) if out.is_dir() else []
     same_as_init = init is not None and out.resolve() == Path(init).resolve()
@@ -291,9 +299,11 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
         weights = random_weights(config, seed)
         weights["lm_head.weight"] = torch.randn(config.vocab_size, config.hidden_size, generator=torch.Generator().manual_seed(seed)) * config.initializer_range
         model.load_state_dict(weights)
+    if isolate_at is not None and tokenizer_spaces(tokenizer) == "isolated":
+        raise ValueError(f"isolate_at: {init}'s tokenizer already isolates spaces")
+    isolated = None if isolate_at is None else make_tokenizer(seed, "isolated")  # made before the clock starts
     n_params = sum(p.numel() for p in model.parameters())
-    haystack = ruler.Haystack(tokenizer)
-    haystack = (haystack, data.docs_haystack(tokenizer, haystack))  # needles in the book and in documentation
+    haystack = haystacks(tokenizer)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
@@ -312,6 +322,12 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
             if progress >= 1.0:
                 print(f"stopping at step {step}: {minutes} minutes reached", flush=True)
                 break
+            if isolated is not None and progress >= isolate_at:
+                transfer_vocabulary(model, tokenizer, isolated)
+                for p in (model.model.embed_tokens.weight, model.lm_head.weight):
+                    opt.state.pop(p, None)  # its rows now stand for other tokens
+                tokenizer, isolated, haystack = isolated, None, haystacks(isolated)
+                print(f"step {step}: moved onto isolated spaces", flush=True)
             scale = min(1.0, (step + 1) / warmup) * lr_scale(progress)
             for group in opt.param_groups:
                 group["lr"] = lr * scale
@@ -345,7 +361,7 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
     if init is not None and (Path(init) / "training.json").exists():
         prior = json.loads((Path(init) / "training.json").read_text())
         earlier = prior.pop("earlier_runs", []) + [prior]
-    info = {"earlier_runs": earlier, "init": None if init is None else str(init), "curriculum_from": curriculum_from, "curriculum_until": curriculum_until, "seed": seed, "steps_planned": steps, "steps_run": len(history), "lr": lr, "spaces": tokenizer_spaces(tokenizer), "parameters": n_params,
+    info = {"earlier_runs": earlier, "init": None if init is None else str(init), "curriculum_from": curriculum_from, "curriculum_until": curriculum_until, "seed": seed, "steps_planned": steps, "steps_run": len(history), "lr": lr, "spaces": tokenizer_spaces(tokenizer), "isolate_at": isolate_at, "parameters": n_params,
             "curriculum": CURRICULUM, "mix": mix, "common_keys": common_keys, "keyless": keyless, "needle_lengths": needle_lengths, "prompt_loss_weight": PROMPT_LOSS_WEIGHT, "lr_hold": LR_HOLD,
             "config": {k: getattr(config, k) for k in CONFIG},  # the model trained (an --init's own sizes)
             "train_seconds": round(time.time() - t0, 1),
@@ -356,6 +372,12 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
     if failure is not None:
         raise failure
     return info
+
+
+def haystacks(tokenizer) -> tuple:
+    """The needle haystacks `batch` draws from: the book and technical documentation."""
+    book = ruler.Haystack(tokenizer)
+    return book, data.docs_haystack(tokenizer, book)
 
 
 def save(model, tokenizer, config, out: Path) -> None:
@@ -412,6 +434,17 @@ def _positive(kind, zero: bool = False):
     return parse
 
 
+def _fraction(text: str) -> float:
+    """An argparse type: a number strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1 (exclusive), got {text!r}")
+    return value
+
+
 def _parse_mix(text: str) -> dict:
     """``--mix``: "family=weight,..." -> {family: weight}, weights finite, >= 0 and not all 0."""
     expected = (f"family=weight,... with families among {', '.join(sorted(FAMILIES))} and finite weights >= 0, "
@@ -458,6 +491,9 @@ def main(argv=None) -> int:
     parser.add_argument("--spaces", choices=("attached", "isolated"), default=None,
                         help="the tokenizer's word split (default: attached, or --init's): 'isolated' gives each word one "
                              "spelling in prose and in JSON; with --init of the other split, its weights move to a new tokenizer")
+    parser.add_argument("--isolate-at", type=_fraction, default=None,
+                        help="run progress (0..1) at which a run on spaces attached moves onto isolated spaces, e.g. 0.35: "
+                             "copying forms on attached spaces, tool calls learn on isolated ones")
     parser.add_argument("--mix", type=_parse_mix, default=None,
                         help="task mix for every phase, e.g. 'tool_call=0.45,spell=0.3,json=0.1,needle=0.1,recall=0.05'")
     parser.add_argument("--common-keys", type=float, default=data.COMMON_KEYS,
@@ -476,7 +512,7 @@ def main(argv=None) -> int:
         info = train(args.out, args.steps, args.seed, args.lr, args.minutes, init=args.init, curriculum_from=args.curriculum_from,
                      spaces=args.spaces, curriculum_until=args.curriculum_until, mix=args.mix, save_every=args.save_every,
                      common_keys=args.common_keys, needle_lengths=args.needle_lengths, keyless=args.keyless,
-                     overwrite=args.overwrite)
+                     overwrite=args.overwrite, isolate_at=args.isolate_at)
     except FileExistsError as err:  # an --out holding a checkpoint: refused before anything is written
         parser.error(str(err))
     print(f"{info['parameters']:,} parameters, {info['steps_run']} steps, {info['train_seconds']:.0f} s -> {args.out}")
