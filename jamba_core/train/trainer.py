@@ -268,8 +268,8 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
         raise ValueError(f"curriculum_from must be within [0, 1), got {curriculum_from}")
     if not curriculum_from < curriculum_until <= 1.0:
         raise ValueError(f"curriculum_until must be within ({curriculum_from}, 1], got {curriculum_until}")
-    if isolate_at is not None and not (0.0 < isolate_at < 1.0 and spaces != "isolated"):
-        raise ValueError(f"isolate_at must be within (0, 1) on a run with spaces attached, got {isolate_at} (spaces {spaces})")
+    if isolate_at is not None and not 0.0 < isolate_at < 1.0:
+        raise ValueError(f"isolate_at must be within (0, 1), got {isolate_at}")
     out = Path(out)
     held = sorted(p.name for p in out.glob("*.safetensors")) if out.is_dir() else []
     same_as_init = init is not None and out.resolve() == Path(init).resolve()
@@ -303,7 +303,7 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
         weights["lm_head.weight"] = torch.randn(config.vocab_size, config.hidden_size, generator=torch.Generator().manual_seed(seed)) * config.initializer_range
         model.load_state_dict(weights)
     if isolate_at is not None and tokenizer_spaces(tokenizer) == "isolated":
-        raise ValueError(f"isolate_at: {init}'s tokenizer already isolates spaces")
+        raise ValueError("isolate_at is for a run with spaces attached: this run's tokenizer already isolates them")
     isolated = None if isolate_at is None else make_tokenizer(seed, "isolated")  # made before the clock starts
     n_params = sum(p.numel() for p in model.parameters())
     haystack = haystacks(tokenizer)
