@@ -12,7 +12,9 @@ if not torch.cuda.is_available():
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-SHARED = Path(os.environ.get("JAMBA_LOCAL_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+from jamba_core.tokenizer import shared_dir as _shared_dir  # noqa: E402 (after TRITON_INTERPRET is set)
+
+SHARED = _shared_dir()  # the library's own lookup: $JAMBA_LOCAL_SHARED when set and not empty, else ../shared
 
 
 @pytest.fixture(scope="session")
