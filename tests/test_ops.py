@@ -153,7 +153,8 @@ def test_causal_conv1d_matches_reference(L, K, dtype, bias):
 # -- linear, RMSNorm -------------------------------------------------------------------------------
 @needs_cpu
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows,N,K", [(1, 100, 37), (1, 4099, 512), (3, 64, 1024), (4, 7, 16), (9, 50, 40), (16, 33, 64), (17, 8, 8)])
+@pytest.mark.parametrize("rows,N,K", [(1, 100, 37), (1, 4099, 512), (3, 64, 1024), (4, 7, 16), (9, 50, 40), (16, 33, 64), (17, 8, 8),
+                                      (1, 1, 48), (2, 2, 40), (1, 3, 96), (1, 5, 32)])  # blocks of 1-4 rows (RowStreams)
 @pytest.mark.parametrize("bias", [True, False])
 def test_linear_matches_torch(rows, N, K, dtype, bias):
     g = torch.Generator().manual_seed(rows * N + K)

@@ -177,6 +177,11 @@ inline vf load(const int8_t* p, int) {
     vf v;
     std::memcpy(&v, &f, sizeof v);
     return v;
+#elif defined(__AVX2__)  // GCC 12 widened the generic form byte by byte through scalar registers: 3.3-4.9 G weights/s
+    const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+    vf v;
+    std::memcpy(&v, &f, sizeof v);
+    return v;
 #else
     vb q;
     std::memcpy(&q, p, sizeof q);
@@ -344,10 +349,21 @@ void conv(int64_t b, int64_t L, int64_t d, int64_t K, const T* x, int64_t sxb, i
 
 // ---------------------------------------------------------------------------------------------
 // y (M, N) = x (M, K) W^T (N, K) + bias, fp32 accumulation, for few rows M (decode): a
-// bandwidth-bound pass over W, split across threads in blocks of RB rows of W.
-// out[r] = sum_k x[k] w[r K + k] for the nr <= RB rows at w, in fp32: one row after the other (the
-// weights are read as one sequential stream, which the hardware prefetcher follows best), four
-// accumulators per row (independent FMA chains); x stays in L1.
+// bandwidth-bound pass over W, split across threads.
+// Each thread reads its share of W's rows as NS sequential streams at once (RowStreams): block g holds
+// rows g, g + Q, g + 2Q, ... (Q = N / NS rounded up), and the dot kernels below multiply a block's rows
+// together, so NS streams of weights are in flight per core. Measured on the 2-vCPU AVX2 EPYC (L3 32 MiB),
+// fp32 matrices of bench-small's shapes (2048 x 512 ... 65536 x 512) rotated through 300 MiB, 2 threads,
+// five alternating rounds: one row after the other 19-23 GB/s, two streams 21-25, four 22-27; four adjacent
+// rows at once 15-20. The AVX512-BF16 and VNNI kernels (not measurable there) keep one row after the
+// other: RowStreams of one stream.
+constexpr int NS = 4;
+struct RowStreams {
+    int64_t N, Q;  // rows, blocks
+    RowStreams(int64_t n, int streams) : N(n), Q((n + streams - 1) / streams) {}
+    int rows(int64_t g) const { return int((N - 1 - g) / Q) + 1; }  // the rows of block g < Q
+};
+// blocks of RB adjacent rows: the router's few rows
 constexpr int RB = 8;
 // how far ahead of the GEMV kernels' weight stream to prefetch in software (JL_PREFETCH_BYTES at build time; 0:
 // none, the default). Measured on the 2-vCPU AMD EPYC (Zen 4), interleaved builds in one process, bench-small's
@@ -359,11 +375,36 @@ constexpr int RB = 8;
 #define JL_PREFETCH_BYTES 0
 #endif
 constexpr int PREFETCH_BYTES = JL_PREFETCH_BYTES;
+// out[r] = sum_k x[k] w[r rs + k] for the nr rows at w (rs: the elements from one row to the next), in
+// fp32: NS rows together (two FMA chains each, each x load serving all), fewer one after the other (four
+// chains); x stays in L1.
 template <typename TW>
-inline void dot_rows(const float* x, const TW* w, int64_t K, int nr, float* out) {
+inline void dot_rows(const float* x, const TW* w, int64_t K, int64_t rs, int nr, float* out) {
+    if (nr == NS) {
+        const int64_t K2 = K / (2 * W) * (2 * W), K1 = K / W * W;
+        vf a[NS][2] = {};
+        int64_t k = 0;
+        for (; k < K2; k += 2 * W) {
+            const vf x0 = load(x + k, W), x1 = load(x + k + W, W);
+            for (int j = 0; j < NS; ++j) {
+                a[j][0] += load(w + j * rs + k, W) * x0;
+                a[j][1] += load(w + j * rs + k + W, W) * x1;
+            }
+        }
+        for (; k < K1; k += W) {
+            const vf x0 = load(x + k, W);
+            for (int j = 0; j < NS; ++j) a[j][0] += load(w + j * rs + k, W) * x0;
+        }
+        for (int j = 0; j < NS; ++j) {
+            float s = hsum(a[j][0] + a[j][1]);
+            for (int64_t t = k; t < K; ++t) s += to_f(w[j * rs + t]) * x[t];
+            out[j] = s;
+        }
+        return;
+    }
     const int64_t K64 = K / (4 * W) * (4 * W), K16 = K / W * W;
     for (int r = 0; r < nr; ++r) {
-        const TW* wr = w + r * K;
+        const TW* wr = w + r * rs;
         vf a0 = vf{}, a1 = vf{}, a2 = vf{}, a3 = vf{};
         int64_t k = 0;
         for (; k < K64; k += 4 * W) {
@@ -388,10 +429,10 @@ inline void dot_rows(const float* x, const TW* w, int64_t K, int nr, float* out)
 // 16 weights of dot_rows, which left the bf16 GEMVs short of the fp32 ones' bytes per second.
 #if defined(__AVX512BF16__)
 constexpr bool HAS_DPBF16 = true;
-inline void dot_rows_dp(const bf16* x, const bf16* w, int64_t K, int nr, float* out) {
+inline void dot_rows_dp(const bf16* x, const bf16* w, int64_t K, int64_t rs, int nr, float* out) {
     const int64_t K128 = K / 128 * 128, K32 = K / 32 * 32;
     for (int r = 0; r < nr; ++r) {
-        const bf16* wr = w + r * K;
+        const bf16* wr = w + r * rs;
         __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
         int64_t k = 0;
         for (; k < K128; k += 128) {
@@ -412,7 +453,7 @@ inline void dot_rows_dp(const bf16* x, const bf16* w, int64_t K, int nr, float* 
 }
 #else
 constexpr bool HAS_DPBF16 = false;
-inline void dot_rows_dp(const bf16*, const bf16*, int64_t, int, float*) {}
+inline void dot_rows_dp(const bf16*, const bf16*, int64_t, int64_t, int, float*) {}
 #endif
 
 // int8 weights on a CPU with AVX512-VNNI: x (fp32) is split into two int16 vectors with one scale,
@@ -445,13 +486,13 @@ inline bool split_i16(const float* x, int64_t n, int16_t* hi, int16_t* lo, float
     return true;
 }
 // rows in pairs: two weight streams in flight per thread, each x load shared by both
-inline void dot_rows_vnni(const float* x, const int16_t* hi, const int16_t* lo, float s, const int8_t* w, int64_t K, int nr,
-                          float* out) {
+inline void dot_rows_vnni(const float* x, const int16_t* hi, const int16_t* lo, float s, const int8_t* w, int64_t K,
+                          int64_t rs, int nr, float* out) {
     const int64_t K32 = K / 32 * 32;
     for (int r = 0; r < nr; r += 2) {
         const int pair = r + 1 < nr ? 2 : 1;
-        const int8_t* w0 = w + r * K;
-        const int8_t* w1 = w + (r + pair - 1) * K;  // a last single row: the same row twice, one result kept
+        const int8_t* w0 = w + r * rs;
+        const int8_t* w1 = w + (r + pair - 1) * rs;  // a last single row: the same row twice, one result kept
         __m512 f[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
         int64_t k = 0;
         while (k < K32) {
@@ -496,7 +537,7 @@ inline void dot_rows_vnni(const float* x, const int16_t* hi, const int16_t* lo, 
 #else
 constexpr bool HAS_VNNI = false;
 inline bool split_i16(const float*, int64_t, int16_t*, int16_t*, float*) { return false; }
-inline void dot_rows_vnni(const float*, const int16_t*, const int16_t*, float, const int8_t*, int64_t, int, float*) {}
+inline void dot_rows_vnni(const float*, const int16_t*, const int16_t*, float, const int8_t*, int64_t, int64_t, int, float*) {}
 #endif
 
 // x (K values, K even) split into its even (e) and odd (o) elements, as fp32
@@ -511,10 +552,29 @@ inline void split_pairs(const T* x, int64_t K, float* e, float* o) {
 // independent FMA chains per row (two words of W pairs per step): the earlier single accumulator indexed by
 // the step stayed in memory, a store-to-load round trip per step. On an AVX2 EPYC, 2 threads: an 8 MiB matrix
 // in the L3 9.1-9.5 -> 13.9-18.9 G weights/s; from memory unchanged (7.2-8.3 G weights/s, 15-17 GB/s).
-inline void dot_rows_pairs(const float* e, const float* o, const bf16* w, int64_t K, int nr, float* out) {
+inline void dot_rows_pairs(const float* e, const float* o, const bf16* w, int64_t K, int64_t rs, int nr, float* out) {
     const int64_t H = K / 2, H2 = H / (2 * W) * (2 * W), H1 = H / W * W;
+    if (nr == NS) {  // NS rows together (RowStreams), two chains each: one per half of the word
+        vf a[NS][2] = {};
+        int64_t k = 0;
+        for (; k < H1; k += W) {
+            const vf ev = load(e + k, W), ov = load(o + k, W);
+            for (int j = 0; j < NS; ++j) {
+                vu u;
+                std::memcpy(&u, w + j * rs + 2 * k, sizeof u);
+                a[j][0] += (vf)(u << 16) * ev;
+                a[j][1] += (vf)(u & 0xffff0000u) * ov;
+            }
+        }
+        for (int j = 0; j < NS; ++j) {
+            float s = hsum(a[j][0] + a[j][1]);
+            for (int64_t t = k; t < H; ++t) s += bf16_to_f(w[j * rs + 2 * t]) * e[t] + bf16_to_f(w[j * rs + 2 * t + 1]) * o[t];
+            out[j] = s;
+        }
+        return;
+    }
     for (int r = 0; r < nr; ++r) {
-        const bf16* wr = w + r * K;
+        const bf16* wr = w + r * rs;
         vf a0 = vf{}, a1 = vf{}, a2 = vf{}, a3 = vf{};
         int64_t k = 0;
         for (; k < H2; k += 2 * W) {
@@ -550,6 +610,8 @@ template <typename TW>
 struct XForm {
     // whether set() makes a second form (then it must see all of x, once)
     static constexpr bool prepared = std::is_same_v<TW, bf16> || (std::is_same_v<TW, int8_t> && HAS_VNNI);
+    // the weight streams its dot reads at once (RowStreams): one for the AVX512-BF16 and VNNI kernels
+    static constexpr int streams = (std::is_same_v<TW, bf16> && HAS_DPBF16) || (std::is_same_v<TW, int8_t> && HAS_VNNI) ? 1 : NS;
     const float* x = nullptr;
     std::vector<bf16> b;
     std::vector<float> pairs;  // bf16 without AVX512-BF16: x's even elements, then its odd ones
@@ -573,15 +635,16 @@ struct XForm {
             split = split_i16(v, n, hi.data(), lo.data(), &s);
         }
     }
-    void dot(const TW* w, int64_t K, int nr, float* out) const {
-        if constexpr (std::is_same_v<TW, bf16> && HAS_DPBF16) dot_rows_dp(b.data(), w, K, nr, out);
+    // rows r < nr at w + r rs
+    void dot(const TW* w, int64_t K, int64_t rs, int nr, float* out) const {
+        if constexpr (std::is_same_v<TW, bf16> && HAS_DPBF16) dot_rows_dp(b.data(), w, K, rs, nr, out);
         else if constexpr (std::is_same_v<TW, bf16>) {
-            if (split) dot_rows_pairs(pairs.data(), pairs.data() + K / 2, w, K, nr, out);
-            else dot_rows(x, w, K, nr, out);
+            if (split) dot_rows_pairs(pairs.data(), pairs.data() + K / 2, w, K, rs, nr, out);
+            else dot_rows(x, w, K, rs, nr, out);
         } else if constexpr (std::is_same_v<TW, int8_t> && HAS_VNNI) {
-            if (split) dot_rows_vnni(x, hi.data(), lo.data(), s, w, K, nr, out);
-            else dot_rows(x, w, K, nr, out);
-        } else dot_rows(x, w, K, nr, out);
+            if (split) dot_rows_vnni(x, hi.data(), lo.data(), s, w, K, rs, nr, out);
+            else dot_rows(x, w, K, rs, nr, out);
+        } else dot_rows(x, w, K, rs, nr, out);
     }
 };
 
@@ -601,18 +664,18 @@ void gemv(int64_t M, int64_t N, int64_t K, const T* x, int64_t sx, const TW* w, 
         for (int64_t k = 0; k < K; ++k) xf[m * K + k] = to_f(x[m * sx + k]);
     std::vector<XForm<TW>> xs(M);
     for (int64_t m = 0; m < M; ++m) xs[m].set(xf + m * K, K);
-    const int64_t nrb = (N + RB - 1) / RB;
+    const RowStreams rows(N, XForm<TW>::streams);
 #pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t rb = 0; rb < nrb; ++rb) {
-        const int64_t n0 = rb * RB;
-        const int nr = int(N - n0 < RB ? N - n0 : RB);
+    for (int64_t g = 0; g < rows.Q; ++g) {
+        const int nr = rows.rows(g);
         for (int64_t m = 0; m < M; ++m) {
-            float s[RB];
-            xs[m].dot(w + n0 * K, K, nr, s);
+            float s[NS];
+            xs[m].dot(w + g * K, K, rows.Q * K, nr, s);
             for (int r = 0; r < nr; ++r) {
-                if (scale) s[r] *= scale[n0 + r];
-                if (bias) s[r] += to_f(bias[n0 + r]);
-                put(y + m * N + n0 + r, s[r]);
+                const int64_t n = g + r * rows.Q;
+                if (scale) s[r] *= scale[n];
+                if (bias) s[r] += to_f(bias[n]);
+                put(y + m * N + n, s[r]);
             }
         }
     }
@@ -628,15 +691,17 @@ void gemv_bf16_pairs(int64_t M, int64_t N, int64_t K, const bf16* x, int64_t sx,
     float* xe = new float[M * H];
     float* xo = new float[M * H];
     for (int64_t m = 0; m < M; ++m) split_pairs(x + m * sx, K, xe + m * H, xo + m * H);
-    const int64_t nrb = (N + 3) / 4;
+    const RowStreams rows(N, NS);
 #pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t rb = 0; rb < nrb; ++rb) {
-        const int64_t n0 = rb * 4;
-        const int nr = int(N - n0 < 4 ? N - n0 : 4);
+    for (int64_t g = 0; g < rows.Q; ++g) {
+        const int nr = rows.rows(g);
         for (int64_t m = 0; m < M; ++m) {
-            float s[4];
-            dot_rows_pairs(xe + m * H, xo + m * H, w + n0 * K, K, nr, s);
-            for (int r = 0; r < nr; ++r) y[m * N + n0 + r] = f_to_bf16(bias ? s[r] + bf16_to_f(bias[n0 + r]) : s[r]);
+            float s[NS];
+            dot_rows_pairs(xe + m * H, xo + m * H, w + g * K, K, rows.Q * K, nr, s);
+            for (int r = 0; r < nr; ++r) {
+                const int64_t n = g + r * rows.Q;
+                y[m * N + n] = f_to_bf16(bias ? s[r] + bf16_to_f(bias[n]) : s[r]);
+            }
         }
     }
     delete[] xe;
@@ -653,22 +718,22 @@ void gemv_bf16_pairs(int64_t M, int64_t N, int64_t K, const bf16* x, int64_t sx,
 template <typename T, typename TW>
 void mlp_accumulate(int64_t H, int64_t I, const float* x, const TW* wg, const float* sg, const TW* wu, const float* su,
                     const TW* wd, const float* sd, float weight, float* h, float* y, int nthreads) {
-    const int64_t nrb_i = (I + RB - 1) / RB, nrb_h = (H + RB - 1) / RB;
+    const RowStreams rows_i(I, XForm<TW>::streams), rows_h(H, XForm<TW>::streams);
     XForm<TW> xf, hf;
     xf.set(x, H);
     if constexpr (!XForm<TW>::prepared) hf.set(h, I);  // x itself: h's values are read after the barrier below
 #pragma omp parallel num_threads(nthreads)
     {
 #pragma omp for schedule(static)
-        for (int64_t rb = 0; rb < nrb_i; ++rb) {
-            const int64_t n0 = rb * RB;
-            const int nr = int(I - n0 < RB ? I - n0 : RB);
-            float g[RB], u[RB];
-            xf.dot(wg + n0 * H, H, nr, g);
-            xf.dot(wu + n0 * H, H, nr, u);
+        for (int64_t b = 0; b < rows_i.Q; ++b) {
+            const int nr = rows_i.rows(b);
+            float g[NS], u[NS];
+            xf.dot(wg + b * H, H, rows_i.Q * H, nr, g);
+            xf.dot(wu + b * H, H, rows_i.Q * H, nr, u);
             for (int r = 0; r < nr; ++r) {
-                const float gv = rnd<T>(sg ? g[r] * sg[n0 + r] : g[r]), uv = rnd<T>(su ? u[r] * su[n0 + r] : u[r]);
-                h[n0 + r] = rnd<T>(rnd<T>(gv / (1.0f + std::exp(-gv))) * uv);
+                const int64_t n = b + r * rows_i.Q;
+                const float gv = rnd<T>(sg ? g[r] * sg[n] : g[r]), uv = rnd<T>(su ? u[r] * su[n] : u[r]);
+                h[n] = rnd<T>(rnd<T>(gv / (1.0f + std::exp(-gv))) * uv);
             }
         }
         if constexpr (XForm<TW>::prepared) {
@@ -676,12 +741,14 @@ void mlp_accumulate(int64_t H, int64_t I, const float* x, const TW* wg, const fl
             hf.set(h, I);  // all of h is written (the loop's barrier); the single's barrier: read only after
         }
 #pragma omp for schedule(static)
-        for (int64_t rb = 0; rb < nrb_h; ++rb) {
-            const int64_t n0 = rb * RB;
-            const int nr = int(H - n0 < RB ? H - n0 : RB);
-            float d[RB];
-            hf.dot(wd + n0 * I, I, nr, d);
-            for (int r = 0; r < nr; ++r) y[n0 + r] += weight * rnd<T>(sd ? d[r] * sd[n0 + r] : d[r]);
+        for (int64_t b = 0; b < rows_h.Q; ++b) {
+            const int nr = rows_h.rows(b);
+            float d[NS];
+            hf.dot(wd + b * I, I, rows_h.Q * I, nr, d);
+            for (int r = 0; r < nr; ++r) {
+                const int64_t n = b + r * rows_h.Q;
+                y[n] += weight * rnd<T>(sd ? d[r] * sd[n] : d[r]);
+            }
         }
     }
 }
@@ -704,7 +771,7 @@ void ffn_decode(int64_t ntok, int64_t H, int64_t I, int64_t E, int64_t topk, con
             float top = -INFINITY, total = 0.0f;
             for (int64_t e = 0; e < E; e += RB) {
                 const int nr = int(E - e < RB ? E - e : RB);
-                dot_rows(xf, router + e * H, H, nr, p + e);
+                dot_rows(xf, router + e * H, H, H, nr, p + e);
             }
             for (int64_t e = 0; e < E; ++e) top = std::max(top, p[e] = rnd<T>(p[e]));
             for (int64_t e = 0; e < E; ++e) total += (p[e] = std::exp(p[e] - top));
