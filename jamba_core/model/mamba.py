@@ -58,7 +58,7 @@ class MambaMixer(nn.Module):
         dt, B, C = self.x_proj(xs.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)  # (b, L, r), (b, L, N) x2
         # delta = softplus(W_dt dt + b_dt), in fp32 (transformers adds the bias inside the scan, as does ours)
-        dt = F.linear(dt, self.dt_proj.weight)  # (b, L, d_in)
+        dt = ops.linear(dt, self.dt_proj.weight)  # (b, L, d_in)
         A = -torch.exp(self.A_log.float())  # (d_in, N)
         zt = z.transpose(1, 2)
         if L == 1:
