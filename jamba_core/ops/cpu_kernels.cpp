@@ -25,6 +25,8 @@
 #include <immintrin.h>
 #elif defined(__SSE2__)
 #include <xmmintrin.h>
+#elif defined(__ARM_NEON)
+#include <arm_neon.h>
 #endif
 
 namespace {
@@ -179,6 +181,14 @@ inline vf load(const int8_t* p, int) {
     return v;
 #elif defined(__AVX2__)  // GCC 12 widened the generic form byte by byte in scalar registers: int8 GEMVs 3-5 G weights/s, 16-17 with this
     const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+    vf v;
+    std::memcpy(&v, &f, sizeof v);
+    return v;
+#elif defined(__ARM_NEON)  // the same byte-by-byte widening on aarch64 (sbfx + ins per byte, seen in the assembly)
+    static_assert(W == 4, "one q register of fp32");
+    int32_t q;
+    std::memcpy(&q, p, sizeof q);
+    const float32x4_t f = vcvtq_f32_s32(vmovl_s16(vget_low_s16(vmovl_s8(vreinterpret_s8_s32(vdup_n_s32(q))))));
     vf v;
     std::memcpy(&v, &f, sizeof v);
     return v;
