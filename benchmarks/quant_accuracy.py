@@ -42,7 +42,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINTS = ROOT / ".checkpoints"
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
-TEXT = Path(os.environ.get("JAMBA_LOCAL_SHARED", ROOT.parent / "shared")) / "data" / "moby-dick.txt"
 FORMATS = ["int8", "int8+lm_head", "int8+mamba", "bnb-int8", "bnb-int8+mamba", "bnb-nf4", "bnb-nf4+mamba"]
 MEMORY_SYSTEMS = [None, "int8", "int8+lm_head", "int8+mamba", "bnb-int8", "bnb-nf4"]
 SPEED_SYSTEMS = [("ours", None), ("ours", "int8"), ("ours", "int8+lm_head"), ("ours", "int8+mamba"), ("ours", "bnb-int8"),
@@ -142,11 +141,14 @@ def _worker(spec: dict) -> dict:
 
 
 def _text_ids(tokenizer, n: int) -> list[int]:
-    text = TEXT.read_text(encoding="utf-8")
+    from jamba_core.tokenizer import shared_dir
+
+    book = shared_dir() / "data" / "moby-dick.txt"  # $JAMBA_LOCAL_SHARED when set and not empty, else ../shared
+    text = book.read_text(encoding="utf-8")
     start = text.find("Call me Ishmael")
     ids = tokenizer(text[max(start, 0) : max(start, 0) + 40 * n])["input_ids"]
     if len(ids) < n:
-        raise ValueError(f"{TEXT} gives only {len(ids)} tokens, fewer than the {n} asked for")
+        raise ValueError(f"{book} gives only {len(ids)} tokens, fewer than the {n} asked for")
     return ids[:n]
 
 

@@ -9,7 +9,6 @@ use a few chapters; the whole-book figures run everything except the model's for
 import asyncio
 import contextlib
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +27,7 @@ from llama_index.core.node_parser import SentenceSplitter
 from llama_index.core.response_synthesizers import get_response_synthesizer
 
 from jamba_core.engine import Engine
+from jamba_core.tokenizer import shared_dir
 from llama_index_jamba import (
     JambaDocumentsQueryEngine,
     JambaLLM,
@@ -38,7 +38,7 @@ from llama_index_jamba import (
     use_jamba_tokenizer,
 )
 
-BOOK = Path(__file__).resolve().parents[2] / "shared" / "data" / "moby-dick.txt"
+BOOK = shared_dir() / "data" / "moby-dick.txt"  # $JAMBA_LOCAL_SHARED, else ../shared (the library's lookup)
 QUERY = "Who is Captain Ahab?"
 
 

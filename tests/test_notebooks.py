@@ -20,6 +20,8 @@ pytest.importorskip("ipykernel", reason="the notebooks extra: pip install -e '.[
 from jupyter_client.kernelspec import KernelSpecManager  # noqa: E402  (comes with nbclient)
 from jupyter_client.manager import KernelManager  # noqa: E402
 
+from jamba_core.tokenizer import shared_dir  # noqa: E402
+
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 CELL_TIMEOUT_S = 300
 KERNEL_NAME = "jamba-local-tests"
@@ -83,7 +85,7 @@ def test_notebook_runs_on_the_tiny_checkpoint(name, tiny_model, kernel_dirs):
     nb = execute(name, kernel_dirs)
     out = text_of(nb)
     assert "(from JAMBA_LOCAL_MODEL)" in out and "random weights" in out
-    if name.startswith("03") and (NOTEBOOKS.parents[1] / "shared" / "data" / "moby-dick.txt").is_file():
+    if name.startswith("03") and (shared_dir() / "data" / "moby-dick.txt").is_file():
         assert "Moby-Dick:" in out
 
 
