@@ -365,8 +365,11 @@ void conv(int64_t b, int64_t L, int64_t d, int64_t K, const T* x, int64_t sxb, i
 // together, so NS streams of weights are in flight per core. Measured on the 2-vCPU AVX2 EPYC (L3 32 MiB),
 // fp32 matrices of bench-small's shapes (2048 x 512 ... 65536 x 512) rotated through 300 MiB, 2 threads,
 // five alternating rounds: one row after the other 19-23 GB/s, two streams 21-25, four 22-27; four adjacent
-// rows at once 15-20. The AVX512-BF16 and VNNI kernels (not measurable there) keep one row after the
-// other: RowStreams of one stream.
+// rows at once 15-20. On the 2-vCPU Zen 4 EPYC (AVX512-BF16, VNNI; weights in huge pages as the engine
+// loads them, builds alternating in one process): the VNNI int8 kernel four streams 18-25 GB/s against 12-17
+// in row pairs, bench-small's int8+lm_head decode 133.9 -> 176.5 tokens/s; fp32 decode the same within the
+// noise (69.5 / 70.6); the AVX512-BF16 kernel better one row after the other (bf16 decode 146.7 against
+// 131.9 tokens/s with four streams, 16 alternating rounds of 16 steps): it keeps RowStreams of one stream.
 constexpr int NS = 4;
 struct RowStreams {
     int64_t N, Q;  // rows, blocks
@@ -474,9 +477,10 @@ inline void dot_rows_dp(const bf16*, const bf16*, int64_t, int64_t, int, float*)
 // in the L3 36 -> 52 GB/s; streamed from memory 16 -> 18-20 GB/s at 32 MiB, unchanged at 4 MiB (both
 // ~16-19, short of the 25 GB/s copy bandwidth), and bench-small's int8 decode unchanged within the noise.
 // Rows go in pairs (two weight streams per thread, each x load serving both): 17-21 GB/s from memory, within
-// that VM's +-30% noise of the single-row form.
+// that VM's +-30% noise of the single-row form; a RowStreams block's NS rows go together (see RowStreams).
 // The int32 lanes are moved to fp32 every VNNI_BLOCK weights: each instruction adds at
-// most 2 x 32767 x 128 per lane, so 256 of them (16384 weights over two accumulators) stay below 2^31.
+// most 2 x 32767 x 128 per lane, so 256 of them (16384 weights over two accumulators; 8192 over one in the
+// NS-row form) stay below 2^31.
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 constexpr bool HAS_VNNI = true;
 constexpr int64_t VNNI_BLOCK = 16384;
@@ -495,10 +499,37 @@ inline bool split_i16(const float* x, int64_t n, int16_t* hi, int16_t* lo, float
     *scale = float(s);
     return true;
 }
-// rows in pairs: two weight streams in flight per thread, each x load shared by both
+// NS rows together (a RowStreams block), else rows in pairs: each x load shared by the rows
 inline void dot_rows_vnni(const float* x, const int16_t* hi, const int16_t* lo, float s, const int8_t* w, int64_t K,
                           int64_t rs, int nr, float* out) {
     const int64_t K32 = K / 32 * 32;
+    if (nr == NS) {  // NS rows together (RowStreams): one accumulator per row and half of x, 32 weights a step
+        constexpr int64_t BLOCK = VNNI_BLOCK / 2;  // one instruction per accumulator per 32 weights
+        __m512 f[NS][2];
+        for (int j = 0; j < NS; ++j) f[j][0] = f[j][1] = _mm512_setzero_ps();
+        int64_t k = 0;
+        while (k < K32) {
+            const int64_t end = std::min(K32, k + BLOCK);
+            __m512i a[NS][2];
+            for (int j = 0; j < NS; ++j) a[j][0] = a[j][1] = _mm512_setzero_si512();
+            for (; k < end; k += 32) {
+                const __m512i xh = _mm512_loadu_si512(hi + k), xl = _mm512_loadu_si512(lo + k);
+                for (int j = 0; j < NS; ++j) {
+                    const __m512i v = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * rs + k)));
+                    a[j][0] = _mm512_dpwssd_epi32(a[j][0], v, xh);
+                    a[j][1] = _mm512_dpwssd_epi32(a[j][1], v, xl);
+                }
+            }
+            for (int j = 0; j < NS; ++j)
+                for (int h = 0; h < 2; ++h) f[j][h] = _mm512_add_ps(f[j][h], _mm512_cvtepi32_ps(a[j][h]));
+        }
+        for (int j = 0; j < NS; ++j) {
+            float sum = s * (_mm512_reduce_add_ps(f[j][0]) + _mm512_reduce_add_ps(f[j][1]) * (1.0f / 65536.0f));
+            for (int64_t t = k; t < K; ++t) sum += float(w[j * rs + t]) * x[t];
+            out[j] = sum;
+        }
+        return;
+    }
     for (int r = 0; r < nr; r += 2) {
         const int pair = r + 1 < nr ? 2 : 1;
         const int8_t* w0 = w + r * rs;
@@ -620,8 +651,8 @@ template <typename TW>
 struct XForm {
     // whether set() makes a second form (then it must see all of x, once)
     static constexpr bool prepared = std::is_same_v<TW, bf16> || (std::is_same_v<TW, int8_t> && HAS_VNNI);
-    // the weight streams its dot reads at once (RowStreams): one for the AVX512-BF16 and VNNI kernels
-    static constexpr int streams = (std::is_same_v<TW, bf16> && HAS_DPBF16) || (std::is_same_v<TW, int8_t> && HAS_VNNI) ? 1 : NS;
+    // the weight streams its dot reads at once (RowStreams): one for the AVX512-BF16 kernel
+    static constexpr int streams = std::is_same_v<TW, bf16> && HAS_DPBF16 ? 1 : NS;
     const float* x = nullptr;
     std::vector<bf16> b;
     std::vector<float> pairs;  // bf16 without AVX512-BF16: x's even elements, then its odd ones
