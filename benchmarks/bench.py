@@ -380,20 +380,38 @@ def run(args) -> dict:
 def merge_base(out_dir: Path, cpu: str, log=print) -> dict:
     """The saved results a ``--merge`` run on ``cpu`` adds to: ``out_dir/bench.json`` when its runs were on
     the same CPU model; otherwise (ratios from two machines never share a table) its bench.json / .md /
-    .png move to ``bench-<their cpu>.*`` and the run starts anew (``{"runs": []}``)."""
+    .png move to ``bench-<their cpu>.*``, and this CPU's own saved runs, when a ``bench-*.json`` holds them
+    (set aside by an earlier switch of machines), move back to ``bench.*`` and are returned; else the run
+    starts anew (``{"runs": []}``)."""
     path = out_dir / "bench.json"
-    if not path.is_file():
-        return {"runs": []}
-    results = json.loads(path.read_text())
-    cpus = {r["machine"]["cpu"] for r in results["runs"]}
-    if not cpus - {cpu}:
-        return results
-    slug = re.sub(r"[^a-z0-9]+", "-", " ".join(sorted(cpus)).lower().replace("(r)", "")).strip("-")
-    for name in ("bench.json", "bench.md", "bench.png"):
-        if (out_dir / name).is_file():
-            os.replace(out_dir / name, out_dir / name.replace("bench", f"bench-{slug}"))
-    log(f"the saved runs were on {', '.join(sorted(cpus))}: kept as bench-{slug}.*; this machine starts its own")
+    if path.is_file():
+        results = json.loads(path.read_text())
+        cpus = {r["machine"]["cpu"] for r in results["runs"]}
+        if not cpus - {cpu}:
+            return results
+        slug = _slug(cpus)
+        for name in ("bench.json", "bench.md", "bench.png"):
+            if (out_dir / name).is_file():
+                os.replace(out_dir / name, out_dir / name.replace("bench", f"bench-{slug}"))
+        log(f"the saved runs were on {', '.join(sorted(cpus))}: kept as bench-{slug}.*")
+    for other in sorted(out_dir.glob("bench-*.json")):
+        try:
+            saved = json.loads(other.read_text())
+            cpus = {r["machine"]["cpu"] for r in saved["runs"]}
+        except (ValueError, KeyError, TypeError):
+            continue
+        if cpus == {cpu}:
+            for suffix in (".json", ".md", ".png"):
+                if other.with_suffix(suffix).is_file():
+                    os.replace(other.with_suffix(suffix), out_dir / f"bench{suffix}")
+            log(f"this machine's saved runs ({other.stem}.*) are bench.* again")
+            return saved
+    log(f"no saved runs on {cpu}: this machine starts its own")
     return {"runs": []}
+
+
+def _slug(cpus) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", " ".join(sorted(cpus)).lower().replace("(r)", "")).strip("-")
 
 
 def vector_isa(flags: set[str]) -> str:

@@ -526,6 +526,13 @@ def test_bench_merge_never_mixes_machines(tmp_path):
     assert (tmp_path / "bench-amd-epyc.md").read_text() == "amd table"
     assert not (tmp_path / "bench.json").exists() and "AMD EPYC" in messages[0]
     assert merge_base(tmp_path / "empty", "any", log=messages.append) == {"runs": []}
+    # back on the first machine: the other's runs move aside and its own come back to bench.*
+    xeon = {"runs": [{"machine": {"cpu": "Intel(R) Xeon(R) Processor"}, "started": "y"}], "summary": {}}
+    (tmp_path / "bench.json").write_text(json.dumps(xeon))
+    assert merge_base(tmp_path, "AMD EPYC", log=lambda m: None) == saved
+    assert json.loads((tmp_path / "bench.json").read_text()) == saved and (tmp_path / "bench.md").read_text() == "amd table"
+    assert json.loads((tmp_path / "bench-intel-xeon-processor.json").read_text()) == xeon
+    assert not (tmp_path / "bench-amd-epyc.json").exists()
 
 
 def test_bench_tells_cpus_of_one_model_name_apart_by_their_vector_instructions(tmp_path):
