@@ -197,7 +197,7 @@ def test_bf16_linear_upcast_matches_torch(monkeypatch, shape, bias):
 @pytest.mark.parametrize("rows,N,K", [(1, 100, 37), (1, 4099, 512), (3, 64, 1024), (5, 7, 16), (31, 50, 40), (2, 33, 15),
                                       (1, 9, 16384 + 160 + 37), (2, 5, 3 * 16384 + 96)])
 def test_int8_matmul_matches_the_dequantized_fp32_product(rows, N, K, dtype):
-    """K past one int32 block of the VNNI kernel (16384) and with 128 / 32 / 1-wide tails; bound: fp32's."""
+    """K past the VNNI kernel's int32 blocks (8192 weights) and with 32-wide and 1-wide tails; bound: fp32's."""
     g = torch.Generator().manual_seed(rows * N + K)
     x = torch.randn(rows, K, generator=g).to(dtype)
     q = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)

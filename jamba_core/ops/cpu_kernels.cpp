@@ -476,14 +476,13 @@ inline void dot_rows_dp(const bf16*, const bf16*, int64_t, int64_t, int, float*)
 // replace dot_rows' 2 x (widen, convert, FMA) per 16. Measured on a 2-vCPU Xeon, 2 threads: a 64 MiB matrix
 // in the L3 36 -> 52 GB/s; streamed from memory 16 -> 18-20 GB/s at 32 MiB, unchanged at 4 MiB (both
 // ~16-19, short of the 25 GB/s copy bandwidth), and bench-small's int8 decode unchanged within the noise.
-// Rows go in pairs (two weight streams per thread, each x load serving both): 17-21 GB/s from memory, within
-// that VM's +-30% noise of the single-row form; a RowStreams block's NS rows go together (see RowStreams).
-// The int32 lanes are moved to fp32 every VNNI_BLOCK weights: each instruction adds at
-// most 2 x 32767 x 128 per lane, so 256 of them (16384 weights over two accumulators; 8192 over one in the
-// NS-row form) stay below 2^31.
+// Rows in pairs there (two weight streams per thread, each x load serving both): 17-21 GB/s from memory,
+// within that VM's +-30% noise of the single-row form; now a RowStreams block's rows go together (see RowStreams).
+// The int32 lanes are moved to fp32 every VNNI_BLOCK weights: each instruction adds at most 2 x 32767 x 128
+// per lane, so 256 of them (8192 weights, one instruction per accumulator per 32) stay below 2^31.
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 constexpr bool HAS_VNNI = true;
-constexpr int64_t VNNI_BLOCK = 16384;
+constexpr int64_t VNNI_BLOCK = 8192;
 inline bool split_i16(const float* x, int64_t n, int16_t* hi, int16_t* lo, float* scale) {
     float amax = 0.0f;
     for (int64_t i = 0; i < n; ++i) {
@@ -499,80 +498,45 @@ inline bool split_i16(const float* x, int64_t n, int16_t* hi, int16_t* lo, float
     *scale = float(s);
     return true;
 }
-// NS rows together (a RowStreams block), else rows in pairs: each x load shared by the rows
+// R rows at once (rs: the elements from one row to the next), one accumulator per row and half of x, 32
+// weights a step, each x load serving all R rows
+template <int R>
+inline void vnni_rows(const float* x, const int16_t* hi, const int16_t* lo, float s, const int8_t* w, int64_t K,
+                      int64_t rs, float* out) {
+    const int64_t K32 = K / 32 * 32;
+    __m512 f[R][2];
+    for (int j = 0; j < R; ++j) f[j][0] = f[j][1] = _mm512_setzero_ps();
+    int64_t k = 0;
+    while (k < K32) {
+        const int64_t end = std::min(K32, k + VNNI_BLOCK);
+        __m512i a[R][2];
+        for (int j = 0; j < R; ++j) a[j][0] = a[j][1] = _mm512_setzero_si512();
+        for (; k < end; k += 32) {
+            const __m512i xh = _mm512_loadu_si512(hi + k), xl = _mm512_loadu_si512(lo + k);
+            for (int j = 0; j < R; ++j) {
+                const __m512i v = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * rs + k)));
+                a[j][0] = _mm512_dpwssd_epi32(a[j][0], v, xh);
+                a[j][1] = _mm512_dpwssd_epi32(a[j][1], v, xl);
+            }
+        }
+        for (int j = 0; j < R; ++j)
+            for (int h = 0; h < 2; ++h) f[j][h] = _mm512_add_ps(f[j][h], _mm512_cvtepi32_ps(a[j][h]));
+    }
+    for (int j = 0; j < R; ++j) {
+        float sum = s * (_mm512_reduce_add_ps(f[j][0]) + _mm512_reduce_add_ps(f[j][1]) * (1.0f / 65536.0f));
+        for (int64_t t = k; t < K; ++t) sum += float(w[j * rs + t]) * x[t];
+        out[j] = sum;
+    }
+}
+// the nr (1 .. NS) rows of a RowStreams block together
 inline void dot_rows_vnni(const float* x, const int16_t* hi, const int16_t* lo, float s, const int8_t* w, int64_t K,
                           int64_t rs, int nr, float* out) {
-    const int64_t K32 = K / 32 * 32;
-    if (nr == NS) {  // NS rows together (RowStreams): one accumulator per row and half of x, 32 weights a step
-        constexpr int64_t BLOCK = VNNI_BLOCK / 2;  // one instruction per accumulator per 32 weights
-        __m512 f[NS][2];
-        for (int j = 0; j < NS; ++j) f[j][0] = f[j][1] = _mm512_setzero_ps();
-        int64_t k = 0;
-        while (k < K32) {
-            const int64_t end = std::min(K32, k + BLOCK);
-            __m512i a[NS][2];
-            for (int j = 0; j < NS; ++j) a[j][0] = a[j][1] = _mm512_setzero_si512();
-            for (; k < end; k += 32) {
-                const __m512i xh = _mm512_loadu_si512(hi + k), xl = _mm512_loadu_si512(lo + k);
-                for (int j = 0; j < NS; ++j) {
-                    const __m512i v = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * rs + k)));
-                    a[j][0] = _mm512_dpwssd_epi32(a[j][0], v, xh);
-                    a[j][1] = _mm512_dpwssd_epi32(a[j][1], v, xl);
-                }
-            }
-            for (int j = 0; j < NS; ++j)
-                for (int h = 0; h < 2; ++h) f[j][h] = _mm512_add_ps(f[j][h], _mm512_cvtepi32_ps(a[j][h]));
-        }
-        for (int j = 0; j < NS; ++j) {
-            float sum = s * (_mm512_reduce_add_ps(f[j][0]) + _mm512_reduce_add_ps(f[j][1]) * (1.0f / 65536.0f));
-            for (int64_t t = k; t < K; ++t) sum += float(w[j * rs + t]) * x[t];
-            out[j] = sum;
-        }
-        return;
-    }
-    for (int r = 0; r < nr; r += 2) {
-        const int pair = r + 1 < nr ? 2 : 1;
-        const int8_t* w0 = w + r * rs;
-        const int8_t* w1 = w + (r + pair - 1) * rs;  // a last single row: the same row twice, one result kept
-        __m512 f[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-        int64_t k = 0;
-        while (k < K32) {
-            const int64_t end = std::min(K32, k + VNNI_BLOCK);
-            __m512i a[8];  // row 0 hi, row 0 lo, row 1 hi, row 1 lo; two accumulators each
-            for (int j = 0; j < 8; ++j) a[j] = _mm512_setzero_si512();
-            for (; k + 64 <= end; k += 64) {
-                if constexpr (PREFETCH_BYTES > 0) {
-                    __builtin_prefetch(reinterpret_cast<const char*>(w0 + k) + PREFETCH_BYTES);
-                    __builtin_prefetch(reinterpret_cast<const char*>(w1 + k) + PREFETCH_BYTES);
-                }
-                for (int j = 0; j < 2; ++j) {
-                    const __m512i xh = _mm512_loadu_si512(hi + k + 32 * j), xl = _mm512_loadu_si512(lo + k + 32 * j);
-                    const __m512i v0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w0 + k + 32 * j)));
-                    const __m512i v1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w1 + k + 32 * j)));
-                    a[j] = _mm512_dpwssd_epi32(a[j], v0, xh);
-                    a[2 + j] = _mm512_dpwssd_epi32(a[2 + j], v0, xl);
-                    a[4 + j] = _mm512_dpwssd_epi32(a[4 + j], v1, xh);
-                    a[6 + j] = _mm512_dpwssd_epi32(a[6 + j], v1, xl);
-                }
-            }
-            for (; k < end; k += 32) {
-                const __m512i xh = _mm512_loadu_si512(hi + k), xl = _mm512_loadu_si512(lo + k);
-                const __m512i v0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w0 + k)));
-                const __m512i v1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w1 + k)));
-                a[0] = _mm512_dpwssd_epi32(a[0], v0, xh);
-                a[2] = _mm512_dpwssd_epi32(a[2], v0, xl);
-                a[4] = _mm512_dpwssd_epi32(a[4], v1, xh);
-                a[6] = _mm512_dpwssd_epi32(a[6], v1, xl);
-            }
-            for (int j = 0; j < 4; ++j)
-                f[j] = _mm512_add_ps(f[j], _mm512_add_ps(_mm512_cvtepi32_ps(a[2 * j]), _mm512_cvtepi32_ps(a[2 * j + 1])));
-        }
-        for (int p = 0; p < pair; ++p) {
-            const int8_t* wr = p ? w1 : w0;
-            float sum = s * (_mm512_reduce_add_ps(f[2 * p]) + _mm512_reduce_add_ps(f[2 * p + 1]) * (1.0f / 65536.0f));
-            for (int64_t t = k; t < K; ++t) sum += float(wr[t]) * x[t];
-            out[r + p] = sum;
-        }
+    static_assert(NS == 4, "one case per row count");
+    switch (nr) {
+        case 4: vnni_rows<4>(x, hi, lo, s, w, K, rs, out); break;
+        case 3: vnni_rows<3>(x, hi, lo, s, w, K, rs, out); break;
+        case 2: vnni_rows<2>(x, hi, lo, s, w, K, rs, out); break;
+        default: vnni_rows<1>(x, hi, lo, s, w, K, rs, out); break;
     }
 }
 #else
