@@ -522,7 +522,7 @@ class ChatJamba(BaseChatModel):
         if unknown:
             raise TypeError(f"ChatJamba got unexpected call arguments {unknown}")
         stop = self.stop if stop is None else stop
-        tools = [convert_to_openai_tool(t) for t in kwargs.get("tools") or ()]  # as is when bound by bind_tools
+        tools = [_openai_tool(t) for t in kwargs.get("tools") or ()]  # as is when bound by bind_tools
         choice = _normalize_tool_choice(kwargs.get("tool_choice"), [t["function"]["name"] for t in tools])
         params: dict[str, Any] = {
             "temperature": kwargs.get("temperature", self.temperature),
@@ -605,7 +605,7 @@ class ChatJamba(BaseChatModel):
         Reuse shows in `usage_metadata["input_token_details"]["cache_read"]`. Returns a handle for
         `release`. (Multi-turn chats reuse earlier turns without pinning: the engine snapshots every
         message boundary.)"""
-        formatted = [convert_to_openai_tool(t) for t in tools] if tools else None
+        formatted = [_openai_tool(t) for t in tools] if tools else None
         return self._get_engine().pin(_convert_messages(list(messages or [])), tools=formatted,
                                       documents=_convert_documents(documents), citations=self.citations)
 
@@ -627,7 +627,7 @@ class ChatJamba(BaseChatModel):
         """Exact prompt tokens of a call: the messages (with `tools` and `documents`) rendered through the
         checkpoint's chat template, generation prompt included. Equals `usage_metadata["input_tokens"]`
         of the same call."""
-        formatted = [convert_to_openai_tool(t) for t in tools] if tools else None
+        formatted = [_openai_tool(t) for t in tools] if tools else None
         return self._get_engine().count_tokens(_convert_messages(messages), tools=formatted,
                                                documents=_convert_documents(documents))
 
@@ -638,7 +638,8 @@ class ChatJamba(BaseChatModel):
         """Bind tools (LangChain tools, functions, pydantic models, TypedDicts or JSON schemas).
 
         Args:
-            tools: the tools, converted with `convert_to_openai_tool`.
+            tools: the tools, converted with `convert_to_openai_tool` (a recursive pydantic model keeps its
+                `$defs`, so that its nested objects are constrained too).
             tool_choice: "auto" (default: the model decides), "none" (no call), "any" / "required"
                 (some tool must be called), a tool's name (that tool must be called), True (a call
                 is required), False (same as "auto"), or a dict naming a function
@@ -647,7 +648,7 @@ class ChatJamba(BaseChatModel):
             strict: passed to `convert_to_openai_tool` (arguments must match the schema exactly).
             **kwargs: other call arguments to bind (e.g. `documents`).
         """
-        formatted = [convert_to_openai_tool(t, strict=strict) for t in tools]
+        formatted = [_openai_tool(t, strict=strict) for t in tools]
         choice = _normalize_tool_choice(tool_choice, [t["function"]["name"] for t in formatted])
         if choice is not None:
             kwargs["tool_choice"] = choice
@@ -677,13 +678,13 @@ class ChatJamba(BaseChatModel):
         is_pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
         trace = {"kwargs": {"method": method, "strict": strict}, "schema": schema}
         if method == "function_calling":
-            tool_name = convert_to_openai_tool(schema)["function"]["name"]
+            tool_name = _openai_tool(schema)["function"]["name"]
             llm = self.bind_tools([schema], tool_choice=tool_name, strict=strict,
-                                  ls_structured_output_format={**trace, "schema": convert_to_openai_tool(schema)})
+                                  ls_structured_output_format={**trace, "schema": _openai_tool(schema)})
             parser: Runnable = (_PydanticToolsParser(tools=[schema], first_tool_only=True) if is_pydantic
                                 else _JsonOutputKeyToolsParser(key_name=tool_name, first_tool_only=True))
         elif method == "json_schema":
-            json_schema = convert_to_json_schema(schema, strict=strict)
+            json_schema = _json_schema(schema, strict=strict)
             response_format = {"type": "json_schema", "json_schema": {
                 "name": json_schema.get("title", "response"), "schema": json_schema, "strict": bool(strict)}}
             llm = self.bind(response_format=response_format, ls_structured_output_format=trace)
@@ -938,12 +939,69 @@ def _normalize_tool_choice(tool_choice: Any, names: list[str]) -> str | None:
     return tool_choice
 
 
+def _recursive_schema(schema: Any) -> dict[str, Any] | None:
+    """A pydantic v2 model's own JSON schema when it is recursive (a `$defs` entry that reaches itself, such
+    as ``children: list["Node"]``), with the root's fields at the top and the `$defs` beside them; else None.
+    LangChain's converters inline every `$ref` and leave a recursive one as ``{}`` (any value), so the
+    grammar built from their schema would let a `Node` hold strings where nodes belong."""
+    if not (isinstance(schema, type) and is_basemodel_subclass(schema) and hasattr(schema, "model_json_schema")):
+        return None
+    full = schema.model_json_schema()
+    defs = full.get("$defs") or {}
+
+    def refs(node: Any) -> set[str]:
+        if isinstance(node, dict):
+            found = {node["$ref"].rsplit("/", 1)[-1]} if isinstance(node.get("$ref"), str) else set()
+            return found.union(*(refs(v) for v in node.values()))
+        return set().union(*(refs(v) for v in node)) if isinstance(node, list) else set()
+
+    def reaches_itself(name: str) -> bool:
+        seen, todo = set(), list(refs(defs.get(name, {})))
+        while todo:
+            n = todo.pop()
+            if n == name:
+                return True
+            if n not in seen:
+                seen.add(n)
+                todo += refs(defs.get(n, {}))
+        return False
+
+    if not any(reaches_itself(n) for n in defs):
+        return None
+    root = dict(defs[full["$ref"].rsplit("/", 1)[-1]]) if "$ref" in full else {k: v for k, v in full.items() if k != "$defs"}
+    return {**root, "$defs": defs}
+
+
+def _openai_tool(tool: Any, strict: bool | None = None) -> dict[str, Any]:
+    """`convert_to_openai_tool`, except that a recursive pydantic model's parameters keep their `$defs`."""
+    formatted = convert_to_openai_tool(tool, strict=strict)
+    recursive = _recursive_schema(tool)
+    if recursive is not None:
+        params = {k: v for k, v in recursive.items() if k not in ("title", "description")}
+        formatted["function"]["parameters"] = _closed(params) if strict else params
+    return formatted
+
+
+def _json_schema(schema: Any, strict: bool | None = None) -> dict[str, Any]:
+    """`convert_to_json_schema`, except that a recursive pydantic model keeps its `$defs`."""
+    recursive = _recursive_schema(schema)
+    if recursive is None:
+        return convert_to_json_schema(schema, strict=strict)
+    return _closed(recursive) if strict else recursive
+
+
+def _closed(schema: dict[str, Any]) -> dict[str, Any]:
+    """``additionalProperties: false`` on the root object and every `$defs` object (strict mode)."""
+    defs = {n: {**d, "additionalProperties": False} if d.get("type") == "object" else d for n, d in schema.get("$defs", {}).items()}
+    return {**schema, "additionalProperties": False, "$defs": defs}
+
+
 def _normalize_response_format(response_format: Any) -> dict[str, Any] | None:
     """A response format as `jamba_core.chat` reads it: OpenAI's dict forms as they are; a pydantic or
     TypedDict class becomes a JSON-schema format."""
     if response_format is None or isinstance(response_format, Mapping):
         return response_format
-    schema = convert_to_json_schema(response_format)
+    schema = _json_schema(response_format)
     return {"type": "json_schema", "json_schema": {"name": schema.get("title", "response"), "schema": schema}}
 
 

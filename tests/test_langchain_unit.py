@@ -745,3 +745,48 @@ def test_settings_that_change_the_answer_are_part_of_the_cache_key_and_a_call_ca
     llm = ChatJamba(model=HUB_ID, logprobs=True, top_logprobs=3)
     assert llm._request([HumanMessage("hi")], None, {"logprobs": False}).params["logprobs"] is None
     assert llm._request([HumanMessage("hi")], None, {}).params["logprobs"] == 3
+
+
+class _Node(BaseModel):
+    """A tree node."""
+
+    value: int
+    children: list["_Node"] = []
+
+
+def test_a_recursive_pydantic_schema_keeps_its_nodes_constrained(tiny_checkpoint):
+    """LangChain's converters inline every `$ref` and leave a recursive one as ``{}`` (any value): the
+    grammar then let ``children`` hold strings ("children.0 Input should be a valid dictionary"). The
+    recursive model keeps its `$defs` in every path (tool, json_schema, a response_format class), and
+    random weights constrained by it write only nodes."""
+    from langchain_jamba.chat_models import _json_schema, _normalize_response_format, _openai_tool
+
+    params = _openai_tool(_Node)["function"]["parameters"]
+    assert params["properties"]["children"]["items"] == {"$ref": "#/$defs/_Node"} and "_Node" in params["$defs"]
+    assert _json_schema(_Node)["properties"]["children"]["items"] == {"$ref": "#/$defs/_Node"}
+    assert _normalize_response_format(_Node)["json_schema"]["schema"]["$defs"]
+    strict = _openai_tool(_Node, strict=True)["function"]["parameters"]
+    assert strict["additionalProperties"] is False and strict["$defs"]["_Node"]["additionalProperties"] is False
+    class Holder(BaseModel):
+        tree: _Node  # not recursive itself, but holds a recursive model: that one keeps its $defs
+
+    class Point(BaseModel):
+        x: int
+
+    class Line(BaseModel):
+        start: Point
+        end: Point
+
+    assert "_Node" in _openai_tool(Holder)["function"]["parameters"]["$defs"]
+    assert "$defs" not in _openai_tool(Line)["function"]["parameters"]  # no recursion: LangChain's own form
+    seen = 0
+    for seed in range(6):
+        for method in ("json_schema", "function_calling"):
+            llm = ChatJamba(model=str(tiny_checkpoint), max_tokens=200, temperature=1.0, seed=seed)
+            out = llm.with_structured_output(_Node, method=method, include_raw=True).invoke("A tree, please.")
+            if out["parsing_error"] is None:
+                seen += 1
+                assert isinstance(out["parsed"], _Node)
+            else:  # cut off by max_tokens, never a wrong-shaped node
+                assert "children" not in str(out["parsing_error"]) or "dictionary" not in str(out["parsing_error"])
+    assert seen >= 3
