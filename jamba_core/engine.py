@@ -281,14 +281,15 @@ class Engine:
     def stream(self, prompt, *, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                seed: int | None = None, stop: Sequence[str] | str | None = None, tools=None, documents=None,
                response_format=None, citations: bool = False, constraint: Any = None,
-               logprobs: int | None = None) -> Iterator[StreamChunk]:
+               logprobs: int | None = None, markup: tuple[str, str] | None = None) -> Iterator[StreamChunk]:
         """Generate, yielding text deltas as they become valid UTF-8.
 
         ``prompt``: text, token ids, or chat messages (rendered with the checkpoint's chat template,
         with ``tools`` / ``documents``). ``temperature`` 0 is greedy; ``top_k`` 0 and ``top_p`` 1 disable
         those filters; ``seed`` makes sampling reproducible. Generation ends at any id of the config's
         ``eos_token_id`` (and ``<|eom|>``), at a ``stop`` string (never echoed, found even when it spans
-        tokens; not inside a constraint's structured output, whose own fixed text may hold one), when
+        tokens; not inside a constraint's structured output, whose own fixed text may hold one, nor between
+        ``markup``'s open and close markers, such as a free tool call's ``<tool_calls>`` and ``</tool_calls>``), when
         ``constraint`` (see `jamba_core.chat.grammar`) terminates (``finish_reason`` "stop"), or after
         ``max_new_tokens`` ("length"). Raises ``ValueError`` for an empty prompt, token
         ids outside the vocabulary, ``max_new_tokens < 1``, ``temperature < 0``, ``top_k < 0``, ``top_p``
@@ -317,7 +318,7 @@ class Engine:
         self.check_fits(len(ids), max_new_tokens)
         stops = [s for s in ([stop] if isinstance(stop, str) else stop or []) if s]
         with self.lock:
-            yield from self._generate(ids, max_new_tokens, temperature, top_p, top_k, seed, stops, constraint, logprobs)
+            yield from self._generate(ids, max_new_tokens, temperature, top_p, top_k, seed, stops, constraint, logprobs, markup)
 
     # -- prefix-state reuse -----------------------------------------------------------------------
     def start(self, ids: list[int], capacity: int = 0) -> tuple[HybridCache, int, torch.Tensor]:
@@ -388,7 +389,7 @@ class Engine:
                 raise ValueError("not a pinned prefix: the handle is not from pin, or was released already")
             self.prefix_cache.unpin(handle)
 
-    def _generate(self, ids, max_new_tokens, temperature, top_p, top_k, seed, stops, constraint, logprobs=None):
+    def _generate(self, ids, max_new_tokens, temperature, top_p, top_k, seed, stops, constraint, logprobs=None, markup=None):
         t0 = time.perf_counter()
         # K/V room for the answer up front, up to `ANSWER_RESERVE` tokens (the cache grows past it by
         # KV_BLOCK): max_new_tokens may be the whole window (ChatJamba's max_tokens=None), 4 GiB of K/V
@@ -428,7 +429,7 @@ class Engine:
             if constraint is not None:
                 constraint.accept(token)
             text = detok.text(out_ids)
-            cut = _find_stop(text, stops) if free_text else None
+            cut = _find_stop(text, stops, markup) if free_text else None
             if cut is not None:
                 finish, hit_stop_string = "stop", True
                 yield StreamChunk(text[len(sent):cut] if cut > len(sent) else "", [token], logprobs=entry)
@@ -436,7 +437,7 @@ class Engine:
             # hold back an incomplete UTF-8 character and a possible stop-string prefix
             safe = len(text.rstrip("\ufffd"))
             if stops and free_text:
-                safe = min(safe, _stop_prefix_start(text, stops))
+                safe = min(safe, _stop_prefix_start(text, stops, markup))
             yield StreamChunk(text[len(sent):safe] if safe > len(sent) else "", [token], logprobs=entry)
             sent = text[: max(safe, len(sent))]
             if constraint is not None and constraint.is_terminated():
@@ -584,15 +585,35 @@ def check_sampling(max_new_tokens, temperature: float = 0.0, top_p: float = 1.0,
         raise ValueError(f"top_k must be an integer >= 0 (0 keeps every token), got {top_k!r}")
 
 
-def _find_stop(text: str, stops: list[str]) -> int | None:
-    """Index of the earliest stop string in ``text`` (None if absent)."""
-    hits = [i for s in stops if (i := text.find(s)) >= 0]
+def _free_spans(text: str, markup: tuple[str, str] | None) -> list[tuple[int, int]]:
+    """The (start, end) spans of ``text`` outside ``markup``'s blocks (open marker to close marker; a block
+    not closed yet runs to the end)."""
+    if not markup:
+        return [(0, len(text))]
+    opener, closer = markup
+    spans, pos = [], 0
+    while (i := text.find(opener, pos)) >= 0:
+        spans.append((pos, i))
+        j = text.find(closer, i + len(opener))
+        if j < 0:
+            return spans
+        pos = j + len(closer)
+    return spans + [(pos, len(text))]
+
+
+def _find_stop(text: str, stops: list[str], markup: tuple[str, str] | None = None) -> int | None:
+    """Index of the earliest stop string in ``text`` outside ``markup``'s blocks (None if absent)."""
+    hits = [a + i for a, b in _free_spans(text, markup) for s in stops if (i := text[a:b].find(s)) >= 0]
     return min(hits) if hits else None
 
 
-def _stop_prefix_start(text: str, stops: list[str]) -> int:
-    """Where a suffix of ``text`` that could begin a stop string starts (len(text) if none)."""
-    for k in range(min(len(text), max(len(s) for s in stops) - 1), 0, -1):
+def _stop_prefix_start(text: str, stops: list[str], markup: tuple[str, str] | None = None) -> int:
+    """Where a suffix of ``text`` that could begin a stop string starts (len(text) if none, or if the
+    text ends inside a ``markup`` block)."""
+    a, b = _free_spans(text, markup)[-1]
+    if b < len(text):
+        return len(text)
+    for k in range(min(len(text) - a, max(len(s) for s in stops) - 1), 0, -1):
         tail = text[-k:]
         if any(s.startswith(tail) for s in stops):
             return len(text) - k

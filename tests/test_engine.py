@@ -203,6 +203,44 @@ def test_stop_strings_end_free_text_but_not_a_constrained_call(tiny_engine):
     assert stop not in tiny_engine.generate(PROMPT, max_new_tokens=40, stop=[stop]).text
 
 
+def test_stop_strings_skip_a_free_call_s_markup_and_apply_after_it():
+    """With tool_choice="auto" nothing constrains the call, and stop=["\n"] cut the model's own call at
+    '<tool_calls>[' (an invalid call): stop strings are looked for only outside the call markers' blocks,
+    and a block not closed yet holds nothing back."""
+    from jamba_core.engine import _find_stop, _stop_prefix_start
+
+    markup = ("<tool_calls>", "</tool_calls>")
+    text = 'Sure.<tool_calls>[\n{"name": "f", "arguments": {}}\n]</tool_calls>\nthen\n'
+    assert _find_stop(text, ["\n"], markup) == text.index("</tool_calls>") + len("</tool_calls>")
+    assert _find_stop(text, ["\n"]) == text.index("[") + 1  # without the markup: inside the call
+    assert _find_stop(text, ["]"], markup) is None and _find_stop("a. b", ["."], markup) == 1
+    assert _find_stop('x<tool_calls>[\n{"a', ["\n", "{"], markup) is None
+    assert _stop_prefix_start("hi<tool_calls>[\nab", ["ab!"], markup) == len("hi<tool_calls>[\nab")  # inside: sent
+    assert _stop_prefix_start("hi</b>ab", ["ab!"], markup) == len("hi</b>")
+    assert _stop_prefix_start("ab", ["ab!"], ("<b>", "</b>")) == 0
+    assert _stop_prefix_start("<b>x</b>ab", [">ab!"]) == len("<b>x</b") and _stop_prefix_start("<b>x</b>ab", [">ab!"], ("<b>", "</b>")) == 10
+
+
+def test_a_free_call_survives_a_newline_stop():
+    """The reported case end to end: `bind_tools` with the default "auto" and stop=["\n"] (the Jamba call
+    format writes a newline after '<tool_calls>[')."""
+    from jamba_core.testing import trained_checkpoint
+    from langchain_jamba import ChatJamba
+
+    trained = trained_checkpoint(missing_ok=True)
+    if trained is None:
+        pytest.skip("no trained checkpoint")
+
+    def multiply(a: int, b: int) -> int:
+        """Multiply two integers."""
+        return a * b
+
+    llm = ChatJamba(model=str(trained), max_tokens=60).bind_tools([multiply])
+    for stop in (["\n"], ["]", "\n"]):
+        reply = llm.invoke("What is 6 times 7?", stop=stop)
+        assert reply.tool_calls and reply.tool_calls[0]["name"] == "multiply" and not reply.invalid_tool_calls
+
+
 def test_a_long_answer_budget_does_not_allocate_the_whole_window_up_front(tiny_engine, monkeypatch):
     """max_new_tokens may be the rest of the window (ChatJamba's max_tokens=None): the K/V for all of it
     was allocated for every call (384 MiB for a 22-token chat on the tiny model; 4 GiB for Jamba 1.5

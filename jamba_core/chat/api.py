@@ -15,7 +15,7 @@ if TYPE_CHECKING:  # the engine imports the tokenizer, which imports this packag
 from .grammar import (BannedTokensConstraint, EitherConstraint, GrammarConstraint, response_format_constraint,
                       tool_choice_constraint)
 from .reasoning import ReasoningDelta, ReasoningSplitter, is_reasoning_template, prompt_opens_thinking
-from .tool_calls import Citations, ContentDelta, InvalidToolCall, StreamingToolCallParser, ToolCallChunk, detect_call_format
+from .tool_calls import CALL_MARKERS, Citations, ContentDelta, InvalidToolCall, StreamingToolCallParser, ToolCallChunk, detect_call_format
 
 
 @dataclass
@@ -118,8 +118,9 @@ def chat_stream(engine: Engine, messages: list[dict], *, tools=None, tool_choice
 
     pieces, last = [], None
     logprobs = [] if generation.get("logprobs") is not None else None
+    markup = CALL_MARKERS[fmt] if tools and tool_choice != "none" else None  # a free call: stop strings end text, not calls
     for chunk in engine.stream(messages, tools=tools, documents=documents, response_format=response_format,
-                               citations=citations, constraint=constraint, **generation):
+                               citations=citations, constraint=constraint, markup=markup, **generation):
         last = chunk
         if logprobs is not None and chunk.logprobs:
             logprobs.extend(chunk.logprobs)
