@@ -86,8 +86,11 @@ def weight_files(folder: Path) -> list[Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as err:
-            raise ValueError(f"{index} is not a valid safetensors index: {err}") from err
+        except (json.JSONDecodeError, KeyError, TypeError) as err:  # TypeError: the file holds a list, not an object
+            raise ValueError(f"{index} is not a valid safetensors index: {type(err).__name__}: {err}") from err
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{index} is not a valid safetensors index: its weight_map must map tensor names to file "
+                             f"names, got {type(weight_map).__name__}")
         files = [folder / name for name in dict.fromkeys(weight_map.values())]
         for f in files:
             if not f.is_file():

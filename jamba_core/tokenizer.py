@@ -127,12 +127,14 @@ def load_tokenizer(path: str | os.PathLike) -> transformers.PreTrainedTokenizerB
         raise FileNotFoundError(f"no tokenizer files ({', '.join(_TOKENIZER_FILES)}) in folder {str(folder)!r}")
     try:
         return transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
-    except (ValueError, OSError) as err:  # e.g. only tokenizer_config.json: transformers asks for sentencepiece
+    # ValueError / OSError: e.g. only tokenizer_config.json (transformers asks for sentencepiece); KeyError,
+    # TypeError, AttributeError: a tokenizer.json that is JSON but not a tokenizer ({} lacks "added_tokens")
+    except (ValueError, OSError, KeyError, TypeError, AttributeError) as err:
         present = [name for name in _TOKENIZER_FILES if (folder / name).is_file()]
         hint = "" if (folder / "tokenizer.json").is_file() else (
             "; tokenizer.json is missing (every Jamba checkpoint ships it: copy it from the model's repository)")
         raise ValueError(f"could not load the tokenizer in {str(folder)!r} (it holds {', '.join(present)}){hint}: "
-                         f"{' '.join(str(err).split())}") from err
+                         f"{type(err).__name__}: {' '.join(str(err).split())}") from err
 
 
 def stop_token_ids(tokenizer, config) -> set[int]:

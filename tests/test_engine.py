@@ -432,6 +432,22 @@ def test_missing_shard_names_it(broken):
         Engine.from_pretrained(broken, progress=False)
 
 
+@pytest.mark.parametrize("index", ["[]", '{"weight_map": []}', '{"weight_map": {"lm_head.weight": 3}}', "{", "{}"])
+def test_a_malformed_shard_index_is_named(broken, index):
+    """A list, a weight_map that is no mapping of names to files: TypeError and AttributeError from inside."""
+    (broken / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(ValueError, match=r"model.safetensors.index.json is not a valid safetensors index"):
+        Engine.from_pretrained(broken, progress=False)
+
+
+@pytest.mark.parametrize("content", ["{}", "[]", '{"model": 3}'])
+def test_a_tokenizer_json_that_is_no_tokenizer_is_named(broken, content):
+    """JSON, but not a tokenizer: transformers' KeyError ('added_tokens') reached the CLI as a traceback."""
+    (broken / "tokenizer.json").write_text(content)
+    with pytest.raises(ValueError, match=r"could not load the tokenizer in .*broken' \(it holds tokenizer.json"):
+        Engine.from_pretrained(broken, progress=False)
+
+
 def test_incremental_detokenization_equals_decoding_everything(tiny_engine):
     """The streaming text (decoded a few ids at a time) equals decoding all ids, at every step, across
     multi-byte characters split over tokens, and for a SentencePiece-style decoder (which drops the
