@@ -185,7 +185,11 @@ def cmd_eval(args) -> int:
 
     grid = (args.tasks.split(","), args.lengths, args.depths, args.samples)
     try:
-        haystack = Haystack(tokenizer, text=Path(args.haystack).read_text(encoding="utf-8")) if args.haystack else None
+        text = Path(args.haystack).read_text(encoding="utf-8") if args.haystack else None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"--haystack {args.haystack}: {type(err).__name__}: {err}") from err
+    try:
+        haystack = Haystack(tokenizer, text=text) if text is not None else None
         results = evaluate(chat, *grid, tokenizer, seed=args.seed, max_new_tokens=args.max_new_tokens,
                            haystack=haystack, progress=progress)
     except (Exception, KeyboardInterrupt) as err:  # a failed sample or Ctrl-C: keep the cells already scored

@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
@@ -124,7 +124,9 @@ class Engine:
         self.dtype = model.compute_dtype  # not lm_head's: a quantized head holds int8
         self.kv_dtype = _dtype(kv_cache_dtype) if kv_cache_dtype is not None else self.dtype
         self.device = model.model.embed_tokens.weight.device
-        self.prefill_chunk_tokens = prefill_chunk_tokens
+        if isinstance(prefill_chunk_tokens, bool) or not isinstance(prefill_chunk_tokens, numbers.Integral) or prefill_chunk_tokens < 1:
+            raise ValueError(f"prefill_chunk_tokens must be an integer >= 1, got {prefill_chunk_tokens!r}")
+        self.prefill_chunk_tokens = int(prefill_chunk_tokens)
         self.stop_ids = stop_token_ids(tokenizer, config)
         self._control_ids = control_token_ids(tokenizer)
         self._token_bytes: list[bytes] | None = None  # token_bytes(), read on first use
@@ -183,6 +185,8 @@ class Engine:
 
         Token ids may be Python ints, numpy integers or a 1-D integer tensor / array (as a tokenizer's
         ``return_tensors`` gives, its batch row taken); bools and floats raise ``TypeError``."""
+        if isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, (str, Iterable)):
+            raise TypeError(f"prompt must be text, a list of token ids, or a list of chat message dicts, got {type(prompt).__name__}")
         if isinstance(prompt, str):
             if tools or documents:
                 return self.encode([{"role": "user", "content": prompt}], tools, documents, response_format, citations)
@@ -307,7 +311,7 @@ class Engine:
         requests wait for it: a stream kept in a variable and left unread blocks them. In one thread, a
         second request interleaved with an open stream runs on a cache of its own.
         """
-        check_sampling(max_new_tokens, temperature, top_p, top_k)
+        check_sampling(max_new_tokens, temperature, top_p, top_k, seed)
         check_logprobs(logprobs)
         logprobs = None if logprobs is None else operator.index(logprobs)
         if prompt is None:
@@ -563,12 +567,19 @@ def warn_unknown_options(owner: str, given, fields: dict, accepted: Sequence[str
                       UserWarning, stacklevel=stacklevel + 1)
 
 
-def check_sampling(max_new_tokens, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0) -> None:
-    """Raise ``ValueError`` (``TypeError`` for a non-integer count, or a temperature or top_p that is not a
-    number) for sampling settings no sampler takes: ``max_new_tokens < 1``, ``temperature < 0``, ``top_p``
-    outside (0, 1], ``top_k < 0``; the adapters call it when they are built, so that a bad setting fails
-    there rather than at the first call."""
+def check_sampling(max_new_tokens, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed=None) -> None:
+    """Raise ``ValueError`` (``TypeError`` for a non-integer count or seed, or a temperature or top_p that is
+    not a number) for sampling settings no sampler takes: ``max_new_tokens < 1``, ``temperature < 0``,
+    ``top_p`` outside (0, 1], ``top_k < 0``, a ``seed`` outside torch's range (-2^63 .. 2^64 - 1); the
+    adapters call it when they are built, so that a bad setting fails there rather than at the first call."""
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise TypeError(f"seed must be an integer or None, got {seed!r}")
+        if not -(2**63) <= seed < 2**64:
+            raise ValueError(f"seed must be in -2**63 .. 2**64 - 1 (torch's generator), got {seed}")
     try:
+        if isinstance(max_new_tokens, bool):  # True is not a count
+            raise TypeError
         max_new_tokens = operator.index(max_new_tokens)  # ints and integer scalars, not 2.5
     except TypeError:
         raise TypeError(f"max_new_tokens must be an integer, got {max_new_tokens!r}") from None
@@ -581,7 +592,7 @@ def check_sampling(max_new_tokens, temperature: float = 0.0, top_p: float = 1.0,
         raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] (1 keeps every token), got {top_p}")
-    if not hasattr(top_k, "__index__") or top_k < 0:
+    if isinstance(top_k, bool) or not hasattr(top_k, "__index__") or top_k < 0:
         raise ValueError(f"top_k must be an integer >= 0 (0 keeps every token), got {top_k!r}")
 
 

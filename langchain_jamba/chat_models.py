@@ -421,7 +421,7 @@ class ChatJamba(BaseChatModel):
             raise ValueError(f"max_tokens must be >= 1 (or None), got {self.max_tokens}")
         from jamba_core.engine import check_sampling
 
-        check_sampling(self.max_tokens or 1, self.temperature, self.top_p, self.top_k)
+        check_sampling(self.max_tokens or 1, self.temperature, self.top_p, self.top_k, self.seed)
         _engine_logprobs(self.logprobs, self.top_logprobs)
         return self
 
@@ -846,7 +846,7 @@ def _openai_tool_call(call_id: str | None, name: str, args: Any) -> dict[str, An
 
 def _check_block(block: Any, role: str) -> None:
     if isinstance(block, Mapping) and block.get("type") in _MEDIA_BLOCKS:
-        raise ValueError(f"ChatJamba reads text only: {'an' if role[:1] in 'aeiou' else 'a'} {role} message holds a {block['type']!r} block")
+        raise ValueError(f"ChatJamba reads text only: {'an' if role[:1] in 'aeio' else 'a'} {role} message holds a {block['type']!r} block")
 
 
 def _block_text(block: Any) -> str | None:

@@ -475,7 +475,7 @@ def to_jamba_message(message: ChatMessage, documents: List[dict]) -> dict:
         elif isinstance(block, ThinkingBlock) or type(block).__name__ == "CachePoint":
             continue
         else:
-            raise ValueError(f"JambaLLM reads text only: {'an' if role[:1] in 'aeiou' else 'a'} {role} message holds a {type(block).__name__}; "
+            raise ValueError(f"JambaLLM reads text only: {'an' if role[:1] in 'aeio' else 'a'} {role} message holds a {type(block).__name__}; "
                              "send text, tool calls, or text documents (CitableBlock, documents=)")
     out: Dict[str, Any] = {"role": role, "content": "\n".join(texts)}
     extra = message.additional_kwargs

@@ -296,6 +296,27 @@ def test_rejects_prompts_and_counts_of_the_wrong_kind(tiny_engine):
         tiny_engine.generate(PROMPT, max_new_tokens=2.5)
 
 
+def test_settings_of_the_wrong_kind_are_named(tiny_engine, tiny_checkpoint):
+    """Each failed deep inside or passed silently: seed=1.5 (torch's RuntimeError), seed=2**70 ("Overflow
+    when unpacking long long"), top_k=True (a torch TypeError), max_new_tokens=True (taken as 1), bytes
+    (read as token ids), an int ("'int' object is not iterable"), prefill_chunk_tokens=0 (accepted, then
+    "range() arg 3 must not be zero" at the first prompt)."""
+    for kwargs, error, match in ((dict(seed=1.5), TypeError, "seed must be an integer or None, got 1.5"),
+                                 (dict(seed=True), TypeError, "seed must be an integer"),
+                                 (dict(seed=2**70), ValueError, r"seed must be in -2\*\*63 .. 2\*\*64 - 1"),
+                                 (dict(top_k=True), ValueError, "top_k must be an integer >= 0"),
+                                 (dict(max_new_tokens=True), TypeError, "max_new_tokens must be an integer, got True")):
+        with pytest.raises(error, match=match):
+            tiny_engine.generate(PROMPT, **{"max_new_tokens": 2, **kwargs})
+    assert tiny_engine.generate(PROMPT, max_new_tokens=2, temperature=1.0, seed=2**64 - 1).token_ids
+    for prompt, kind in ((b"hello", "bytes"), (5, "int")):
+        with pytest.raises(TypeError, match=f"prompt must be text, a list of token ids, or a list of chat message dicts, got {kind}"):
+            tiny_engine.generate(prompt, max_new_tokens=2)
+    for chunk in (0, -5, 2.5, True):
+        with pytest.raises(ValueError, match=f"prefill_chunk_tokens must be an integer >= 1, got {chunk}"):
+            Engine.from_pretrained(tiny_checkpoint, progress=False, prefill_chunk_tokens=chunk)
+
+
 def test_an_empty_stop_string_is_ignored_alone_or_in_a_list(tiny_engine):
     want = tiny_engine.generate(PROMPT, max_new_tokens=6)
     for stop in ("", [""], ["", None]):
@@ -493,7 +514,10 @@ def test_cli_bad_values_are_usage_errors_not_tracebacks(capsys, tiny_checkpoint)
     for argv, message in ((["info", "--model", mini, "--fits", "nan"], "--fits must be a positive number of GiB"),
                           (["generate", "--model", str(tiny_checkpoint / "config.json"), "hi"], "is a file; pass the checkpoint folder"),
                           (["generate", "--model", str(tiny_checkpoint), "--device", "gpu", "hi"], "not a torch device"),
-                          (["generate", "--model", str(tiny_checkpoint), "--top-k", "-2", "--temperature", "1", "hi"], "top_k must be")):
+                          (["generate", "--model", str(tiny_checkpoint), "--top-k", "-2", "--temperature", "1", "hi"], "top_k must be"),
+                          (["generate", "--model", str(tiny_checkpoint), "--seed", str(2**70), "hi"], "seed must be in"),
+                          (["eval", str(tiny_checkpoint), "--haystack", "/nonexistent/text.txt", "--lengths", "256"],
+                           "--haystack /nonexistent/text.txt: FileNotFoundError")):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
