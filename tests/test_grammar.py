@@ -227,6 +227,10 @@ def test_unknown_tool_or_format_raises(tok):
         tool_choice_constraint(tok, [], "any")
     with pytest.raises(ValueError):
         tool_choice_constraint(tok, TOOLS, "any", call_format="xml")
+    # read as a bare JSON schema, {"type": "xml"} reached xgrammar: 'json_schema_converter.cc: Unsupported type "xml"'
+    for kind in ("xml", ["string", "xml"]):
+        with pytest.raises(ValueError, match=r"response_format type .*xml.* is neither a response format \('text'"):
+            response_format_constraint(tok, {"type": kind})
 
 
 RESPONSE_SCHEMA = {

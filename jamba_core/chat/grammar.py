@@ -1011,6 +1011,10 @@ def _response_schema(response_format: Any) -> dict | None:
         if not isinstance(schema, dict):
             raise ValueError("response_format json_schema needs {'json_schema': {'schema': {...}}}")
         return schema
+    json_types = {"object", "array", "string", "number", "integer", "boolean", "null"}
+    if isinstance(kind, str) and kind not in json_types or isinstance(kind, list) and not set(kind) <= json_types:
+        raise ValueError(f"response_format type {kind!r} is neither a response format ('text', 'json_object', "
+                         f"'json_schema') nor a JSON schema type ({', '.join(sorted(json_types))})")
     return response_format  # a bare JSON schema
 
 
