@@ -394,8 +394,9 @@ def test_bitsandbytes_formats_load_run_and_reload(scheme, bound, tiny_checkpoint
         # the CPU packing in place), and saves repeat exactly
         assert torch.equal(engine.model(ids), live)
         assert torch.equal(reloaded.model(ids), again.model(ids))
-        # the saved nf4 block scales are bitsandbytes' requantization of the packed fp32 ones: close, not equal
-        assert rel(reloaded.model(ids), live) <= (1e-6 if scheme == "bnb-int8" else 0.01)
+        # after a forward, the reload is the model that ran: the nf4 block scales saved are those quantized
+        # at load, not bitsandbytes' requantization of its CPU packing's fp32 ones (logits 0.03 apart)
+        assert torch.equal(reloaded.model(ids), live)
     assert resident_bytes(engine.model) < resident_bytes(Engine.from_pretrained(tiny_checkpoint, progress=False).model)
 
 

@@ -268,14 +268,21 @@ def _state_dict_keeping_cpu_packing(model) -> dict:
     kernel (the nested block scales dequantized to fp32), and its ``_save_to_state_dict`` undoes that in
     place, quantizing the scales again: saving changed the live engine's logits (by 8e-3 on the tiny model),
     and each later save differed from the one before. The packed weight and a copy of its quant state are
-    put back after the state dict is read, so saves repeat exactly; the saved scales are still
-    bitsandbytes' requantization of the fp32 ones, as its own save gives."""
+    put back after the state dict is read, so saves repeat exactly; the saved scales are the ones quantized
+    when the module was made (`bnb.saved_stats`), not bitsandbytes' requantization of the fp32 ones, so a
+    checkpoint saved after generating reloads as the same model."""
     import copy
 
     packed = [(m, m.weight.data, copy.deepcopy(m.weight.quant_state)) for m in model.modules()
               if getattr(getattr(getattr(m, "weight", None), "quant_state", None), "packing_format_for_cpu", False)]
     try:
-        return {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        for name, module in model.named_modules():  # the scales as quantized, not requantized (bnb.saved_stats)
+            for k, v in (bnb.saved_stats(module) or {}).items():
+                key = f"{name}.weight.{k}" if name else f"weight.{k}"
+                if key in state:
+                    state[key] = v.contiguous()
+        return state
     finally:
         for module, data, quant_state in packed:
             module.weight.data, module.weight.quant_state = data, quant_state

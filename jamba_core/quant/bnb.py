@@ -72,8 +72,24 @@ def from_float(scheme: str, weight: torch.Tensor, bias: nn.Parameter | None, com
         module.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False).to(device)
     else:
         module.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", blocksize=NF4_BLOCKSIZE, module=module).to(device)
+        _keep_saved_stats(module)
     module.bias = bias
     return module
+
+
+def _keep_saved_stats(module: nn.Module) -> None:
+    """Keep a 4-bit module's quant state as saved (``as_dict(packed=True)``: the block scales quantized
+    against their nested scales), before any forward: on a CPU with AVX512-BF16 the first forward converts
+    the state for bitsandbytes' CPU kernel (scales dequantized), and its save quantizes them again one bf16
+    step away, so a checkpoint saved after generating reloaded as another model (logits 0.03 apart on the
+    tiny model). `saved_stats` gives these back to `jamba_core.quant.save_quantized`. A few hundred bytes
+    per million weights."""
+    module.jl_saved_stats = {k: v.detach().clone() for k, v in module.weight.quant_state.as_dict(packed=True).items()}
+
+
+def saved_stats(module: nn.Module) -> dict[str, torch.Tensor] | None:
+    """A 4-bit module's quant-state entries as quantized (keys after ``weight.``), or None."""
+    return getattr(module, "jl_saved_stats", None)
 
 
 def from_saved(scheme: str, tensors: dict[str, torch.Tensor], in_features: int, out_features: int, bias: nn.Parameter | None,
@@ -87,6 +103,7 @@ def from_saved(scheme: str, tensors: dict[str, torch.Tensor], in_features: int, 
     else:
         stats = {k.removeprefix("weight."): v for k, v in tensors.items() if k != "weight"}
         module.weight = bnb.nn.Params4bit.from_prequantized(data, stats, requires_grad=False, device=device, module=module)
+        _keep_saved_stats(module)
     module.bias = bias
     return module
 
