@@ -5,7 +5,7 @@
 
 Writes ``benchmarks/results/trained/``: ``{trained,random}/results.{json,md}`` and ``heatmap.png``
 (RULER-style accuracy by task x length x depth, `jamba_core.eval.ruler`), ``tools.json`` (tool calls, JSON
-extraction and copying on held-out names and values, and a needle in the forms applications send,
+extraction and copying on held-out names and values, tool calls naming real places (`evaluate_place_calls`), and a needle in the forms applications send,
 `jamba_core.eval.tools`), and ``summary.md`` (the figures
 the issue asks for, with the training time and parameter count from the checkpoint's training.json).
 Long lengths cost: the attention layers are quadratic, so one 128K sample takes minutes here; the
@@ -47,7 +47,7 @@ def random_twin(path: Path, folder: Path, seed: int = 1) -> Path:
 def run(model: Path, name: str, args, out: Path) -> dict:
     from jamba_core.eval import evaluate, write_report
     from jamba_core.eval.ruler import Haystack
-    from jamba_core.eval.tools import evaluate_copying, evaluate_json, evaluate_needle_forms, evaluate_tool_calls
+    from jamba_core.eval.tools import evaluate_copying, evaluate_json, evaluate_needle_forms, evaluate_place_calls, evaluate_tool_calls
     from langchain_jamba import ChatJamba
 
     chat = ChatJamba(model=str(model), temperature=0.0, max_tokens=48)
@@ -73,13 +73,15 @@ def run(model: Path, name: str, args, out: Path) -> dict:
     write_report(results, out / name)
     start = time.perf_counter()
     tools = evaluate_tool_calls(chat, samples=args.tool_samples, seed=args.seed)
+    places = evaluate_place_calls(chat)
     structured = evaluate_json(chat, samples=args.json_samples, seed=args.seed)
     copying = evaluate_copying(chat.bind(max_tokens=96), samples=args.copy_samples, seed=args.seed)
     forms = evaluate_needle_forms(chat, samples=args.form_samples, seed=args.seed, max_chars=args.form_chars)
     print(f"  {name} tools: parsed {tools['parsed']:.2f} correct {tools['correct']:.2f} answer {tools['answer']:.2f}; "
+          f"real places: parsed {places['parsed']:.2f} correct {places['correct']:.2f}; "
           f"json exact {structured['exact']:.2f}; copying exact {copying['exact']:.2f} words {copying['word_accuracy']:.2f}; "
           f"needle forms {forms['forms']} ({time.perf_counter() - start:.0f} s)", flush=True)
-    return {"ruler_means": results["means"], "tools": tools, "json": structured, "copying": copying, "needle_forms": forms}
+    return {"ruler_means": results["means"], "tools": tools, "places": places, "json": structured, "copying": copying, "needle_forms": forms}
 
 
 def summary(figures: dict, training: dict | None) -> str:
@@ -100,12 +102,13 @@ def summary(figures: dict, training: dict | None) -> str:
             row.append(f"{hits[0]:.2f}" if hits else "-")
         lines.append(f"| {task} | {length:,} | " + " | ".join(row) + " |")
     lines += ["", "## Tool calls (held-out names and values, unconstrained) and JSON extraction", "",
-              "| model | parsed | correct name + args | answer quotes the result | JSON exact (json_schema) | copying exact (words) |",
-              "|---|---:|---:|---:|---:|---:|"]
+              "| model | parsed | correct name + args | answer quotes the result | real places: correct (parsed) | JSON exact (json_schema) | copying exact (words) |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
     for n in names:
-        t, j, c = figures[n]["tools"], figures[n]["json"], figures[n].get("copying")
+        t, j, c, pl = figures[n]["tools"], figures[n]["json"], figures[n].get("copying"), figures[n].get("places")
         copied = f"{c['exact']:.2f} ({c['word_accuracy']:.2f})" if c else "-"
-        lines.append(f"| {n} | {t['parsed']:.2f} | {t['correct']:.2f} | {t['answer']:.2f} | {j['exact']:.2f} | {copied} |")
+        placed = f"{pl['correct']:.2f} ({pl['parsed']:.2f})" if pl else "-"
+        lines.append(f"| {n} | {t['parsed']:.2f} | {t['correct']:.2f} | {t['answer']:.2f} | {placed} | {j['exact']:.2f} | {copied} |")
     with_forms = [n for n in names if figures[n].get("needle_forms")]
     if with_forms:
         first = figures[with_forms[0]]["needle_forms"]
@@ -146,7 +149,7 @@ def main(argv=None) -> int:
         twin = random_twin(model, Path(tmp) / "random")
         quick = argparse.Namespace(**{**vars(args), "lengths": args.random_lengths, "long": "none", "form_samples": min(4, args.form_samples)})
         figures["random"] = run(twin, "random", quick, args.out)
-    (args.out / "tools.json").write_text(json.dumps({n: {k: f[k] for k in ("tools", "json", "copying", "needle_forms")} for n, f in figures.items()},
+    (args.out / "tools.json").write_text(json.dumps({n: {k: f[k] for k in ("tools", "places", "json", "copying", "needle_forms")} for n, f in figures.items()},
                                                     indent=1, default=str))
     training_file = model / "training.json"
     training = json.loads(training_file.read_text()) if training_file.is_file() else None

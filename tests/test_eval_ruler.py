@@ -255,6 +255,43 @@ def test_copying_scores_an_echo_one_a_shifted_copy_partly_and_a_refusal_zero(sha
     assert any(w in test_words for f in short["failures"] for w in f["expected"].replace(",", " ").split())
 
 
+class _ToolScriptedChat:
+    """`bind_tools` then ``invoke``: calls `call(request, tool names)` -> (name, args) or None (plain text)."""
+
+    def __init__(self, call, tools=None):
+        self.call, self.tools = call, tools
+
+    def bind_tools(self, tools):
+        return _ToolScriptedChat(self.call, [t["function"]["name"] for t in tools])
+
+    def invoke(self, messages, max_tokens=None):
+        got = self.call(messages[-1].content, self.tools)
+        return AIMessage("I cannot.") if got is None else AIMessage("", tool_calls=[{"name": got[0], "args": got[1], "id": "call_0"}])
+
+
+def test_place_calls_score_the_exact_place_and_the_tool_the_request_needs():
+    """`evaluate_place_calls`: both tools bound to every request; a caller that picks the tool by the
+    request's topic and copies the place scores 1, one that lowercases the place parses but scores 0, text
+    scores neither, and a caller that always calls the first tool misses the population requests only."""
+    from jamba_core.eval.tools import PLACE_REQUESTS, PLACES, evaluate_place_calls
+
+    def place(request):
+        return re.search(r"(?:in|for) ([A-Z][a-z]+)", request).group(1)
+
+    def right(request, tools):
+        assert tools == ["get_weather", "get_population"]
+        return ("get_population" if "people" in request else "get_weather", {"city": place(request)})
+
+    perfect = evaluate_place_calls(_ToolScriptedChat(right))
+    assert perfect["samples"] == len(PLACES) * len(PLACE_REQUESTS) and perfect["parsed"] == perfect["correct"] == 1.0
+    assert perfect["failures"] == []
+    lower = evaluate_place_calls(_ToolScriptedChat(lambda r, t: (right(r, t)[0], {"city": place(r).lower()})))
+    assert lower["parsed"] == 1.0 and lower["correct"] == 0.0 and len(lower["failures"]) == 10
+    assert evaluate_place_calls(_ToolScriptedChat(lambda r, t: None))["parsed"] == 0.0
+    first = evaluate_place_calls(_ToolScriptedChat(lambda r, t: (t[0], {"city": place(r)})))
+    assert first["correct"] == 0.75 and first["by_request"]["How many people live in {}?"] == 0.0
+
+
 class _ReaderChat(BaseChatModel):
     """Reads every message for RULER needles and answers the value of the key the last message asks
     about (a perfect reader), or a fixed ``answer``."""

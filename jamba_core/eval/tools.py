@@ -108,6 +108,45 @@ def evaluate_copying(chat_model, samples: int = 50, seed: int = 0, split: str = 
     return {"samples": samples, "split": split, "exact": exact / samples, "word_accuracy": words / samples, "failures": failures}
 
 
+# Real places (the training data name only made-up ones, `data.proper_name`) and the requests users write
+# about them: the tools are held out (`data.HELD_OUT_TOOL_NAMES`), and so are two of the four wordings.
+PLACES = ("Nantucket", "London", "Paris", "Madrid", "Denver", "Seattle", "Tokyo", "Cairo", "Lima", "Boston", "Berlin",
+          "Chicago", "Nairobi", "Reykjavik", "Oslo", "Mumbai", "Toronto", "Santiago", "Kyoto", "Dublin", "Lisbon",
+          "Helsinki", "Montreal", "Auckland", "Marrakesh")
+PLACE_REQUESTS = (("get_weather", "What is the weather in {}?"), ("get_weather", "Get the weather for {}."),
+                  ("get_weather", "What's the weather like in {} right now?"), ("get_population", "How many people live in {}?"))
+
+
+def _place_tools() -> list[dict]:
+    return [{"type": "function", "function": {"name": name, "description": what,
+             "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "The city."}}, "required": ["city"]}}}
+            for name, what in (("get_weather", "Get the current weather in a city."), ("get_population", "Get the population of a city."))]
+
+
+def evaluate_place_calls(chat_model, places: tuple[str, ...] = PLACES, max_new_tokens: int = 64) -> dict:
+    """Tool calls naming real places, as applications bind them (``get_weather(city)``, ``get_population(city)``,
+    both tools bound to every request): each of `PLACE_REQUESTS` for each place, unconstrained.
+    ``{"samples", "parsed", "correct", "by_request": {wording: correct rate}, "failures"}``; correct = the first
+    call has the expected name and ``{"city": place}`` exactly."""
+    from langchain_core.messages import HumanMessage
+
+    bound = chat_model.bind_tools(_place_tools())
+    parsed = correct = 0
+    by_request, failures = {}, []
+    for name, wording in PLACE_REQUESTS:
+        hits = 0
+        for place in places:
+            reply = bound.invoke([HumanMessage(wording.format(place))], max_tokens=max_new_tokens)
+            ok_parse = bool(reply.tool_calls) and not reply.invalid_tool_calls
+            ok = ok_parse and reply.tool_calls[0]["name"] == name and reply.tool_calls[0]["args"] == {"city": place}
+            parsed, correct, hits = parsed + ok_parse, correct + ok, hits + ok
+            if not ok and len(failures) < 10:
+                failures.append({"request": wording.format(place), "got": reply.tool_calls or reply.content})
+        by_request[wording] = hits / len(places)
+    n = len(places) * len(PLACE_REQUESTS)
+    return {"samples": n, "parsed": parsed / n, "correct": correct / n, "by_request": by_request, "failures": failures}
+
+
 NEEDLE_FORMS = ("ruler", "system", "llamaindex", "documents")
 
 
