@@ -108,8 +108,9 @@ def evaluate_copying(chat_model, samples: int = 50, seed: int = 0, split: str = 
     return {"samples": samples, "split": split, "exact": exact / samples, "word_accuracy": words / samples, "failures": failures}
 
 
-# Real places (the training data name only made-up ones, `data.proper_name`) and the requests users write
-# about them: the tools are held out (`data.HELD_OUT_TOOL_NAMES`), and so are two of the four wordings.
+# Real places (no training value is one: values are book words, numbers and random characters) and the
+# requests users write about them: the tools are held out (`data.HELD_OUT_TOOL_NAMES`), and so are three of
+# the four wordings (training asks "What is the {noun} in {value}?").
 PLACES = ("Nantucket", "London", "Paris", "Madrid", "Denver", "Seattle", "Tokyo", "Cairo", "Lima", "Boston", "Berlin",
           "Chicago", "Nairobi", "Reykjavik", "Oslo", "Mumbai", "Toronto", "Santiago", "Kyoto", "Dublin", "Lisbon",
           "Helsinki", "Montreal", "Auckland", "Marrakesh")
