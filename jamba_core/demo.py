@@ -10,7 +10,8 @@ needle, `jamba_core.eval.ruler`) and asks for it. Then
 
 1. LlamaIndex: a `SummaryIndex` over the document, queried through `JambaLLM` with ``compact``
    packing, budgeted with the checkpoint's own tokenizer, so the whole document goes into one call
-   where it fits the context window;
+   where it fits the context window (its chunks split without overlap: every chunk reaches the model,
+   and the default 200-token overlap would send a fifth of the document twice);
 2. LangChain: a chain ``prompt | ChatJamba | StrOutputParser`` with the document in the prompt;
 3. LangChain tools (trained or real checkpoints): ``ChatJamba.bind_tools([get_weather])`` and the
    parsed ``tool_calls``;
@@ -89,6 +90,7 @@ def main(argv=None) -> int:
     from langchain_core.output_parsers import StrOutputParser
     from langchain_core.prompts import ChatPromptTemplate
     from llama_index.core import Document, SummaryIndex
+    from llama_index.core.node_parser import SentenceSplitter
 
     from jamba_core.engine import get_engine
     from jamba_core.testing import make_checkpoint, trained_checkpoint
@@ -127,7 +129,8 @@ def main(argv=None) -> int:
 
     llm = JambaLLM(model=model, dtype=args.dtype, max_new_tokens=args.max_new_tokens)
     use_jamba_tokenizer(llm)  # LlamaIndex budgets with the checkpoint's tokenizer, not tiktoken
-    index = SummaryIndex.from_documents([Document(text=text, metadata={"source": source})])
+    index = SummaryIndex.from_documents([Document(text=text, metadata={"source": source})],
+                                        transformations=[SentenceSplitter(chunk_overlap=0)])
     calls = count_llm_calls()
     answer = index.as_query_engine(llm=llm, response_mode="compact").query(question)
     _report(f"LlamaIndex SummaryIndex, compact ({calls.count} LLM call{'s' if calls.count != 1 else ''})", str(answer), engine, value)
