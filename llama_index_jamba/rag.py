@@ -137,10 +137,11 @@ class JambaDocumentsQueryEngine(BaseQueryEngine):
         self._doc_tokens: dict[int, int] = {}
         self.pinned = None
         if pin_corpus:  # prefill the whole corpus once; each query then costs only its own tokens
-            system = self._messages("")[:-1]
-            if not self._fits(system, [to_document(d) for d in self._documents]):
+            # sized with an empty question: the template places documents before the last user message
+            # (a system prompt alone placed none: "the chat template placed none of the documents")
+            if not self._fits(self._messages(""), [to_document(d) for d in self._documents]):
                 raise ValueError("pin_corpus=True needs the whole corpus to fit the context window")
-            self.pinned = llm.pin(self._documents, messages=system, citations=citations)
+            self.pinned = llm.pin(self._documents, messages=self._messages("")[:-1], citations=citations)
 
     @classmethod
     def from_documents(cls, documents: Sequence[BaseNode], llm: JambaLLM, **kwargs: Any) -> "JambaDocumentsQueryEngine":

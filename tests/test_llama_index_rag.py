@@ -273,10 +273,11 @@ def test_pinned_corpus_makes_each_query_cost_only_its_tokens(tiny_checkpoint):
     llm = JambaLLM(model=str(tiny_checkpoint), max_new_tokens=2)
     docs = [Document(text="Call me Ishmael. " * 80, metadata={"title": "Moby-Dick"}),
             Document(text="The Pequod sails from Nantucket. " * 40, metadata={"title": "Notes"})]
-    engine = JambaDocumentsQueryEngine(llm, docs, pin_corpus=True)
-    assert engine.pinned is not None
-    for question in ("Who is Ishmael?", "Where does the Pequod sail from?"):
-        usage = engine.query(question).metadata["usage"]
-        assert usage["cached_tokens"] == len(engine.pinned)
-        assert usage["prompt_tokens"] - usage["cached_tokens"] < 25
-    llm.release(engine.pinned)
+    for system_prompt in (None, "Answer briefly."):  # with one, the corpus' size check raised (no user message)
+        engine = JambaDocumentsQueryEngine(llm, docs, pin_corpus=True, system_prompt=system_prompt)
+        assert engine.pinned is not None
+        for question in ("Who is Ishmael?", "Where does the Pequod sail from?"):
+            usage = engine.query(question).metadata["usage"]
+            assert usage["cached_tokens"] == len(engine.pinned)
+            assert usage["prompt_tokens"] - usage["cached_tokens"] < 25
+        llm.release(engine.pinned)
