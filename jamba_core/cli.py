@@ -58,6 +58,16 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
+    """Turns through `jamba_core.chat.api.chat_stream`: the answer on stdout (a reasoning model's thinking on
+    stderr), and the parsed answer, not the raw text, kept as the assistant's turn. A turn that fails (the
+    conversation outgrew the context window) is reported and dropped; the chat goes on."""
+    from .chat.api import ChatDone, chat_stream
+    from .chat.reasoning import ReasoningDelta
+    from .chat.tool_calls import ContentDelta
+    from .engine import check_sampling
+
+    sampling = _sampling(args)
+    check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)  # before the first line
     engine = _engine(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("chat with the model; an empty line or Ctrl-D ends.", file=sys.stderr)
@@ -69,12 +79,21 @@ def cmd_chat(args) -> int:
         if not line.strip():
             break
         messages.append({"role": "user", "content": line})
-        reply = []
-        for chunk in engine.stream(messages, **_sampling(args)):
-            print(chunk.text, end="", flush=True)
-            reply.append(chunk.text)
+        result = None
+        try:
+            for event in chat_stream(engine, messages, **sampling):
+                if isinstance(event, ContentDelta):
+                    print(event.text, end="", flush=True)
+                elif isinstance(event, ReasoningDelta):
+                    print(event.text, end="", file=sys.stderr, flush=True)
+                elif isinstance(event, ChatDone):
+                    result = event.result
+        except ValueError as err:
+            print(f"\nerror: {err}; this turn is dropped", file=sys.stderr)
+            messages.pop()
+            continue
         print()
-        messages.append({"role": "assistant", "content": "".join(reply)})
+        messages.append({"role": "assistant", "content": result.content})
     return 0
 
 

@@ -492,6 +492,35 @@ def test_incremental_detokenization_equals_decoding_everything(tiny_engine):
                 assert detok.text(ids[:k]) == decode(ids[:k])
 
 
+def test_cli_chat_keeps_parsed_turns_and_survives_a_turn_that_does_not_fit(tiny_checkpoint, capsys, monkeypatch):
+    """`jamba-local chat` kept the raw stream (markup, the template's space) as the assistant's turn, checked
+    its sampling flags only after the first line, and ended the whole chat at a turn that failed."""
+    import io
+
+    from jamba_core import cli
+
+    assert cli.main(["chat", "--model", str(tiny_checkpoint), "--temperature", "-1"]) == 2
+    assert "temperature must be >= 0" in capsys.readouterr().err
+    from jamba_core.chat import api
+    from jamba_core.chat.api import chat
+
+    sent, real_stream = [], api.chat_stream
+
+    def spy(engine, messages, **kwargs):  # what each turn sends
+        sent.append([dict(m) for m in messages])
+        yield from real_stream(engine, messages, **kwargs)
+
+    monkeypatch.setattr(api, "chat_stream", spy)
+    window = Engine.from_pretrained(tiny_checkpoint, progress=False).context_window
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n" + "word " * (window + 5) + "\nagain\n\n"))
+    assert cli.main(["chat", "--model", str(tiny_checkpoint), "--max-new-tokens", "4"]) == 0
+    err = capsys.readouterr().err
+    assert "this turn is dropped" in err and "context window" in err
+    assert len(sent) == 3 and [m["role"] for m in sent[2]] == ["user", "assistant", "user"]  # the long turn dropped
+    first = Engine.from_pretrained(tiny_checkpoint, progress=False)
+    assert sent[2][1]["content"] == chat(first, [{"role": "user", "content": "hello"}], max_new_tokens=4).content
+
+
 def test_cli_reports_a_missing_checkpoint_as_an_error_message(capsys):
     from jamba_core.cli import main
 
