@@ -228,7 +228,8 @@ def make_sample(task: str, length: int, depth: float, seed: int, haystack: Hayst
         n -= excess
     else:
         raise ValueError(f"could not fit a {task} prompt into {length} tokens: its question and needles alone take about "
-                         f"{haystack.count(render(0))} tokens")
+                         f"{haystack.count(render(0))} tokens, and {length - budget} are kept for the chat template and "
+                         f"the reply (room: {budget}); use a longer length")
     return Sample(task=task, prompt=prompt, answers=list(answers), length=length, depth=float(depth),
                   target=target)
 
