@@ -273,6 +273,8 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
         raise ValueError(f"curriculum_until must be within ({curriculum_from}, 1], got {curriculum_until}")
     if isolate_at is not None and not 0.0 < isolate_at < 1.0:
         raise ValueError(f"isolate_at must be within (0, 1), got {isolate_at}")
+    if isolate_at is not None and spaces == "isolated":  # refused before a tokenizer is made (an --init's is checked below)
+        raise ValueError("isolate_at is for a run with spaces attached: spaces='isolated' already isolates them")
     out = Path(out)
     held = sorted(p.name for p in out.glob("*.safetensors")) if out.is_dir() else []
     same_as_init = init is not None and out.resolve() == Path(init).resolve()
