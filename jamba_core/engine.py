@@ -614,6 +614,8 @@ def _free_spans(text: str, markup: tuple[str, str] | None) -> list[tuple[int, in
 
 def _find_stop(text: str, stops: list[str], markup: tuple[str, str] | None = None) -> int | None:
     """Index of the earliest stop string in ``text`` outside ``markup``'s blocks (None if absent)."""
+    if not stops:  # every generated token asks: no scan of the text for markers when there is nothing to find
+        return None
     hits = [a + i for a, b in _free_spans(text, markup) for s in stops if (i := text[a:b].find(s)) >= 0]
     return min(hits) if hits else None
 

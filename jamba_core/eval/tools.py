@@ -139,7 +139,7 @@ def evaluate_place_calls(chat_model, places: tuple[str, ...] = PLACES, max_new_t
         for place in places:
             reply = bound.invoke([HumanMessage(wording.format(place))], max_tokens=max_new_tokens)
             ok_parse = bool(reply.tool_calls) and not reply.invalid_tool_calls
-            ok = ok_parse and reply.tool_calls[0]["name"] == name and reply.tool_calls[0]["args"] == {"city": place}
+            ok = ok_parse and reply.tool_calls[0]["name"] == name and _same(reply.tool_calls[0]["args"], {"city": place})
             parsed, correct, hits = parsed + ok_parse, correct + ok, hits + ok
             if not ok and len(failures) < 10:
                 failures.append({"request": wording.format(place), "got": reply.tool_calls or reply.content})
