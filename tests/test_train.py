@@ -582,3 +582,37 @@ def test_the_learning_rate_holds_its_peak_through_the_copying_phase_then_decays_
     assert all(a > b for a, b in zip(values, values[1:]))
     assert values[-1] == pytest.approx(0.1)
     assert trainer.lr_scale((1 + trainer.LR_HOLD) / 2) == pytest.approx(0.55)
+
+
+def test_a_run_with_tied_embeddings_saves_and_serves_them_as_the_hub_does(tmp_path, monkeypatch, shared_dir):
+    """``tie_embeddings``: the output layer is the input embedding through training (and the move onto
+    isolated spaces); the checkpoint says ``tie_word_embeddings``, saves no ``lm_head.weight``, and both our
+    loader and transformers' serve it with the embedding as the output layer, with the same logits."""
+    from safetensors import safe_open
+    from transformers import JambaForCausalLM as Reference
+
+    from jamba_core import Engine
+    from jamba_core.tokenizer import train_tokenizer
+    from jamba_core.train import trainer
+
+    monkeypatch.setattr(trainer, "make_tokenizer", lambda seed, spaces: train_tokenizer(trainer.CONFIG["vocab_size"], spaces=spaces))
+    monkeypatch.setattr(trainer, "CONFIG", dict(trainer.CONFIG, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                                                 num_key_value_heads=1, num_hidden_layers=3))
+    out = tmp_path / "out"
+    info = trainer.train(out, steps=4, seed=2, log_every=100, isolate_at=0.5, save_every=0, tie_embeddings=True)
+    assert info["tie_word_embeddings"] and all(math.isfinite(h["loss"]) for h in info["history"])
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        embedding = f.get_tensor("model.embed_tokens.weight")
+    assert "lm_head.weight" not in keys
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+    engine = Engine.from_pretrained(out, progress=False)
+    assert engine.model.lm_head.weight is engine.model.model.embed_tokens.weight
+    assert torch.equal(engine.model.lm_head.weight, embedding)
+    ids = torch.tensor([[1, 40, 41, 300, 7, 9]])
+    reference = Reference.from_pretrained(out).eval()
+    with torch.no_grad():
+        ours, theirs = engine.model(ids).float(), reference(ids).logits.float()
+    assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-4), (ours - theirs).abs().max()
+    with pytest.raises(ValueError, match="tie_embeddings"):
+        trainer.train(tmp_path / "x", steps=1, init=out, tie_embeddings=True)

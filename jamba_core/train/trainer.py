@@ -118,7 +118,8 @@ def transfer_vocabulary(model, old, new) -> None:
     embedding and output rows start as the old token with the same text after a space (a word as prose
     spells it), else the same text, else the mean of the old tokens that spell it; the special tokens
     keep theirs (same ids in both: `SPECIAL_TOKENS`). Every other weight is kept. The new token for a lone
-    space takes the old one's embedding and the mean output row of the old tokens that start with a space.
+    space takes the old one's embedding and the mean output row of the old tokens that start with a space
+    (with tied embeddings, the old one's embedding alone).
 
     Raises:
         ValueError: the tokenizers' vocabularies exceed the model's."""
@@ -136,7 +137,9 @@ def transfer_vocabulary(model, old, new) -> None:
                     emb[i], head[i] = E[j], W[j]
                 continue
             if text == "\u0120":
-                emb[i], head[i] = E[old_vocab[text]], W[spaced].mean(0)
+                emb[i] = E[old_vocab[text]]
+                if head is not emb:  # tied (tie_word_embeddings): one row, kept as the input embedding
+                    head[i] = W[spaced].mean(0)
                 continue
             j = old_vocab.get("\u0120" + text, old_vocab.get(text))
             if j is not None:
@@ -220,7 +223,7 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
           init: Path | None = None, curriculum_from: float = 0.0, spaces: str | None = None,
           curriculum_until: float = 1.0, mix: dict | None = None, save_every: int = 250, common_keys: float = data.COMMON_KEYS,
           needle_lengths: tuple[int, ...] | None = None, keyless: float = data.KEYLESS, overwrite: bool = False,
-          isolate_at: float | None = None) -> dict:
+          isolate_at: float | None = None, tie_embeddings: bool = False) -> dict:
     """Train and save to ``out``; ``init`` continues from a checkpoint folder this function wrote (its
     weights and tokenizer; the optimizer state starts fresh and the data continues at new seeds).
     ``curriculum_from`` in [0, 1): the `CURRICULUM` progress the data start at (a continued run can skip
@@ -243,13 +246,17 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
     with isolated spaces (`transfer_vocabulary`; the embedding's and output's optimizer state restarts):
     the copying circuit forms on attached spaces, where a word's previous token is another word, and the
     tool calls then learn on isolated spaces, where a word is spelled alike in the request and in JSON.
+    ``tie_embeddings``: a run from scratch whose output layer is its input embedding
+    (``tie_word_embeddings`` in config.json, no ``lm_head.weight`` saved, as the Hub saves a tied model): a
+    token's output row then moves whenever the token is read, not only when it is the answer, so rare
+    words that a tool call copies from the request have trained output rows (Press & Wolf 2017).
 
     Raises:
         ValueError: ``steps`` below 1, ``minutes`` or ``lr`` not positive and finite, ``save_every`` negative, a
             progress bound, ``common_keys`` or ``keyless`` outside its range, a needle length under 256 tokens,
             a ``mix`` family `batch` does not know or a weight that is negative or not finite, an ``init``
             saved quantized (its int8 layers would not train), ``isolate_at`` outside (0, 1) or for a run
-            whose tokenizer already isolates spaces.
+            whose tokenizer already isolates spaces, ``tie_embeddings`` with ``init`` (the checkpoint's config decides).
         FileExistsError: ``out`` holds a checkpoint that is not ``init`` and ``overwrite`` is not set (checked
             before anything is written)."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -275,6 +282,8 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
         raise ValueError(f"isolate_at must be within (0, 1), got {isolate_at}")
     if isolate_at is not None and spaces == "isolated":  # refused before a tokenizer is made (an --init's is checked below)
         raise ValueError("isolate_at is for a run with spaces attached: spaces='isolated' already isolates them")
+    if tie_embeddings and init is not None:
+        raise ValueError("tie_embeddings is for a run from scratch: a continued run keeps its checkpoint's tie_word_embeddings")
     out = Path(out)
     held = sorted(p.name for p in out.glob("*.safetensors")) if out.is_dir() else []
     same_as_init = init is not None and out.resolve() == Path(init).resolve()
@@ -301,11 +310,14 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
         tokenizer = make_tokenizer(seed, spaces or "attached")
         eom = tokenizer.convert_tokens_to_ids("<|eom|>")
         config = make_config("tiny", **CONFIG, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                             eos_token_id=[tokenizer.eos_token_id, eom])
+                             eos_token_id=[tokenizer.eos_token_id, eom], tie_word_embeddings=tie_embeddings)
         config.architectures = ["JambaForCausalLM"]
         model = JambaForCausalLM(config)
         weights = random_weights(config, seed)
-        weights["lm_head.weight"] = torch.randn(config.vocab_size, config.hidden_size, generator=torch.Generator().manual_seed(seed)) * config.initializer_range
+        if tie_embeddings:  # one tensor under both names: loading lm_head.weight must not overwrite the embedding
+            weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+        else:
+            weights["lm_head.weight"] = torch.randn(config.vocab_size, config.hidden_size, generator=torch.Generator().manual_seed(seed)) * config.initializer_range
         model.load_state_dict(weights)
     if isolate_at is not None and tokenizer_spaces(tokenizer) == "isolated":
         raise ValueError("isolate_at is for a run with spaces attached: this run's tokenizer already isolates them")
@@ -370,6 +382,7 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
         prior = json.loads((Path(init) / "training.json").read_text())
         earlier = prior.pop("earlier_runs", []) + [prior]
     info = {"earlier_runs": earlier, "init": None if init is None else str(init), "curriculum_from": curriculum_from, "curriculum_until": curriculum_until, "seed": seed, "steps_planned": steps, "steps_run": len(history), "lr": lr, "spaces": tokenizer_spaces(tokenizer), "isolate_at": isolate_at, "parameters": n_params,
+            "tie_word_embeddings": bool(config.tie_word_embeddings),
             "curriculum": CURRICULUM, "mix": mix, "common_keys": common_keys, "keyless": keyless, "needle_lengths": needle_lengths, "prompt_loss_weight": PROMPT_LOSS_WEIGHT, "lr_hold": LR_HOLD,
             "config": {k: getattr(config, k) for k in CONFIG},  # the model trained (an --init's own sizes)
             "train_seconds": round(time.time() - t0, 1),
@@ -391,7 +404,8 @@ def haystacks(tokenizer) -> tuple:
 def save(model, tokenizer, config, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(out)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()
+             if not (config.tie_word_embeddings and k == "lm_head.weight")}  # tied: the embedding alone, as the Hub saves it
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(out)
 
@@ -514,13 +528,15 @@ def main(argv=None) -> int:
                         help="needle lengths in tokens for every phase, e.g. 2048,4096,8192 (default: the curriculum's)")
     parser.add_argument("--save-every", type=_positive(int, zero=True), default=250, help="also save the weights every this many steps (0: only at the end)")
     parser.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out (other than --init)")
+    parser.add_argument("--tie-embeddings", action="store_true",
+                        help="a run from scratch whose output layer is its input embedding (tie_word_embeddings)")
     args = parser.parse_args(argv)
     _stop_on_signals()
     try:
         info = train(args.out, args.steps, args.seed, args.lr, args.minutes, init=args.init, curriculum_from=args.curriculum_from,
                      spaces=args.spaces, curriculum_until=args.curriculum_until, mix=args.mix, save_every=args.save_every,
                      common_keys=args.common_keys, needle_lengths=args.needle_lengths, keyless=args.keyless,
-                     overwrite=args.overwrite, isolate_at=args.isolate_at)
+                     overwrite=args.overwrite, isolate_at=args.isolate_at, tie_embeddings=args.tie_embeddings)
     except FileExistsError as err:  # an --out holding a checkpoint: refused before anything is written
         parser.error(str(err))
     print(f"{info['parameters']:,} parameters, {info['steps_run']} steps, {info['train_seconds']:.0f} s -> {args.out}")
