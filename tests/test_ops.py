@@ -775,11 +775,12 @@ def _kernel_has_bf16_flash() -> bool:
     (1, 2, 9, 300, 80),      # head_dim 80: one block of 4 vectors and one of 1
 ])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_flash_attention_lse_matches_reference(b, kv, R, S, hd, dtype):
+def test_flash_attention_lse_matches_reference(b, kv, R, S, hd, dtype, monkeypatch):
     """q, k, v (k, v strided views of a larger cache, as the KV cache hands them over) against the fp32
     softmax on the same values. Bounds on out (relative, Frobenius): fp32 1e-5 (summation order, a degree-6
     exp2 within 2e-7); bf16 4e-3, P being rounded to bf16 (2^-9 relative per weight) before P.V. On the
-    log-sum-exp: 2e-6 relative (fp32 sums)."""
+    log-sum-exp: 2e-6 relative (fp32 sums). Our bf16 kernel even where torch's is the faster one here."""
+    monkeypatch.setenv("JAMBA_LOCAL_BF16_FLASH", "ours")
     g = torch.Generator().manual_seed(R * 1000 + S)
     q = torch.randn(b, kv, R, hd, generator=g).to(dtype)
     cache_k = torch.randn(b, kv, S + 50, hd, generator=g).mul(3).to(dtype)  # scores of several units: a peaked softmax
@@ -808,9 +809,30 @@ def test_flash_attention_lse_declines_what_it_does_not_cover():
 
 
 @needs_cpu
+def test_bf16_flash_choice_between_our_kernel_and_torchs(monkeypatch):
+    """bf16 attention over past keys runs on whichever kernel is faster on this CPU (torch's uses AMX tiles
+    where there are some): "torch" declines to the caller, "ours" runs ours where it applies, "auto" measures
+    once per thread count; fp32 is always ours."""
+    q = torch.randn(1, 2, 8, 64, generator=torch.Generator().manual_seed(3))
+    monkeypatch.setenv("JAMBA_LOCAL_BF16_FLASH", "torch")
+    assert cpu.flash_attention_lse(q.bfloat16(), q.bfloat16(), q.bfloat16(), 0.125) is None
+    assert (cpu.flash_attention_lse(q, q, q, 0.125) is not None) == _kernel_has_avx512()
+    monkeypatch.setenv("JAMBA_LOCAL_BF16_FLASH", "ours")
+    assert (cpu.flash_attention_lse(q.bfloat16(), q.bfloat16(), q.bfloat16(), 0.125) is not None) == _kernel_has_bf16_flash()
+    monkeypatch.setenv("JAMBA_LOCAL_BF16_FLASH", "auto")
+    monkeypatch.setattr(cpu, "_bf16_flash_choice", {})
+    choice = cpu.bf16_flash_ours()
+    assert list(cpu._bf16_flash_choice) == [torch.get_num_threads()]  # measured once per thread count
+    assert choice or _kernel_has_bf16_flash()  # torch's is chosen only over a kernel of ours that runs
+    got = cpu.flash_attention_lse(q.bfloat16(), q.bfloat16(), q.bfloat16(), 0.125)
+    assert (got is not None) == (choice and _kernel_has_bf16_flash())
+
+
+@needs_cpu
 def test_bf16_chunked_prefill_over_past_key_blocks_close_to_reference_path(monkeypatch, tmp_path):
     """A bf16 model prefilled in chunks with the past keys in small blocks: the fast path (our flash kernel
     where the CPU has AVX512-BF16) against the reference ops (torch's kernel), within bf16 rounding."""
+    monkeypatch.setenv("JAMBA_LOCAL_BF16_FLASH", "ours")
     from test_model_parity import CONFIGS, load_ours, reference_model
 
     from jamba_core.cache import HybridCache

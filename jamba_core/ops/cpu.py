@@ -630,9 +630,59 @@ def attention_layer_decode(plan: LayerPlan, x: torch.Tensor, k_store: torch.Tens
 
 def flash_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
     """`reference.attention_lse` by our flash kernel (``jl_flash``), or None where it does not apply (q, k, v
-    not all fp32 or all bf16, head_dim not a multiple of 16, a CPU without AVX-512, or bf16 without
-    AVX512-BF16): the caller then runs torch's kernel. Scores, softmax and sums in fp32; with bf16 inputs P
-    is rounded to bf16 before P.V, as torch's bf16 kernel does."""
+    not all fp32 or all bf16, head_dim not a multiple of 16, a CPU without AVX-512, bf16 without
+    AVX512-BF16, or bf16 where torch's kernel is the faster one: `bf16_flash_ours`): the caller then runs
+    torch's kernel. Scores, softmax and sums in fp32; with bf16 inputs P is rounded to bf16 before P.V, as
+    torch's bf16 kernel does."""
+    if q.dtype == torch.bfloat16 and not bf16_flash_ours():
+        return None
+    return _flash_ours(q, k, v, scale)
+
+
+# Our bf16 flash kernel multiplies with AVX512-BF16 dot products; torch's CPU flash kernel with oneDNN's
+# brgemm, which uses AMX tiles where the CPU has them. bench-small's past-key shape (2 KV heads x 4 query
+# heads x 2,048 queries over 32K keys, head_dim 64, 2 threads): on the Zen 4 EPYC ours ~2x torch's; on an Intel
+# Xeon with AMX-BF16 torch's 3.8x ours (0.18 s, 770 GFLOP/s, against 0.69 s, 200 GFLOP/s). fp32: ours 1.0-1.1x
+# torch's on both, always ours. $JAMBA_LOCAL_BF16_FLASH: "auto" (measured once per thread count), "ours", "torch".
+_bf16_flash_choice: dict[int, bool] = {}
+
+
+def bf16_flash_ours() -> bool:
+    """Whether bf16 attention over past keys runs on our flash kernel (else torch's): see above."""
+    mode = os.environ.get("JAMBA_LOCAL_BF16_FLASH", "auto")
+    if mode in ("ours", "torch"):
+        return mode == "ours"
+    threads = torch.get_num_threads()
+    if threads not in _bf16_flash_choice:
+        _bf16_flash_choice[threads] = _measure_bf16_flash()
+    return _bf16_flash_choice[threads]
+
+
+def _measure_bf16_flash(reps: int = 3) -> bool:
+    """Time 2 x 512 bf16 queries over 4,096 keys (head_dim 64, 1 GFLOP) by both kernels, interleaved (about
+    30 ms on the Xeon above); torch's wins only when clearly faster (20%), so noise near parity keeps ours.
+    True (ours) where torch has no CPU flash kernel or ours does not apply."""
+    torch_flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, n, 64, generator=g).bfloat16() for n in (512, 4096, 4096))
+    if torch_flash is None or _flash_ours(q, k, v, 0.125) is None:
+        return True
+    ours, theirs = [], []
+    with torch.no_grad():
+        for i in range(reps + 1):
+            t = time.perf_counter()
+            _flash_ours(q, k, v, 0.125)
+            t1 = time.perf_counter()
+            torch_flash(q, k, v, 0.0, False, scale=0.125)
+            t2 = time.perf_counter()
+            if i:  # the first round warms both up
+                ours.append(t1 - t)
+                theirs.append(t2 - t1)
+    return not min(theirs) < 0.8 * min(ours)
+
+
+def _flash_ours(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`flash_attention_lse` on our kernel whatever `bf16_flash_ours` says."""
     lib = _lib()
     if (lib is None or q.dtype not in _DT or k.dtype != q.dtype or v.dtype != q.dtype
             or q.device.type != "cpu" or q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2]
