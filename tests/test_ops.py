@@ -151,12 +151,22 @@ def test_causal_conv1d_matches_reference(L, K, dtype, bias):
 
 
 # -- linear, RMSNorm -------------------------------------------------------------------------------
+@pytest.fixture(params=[1, 4], ids=["1-stream", "4-streams"])
+def bf16_streams(request):
+    """Both settings of the bf16 GEMVs' row streams per thread (`cpu.set_bf16_gemv_streams`), whichever this
+    CPU chose when the kernels loaded; restored after."""
+    before = cpu.set_bf16_gemv_streams(0)  # 0: read the setting
+    cpu.set_bf16_gemv_streams(request.param)
+    yield request.param
+    cpu.set_bf16_gemv_streams(before)
+
+
 @needs_cpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,N,K", [(1, 100, 37), (1, 4099, 512), (3, 64, 1024), (4, 7, 16), (9, 50, 40), (16, 33, 64), (17, 8, 8),
-                                      (1, 1, 48), (2, 2, 40), (1, 3, 96), (1, 5, 32)])  # blocks of 1-4 rows (RowStreams)
+                                      (1, 1, 48), (2, 2, 40), (1, 3, 96), (1, 5, 32), (1, 9, 200)])  # blocks of 1-4 rows (RowStreams)
 @pytest.mark.parametrize("bias", [True, False])
-def test_linear_matches_torch(rows, N, K, dtype, bias):
+def test_linear_matches_torch(rows, N, K, dtype, bias, bf16_streams):
     g = torch.Generator().manual_seed(rows * N + K)
     x = torch.randn(rows, 1, K, generator=g).to(dtype)
     w = torch.randn(N, K, generator=g).to(dtype)
@@ -165,6 +175,25 @@ def test_linear_matches_torch(rows, N, K, dtype, bias):
     got = cpu.linear(x, w, bvec)
     assert got.shape == (rows, 1, N) and got.dtype == dtype
     assert rel(got, expected) <= (FP32_REL if dtype == torch.float32 else BF16_REL)
+
+
+@needs_cpu
+def test_bf16_gemv_streams_setting(monkeypatch):
+    """The bf16 GEMVs read 1 or 4 row streams per thread, as $JAMBA_LOCAL_BF16_STREAMS says or as measured
+    ("auto"); the library takes 1 or 4 and keeps its setting for any other value."""
+    lib = cpu._lib()
+    before = cpu.set_bf16_gemv_streams(0)
+    assert before in (1, 4)
+    try:
+        for mode in ("1", "4"):
+            monkeypatch.setenv("JAMBA_LOCAL_BF16_STREAMS", mode)
+            assert cpu.bf16_gemv_streams(lib) == int(mode)
+        monkeypatch.setenv("JAMBA_LOCAL_BF16_STREAMS", "auto")
+        assert cpu.bf16_gemv_streams(lib) in (1, 4)
+        assert cpu.set_bf16_gemv_streams(0) == 1  # the measurement leaves one stream
+        assert cpu.set_bf16_gemv_streams(4) == 4 and cpu.set_bf16_gemv_streams(3) == 4
+    finally:
+        cpu.set_bf16_gemv_streams(before)
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -274,7 +303,7 @@ def test_fused_decode_step_matches_separate_ops(dtype, overrides):
 @pytest.mark.parametrize("weights", ["float32", "bfloat16", "int8"])
 @pytest.mark.parametrize("tokens", [1, 3])
 @pytest.mark.parametrize("moe", [True, False])
-def test_fused_feed_forward_decode_matches_the_modules_ops(weights, tokens, moe):
+def test_fused_feed_forward_decode_matches_the_modules_ops(weights, tokens, moe, bf16_streams):
     """MoE (router, top-2 of 5 experts) and dense MLP on a few tokens: the one-call kernel against the
     modules' own ops on the reference backend. Odd widths (hidden 40, intermediate 70) leave tails in
     every row block. int8: the reference runs torch's int8 kernel with bf16 activations, hence its bound."""

@@ -369,7 +369,7 @@ void conv(int64_t b, int64_t L, int64_t d, int64_t K, const T* x, int64_t sxb, i
 // loads them, builds alternating in one process): the VNNI int8 kernel four streams 18-25 GB/s against 12-17
 // in row pairs, bench-small's int8+lm_head decode 133.9 -> 176.5 tokens/s; fp32 decode the same within the
 // noise (69.5 / 70.6); the AVX512-BF16 kernel better one row after the other (bf16 decode 146.7 against
-// 131.9 tokens/s with four streams, 16 alternating rounds of 16 steps): it keeps RowStreams of one stream.
+// 131.9 tokens/s with four streams, 16 alternating rounds of 16 steps), and not on every CPU: bf16_streams.
 constexpr int NS = 4;
 struct RowStreams {
     int64_t N, Q;  // rows, blocks
@@ -388,6 +388,12 @@ constexpr int RB = 8;
 #define JL_PREFETCH_BYTES 0
 #endif
 constexpr int PREFETCH_BYTES = JL_PREFETCH_BYTES;
+// The row streams per thread of the bf16 GEMVs on AVX512-BF16 (dot_rows_dp): 1 (one row after the other) or NS,
+// set at run time by jl_set_bf16_streams (jamba_core.ops.cpu measures which is faster on the CPU it runs on).
+// Whole bench-small bf16 decode steps, builds alternating in one process: on the 2-vCPU Zen 4 EPYC one stream
+// 146.7 tokens/s against 131.9 with four; on a 2-vCPU Intel Xeon with AMX (480 MiB L3) four 6.35 ms per step
+// against 7.80 with one (16 of 16 rounds faster).
+static int bf16_streams = 1;
 // out[r] = sum_k x[k] w[r rs + k] for the nr rows at w (rs: the elements from one row to the next), in
 // fp32: NS rows together (two FMA chains each, each x load serving all), fewer one after the other (four
 // chains); x stays in L1.
@@ -444,6 +450,28 @@ inline void dot_rows(const float* x, const TW* w, int64_t K, int64_t rs, int nr,
 constexpr bool HAS_DPBF16 = true;
 inline void dot_rows_dp(const bf16* x, const bf16* w, int64_t K, int64_t rs, int nr, float* out) {
     const int64_t K128 = K / 128 * 128, K32 = K / 32 * 32;
+    if (nr == NS) {  // NS streams together (RowStreams of NS): two chains each, each x load serving all
+        const int64_t K64 = K / 64 * 64;
+        __m512 a[NS][2];
+        for (int j = 0; j < NS; ++j) a[j][0] = a[j][1] = _mm512_setzero_ps();
+        int64_t k = 0;
+        for (; k < K64; k += 64) {
+            const __m512bh x0 = (__m512bh)_mm512_loadu_si512(x + k), x1 = (__m512bh)_mm512_loadu_si512(x + k + 32);
+            for (int j = 0; j < NS; ++j) {
+                a[j][0] = _mm512_dpbf16_ps(a[j][0], (__m512bh)_mm512_loadu_si512(w + j * rs + k), x0);
+                a[j][1] = _mm512_dpbf16_ps(a[j][1], (__m512bh)_mm512_loadu_si512(w + j * rs + k + 32), x1);
+            }
+        }
+        for (; k < K32; k += 32)
+            for (int j = 0; j < NS; ++j)
+                a[j][0] = _mm512_dpbf16_ps(a[j][0], (__m512bh)_mm512_loadu_si512(w + j * rs + k), (__m512bh)_mm512_loadu_si512(x + k));
+        for (int j = 0; j < NS; ++j) {
+            float s = _mm512_reduce_add_ps(_mm512_add_ps(a[j][0], a[j][1]));
+            for (int64_t t = k; t < K; ++t) s += bf16_to_f(w[j * rs + t]) * bf16_to_f(x[t]);
+            out[j] = s;
+        }
+        return;
+    }
     for (int r = 0; r < nr; ++r) {
         const bf16* wr = w + r * rs;
         __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
@@ -615,8 +643,8 @@ template <typename TW>
 struct XForm {
     // whether set() makes a second form (then it must see all of x, once)
     static constexpr bool prepared = std::is_same_v<TW, bf16> || (std::is_same_v<TW, int8_t> && HAS_VNNI);
-    // the weight streams its dot reads at once (RowStreams): one for the AVX512-BF16 kernel
-    static constexpr int streams = std::is_same_v<TW, bf16> && HAS_DPBF16 ? 1 : NS;
+    // the weight streams its dot reads at once (RowStreams): bf16_streams for the AVX512-BF16 kernel
+    static int streams() { return std::is_same_v<TW, bf16> && HAS_DPBF16 ? bf16_streams : NS; }
     const float* x = nullptr;
     std::vector<bf16> b;
     std::vector<float> pairs;  // bf16 without AVX512-BF16: x's even elements, then its odd ones
@@ -669,7 +697,7 @@ void gemv(int64_t M, int64_t N, int64_t K, const T* x, int64_t sx, const TW* w, 
         for (int64_t k = 0; k < K; ++k) xf[m * K + k] = to_f(x[m * sx + k]);
     std::vector<XForm<TW>> xs(M);
     for (int64_t m = 0; m < M; ++m) xs[m].set(xf + m * K, K);
-    const RowStreams rows(N, XForm<TW>::streams);
+    const RowStreams rows(N, XForm<TW>::streams());
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t g = 0; g < rows.Q; ++g) {
         const int nr = rows.rows(g);
@@ -723,7 +751,7 @@ void gemv_bf16_pairs(int64_t M, int64_t N, int64_t K, const bf16* x, int64_t sx,
 template <typename T, typename TW>
 void mlp_accumulate(int64_t H, int64_t I, const float* x, const TW* wg, const float* sg, const TW* wu, const float* su,
                     const TW* wd, const float* sd, float weight, float* h, float* y, int nthreads) {
-    const RowStreams rows_i(I, XForm<TW>::streams), rows_h(H, XForm<TW>::streams);
+    const RowStreams rows_i(I, XForm<TW>::streams()), rows_h(H, XForm<TW>::streams());
     XForm<TW> xf, hf;
     xf.set(x, H);
     if constexpr (!XForm<TW>::prepared) hf.set(h, I);  // x itself: h's values are read after the barrier below
@@ -1415,6 +1443,12 @@ int jl_features() {
     if (HAS_DPBF16) f |= 2;
     if (HAS_VNNI) f |= 4;
     return f;
+}
+
+// the bf16 GEMVs' row streams per thread (see bf16_streams): 1 or NS; other values keep the setting. Returns it.
+int jl_set_bf16_streams(int streams) {
+    if (streams == 1 || streams == NS) bf16_streams = streams;
+    return bf16_streams;
 }
 
 // delta: fp32 (ddtype 0) or bf16 (1); with dt_bias / softplus, delta is the raw dt_proj output and the
