@@ -397,15 +397,21 @@ UPCAST_BLOCK_ELEMENTS = 1 << 22  # weight elements upcast at a time (16 MiB of f
 _bf16_choice: dict[int, bool] = {}
 
 
+def _measured_choice(env: str, forced: dict[str, bool], cache: dict[int, bool], measure) -> bool:
+    """``forced[$env]`` when the variable names one of its settings, else ``measure()``, measured once per torch
+    thread count (kept in ``cache``)."""
+    mode = os.environ.get(env, "auto")
+    if mode in forced:
+        return forced[mode]
+    threads = torch.get_num_threads()
+    if threads not in cache:
+        cache[threads] = measure()
+    return cache[threads]
+
+
 def bf16_matmul_upcast() -> bool:
     """Whether bf16 linears of many rows run as fp32 on upcast copies (see above)."""
-    mode = os.environ.get("JAMBA_LOCAL_BF16_MATMUL", "auto")
-    if mode in ("upcast", "native"):
-        return mode == "upcast"
-    threads = torch.get_num_threads()
-    if threads not in _bf16_choice:
-        _bf16_choice[threads] = _measure_bf16_upcast()
-    return _bf16_choice[threads]
+    return _measured_choice("JAMBA_LOCAL_BF16_MATMUL", {"upcast": True, "native": False}, _bf16_choice, _measure_bf16_upcast)
 
 
 def _measure_bf16_upcast(reps: int = 3) -> bool:
@@ -693,13 +699,7 @@ _bf16_flash_choice: dict[int, bool] = {}
 
 def bf16_flash_ours() -> bool:
     """Whether bf16 attention over past keys runs on our flash kernel (else torch's): see above."""
-    mode = os.environ.get("JAMBA_LOCAL_BF16_FLASH", "auto")
-    if mode in ("ours", "torch"):
-        return mode == "ours"
-    threads = torch.get_num_threads()
-    if threads not in _bf16_flash_choice:
-        _bf16_flash_choice[threads] = _measure_bf16_flash()
-    return _bf16_flash_choice[threads]
+    return _measured_choice("JAMBA_LOCAL_BF16_FLASH", {"ours": True, "torch": False}, _bf16_flash_choice, _measure_bf16_flash)
 
 
 def _measure_bf16_flash(reps: int = 3) -> bool:
