@@ -8,7 +8,11 @@ Candidates: the torch reference (``reference.py``), the C++ kernels (``cpu.py``)
 fastmath=False, cache=True)``, parallel over (batch, d_inner); skipped when numba is not installed), and
 ``torch.compile`` of the reference recurrence written per block (skipped with ``--no-compile``).
 
-    python -m benchmarks.ops_choice [--reps 7] [--out benchmarks/results/ops_choice.json]
+Also the flash attention over past keys that chunked prefill runs (`jamba_core.ops.cpu.bf16_flash_ours` chooses
+for bf16): our kernel against torch's CPU flash kernel, fp32 and bf16, bench-small's shape (2 KV heads x 4 query
+heads x a 2,048-token chunk over ``--flash-keys`` past keys, head_dim 64), in GFLOP/s.
+
+    python -m benchmarks.ops_choice [--reps 7] [--flash-keys 32768] [--out benchmarks/results/ops_choice.json]
 """
 
 from __future__ import annotations
@@ -127,11 +131,42 @@ def inputs(L: int, seed: int = 0):
     return x, delta, A, B, C, D, z, torch.zeros(1, D_INNER, D_STATE)
 
 
+def flash_attention(keys: int, reps: int, chunk: int = 2048, kv: int = 2, group: int = 4, hd: int = 64) -> dict:
+    """Median ms and GFLOP/s (QK^T and PV, 4 R S hd per KV head) of our flash kernel and torch's over ``keys``
+    past keys, interleaved; a kernel that does not apply (ours without AVX-512 / AVX512-BF16) is left out."""
+    torch_flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    g = torch.Generator().manual_seed(1)
+    q32, k32, v32 = (torch.randn(1, kv, n, hd, generator=g) for n in (group * chunk, keys, keys))
+    cases = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k, v = (t.to(dtype) for t in (q32, k32, v32))
+        name = str(dtype).removeprefix("torch.")
+        if cpu._flash_ours(q, k, v, hd**-0.5) is not None:
+            cases[f"flash[ours {name}]"] = lambda q=q, k=k, v=v: cpu._flash_ours(q, k, v, hd**-0.5)
+        if torch_flash is not None:
+            cases[f"flash[torch {name}]"] = lambda q=q, k=k, v=v: torch_flash(q, k, v, 0.0, False, scale=hd**-0.5)
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    for i in range(reps + 1):
+        for name, fn in cases.items():
+            t = time.perf_counter()
+            fn()
+            if i:  # the first round warms up
+                times[name].append(time.perf_counter() - t)
+    flops = 4 * kv * group * chunk * keys * hd
+    out = {}
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        out[name] = {"median_ms": med * 1e3, "gflops": flops / med / 1e9}
+        print(f"keys={keys} {name:22s} {med * 1e3:10.1f} ms {flops / med / 1e9:8.0f} GFLOP/s")
+    return out
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile candidate (slow to compile)")
+    ap.add_argument("--flash-keys", type=int, default=32768, help="past keys of the flash-attention case (0: skip it)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -170,6 +205,8 @@ def main(argv=None) -> dict:
         for name, r in results[f"L={L}"].items():
             err = "" if r["max_rel_err"] is None else f"  max rel err {r['max_rel_err']:.1e}"
             print(f"L={L:5d} {name:22s} {r['median_ms']:10.3f} ms{err}")
+    if args.flash_keys > 0:
+        results["flash"] = flash_attention(args.flash_keys, args.reps)
     results["loadavg_end"] = os.getloadavg()
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -972,3 +972,16 @@ def test_aarch64_gemvs_match_a_double_reference_under_qemu(tmp_path):
     proc = subprocess.run([qemu, str(exe)], env=dict(os.environ, QEMU_LD_PREFIX="/usr/aarch64-linux-gnu"),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and proc.stdout.count(" ok") == 8, proc.stdout + proc.stderr
+
+
+@needs_cpu
+def test_ops_choice_flash_case_times_both_kernels_it_can_run():
+    """benchmarks.ops_choice's flash-attention case on a small shape: every kernel that applies here is timed
+    (torch's always; ours for fp32 with AVX-512, for bf16 with AVX512-BF16); no speed is asserted."""
+    from benchmarks import ops_choice
+
+    got = ops_choice.flash_attention(keys=96, reps=1, chunk=8)
+    assert {"flash[torch float32]", "flash[torch bfloat16]"} <= set(got)
+    assert ("flash[ours float32]" in got) == _kernel_has_avx512()
+    assert ("flash[ours bfloat16]" in got) == _kernel_has_bf16_flash()
+    assert all(r["median_ms"] > 0 and r["gflops"] > 0 for r in got.values())
