@@ -1,5 +1,6 @@
 """The training path: its scan (forward and gradients) against the plain recurrence, and its data."""
 
+import copy
 import json
 import math
 import random
@@ -616,3 +617,58 @@ def test_a_run_with_tied_embeddings_saves_and_serves_them_as_the_hub_does(tmp_pa
     assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-4), (ours - theirs).abs().max()
     with pytest.raises(ValueError, match="tie_embeddings"):
         trainer.train(tmp_path / "x", steps=1, init=out, tie_embeddings=True)
+
+
+def test_row_groups_pick_the_cheapest_split_of_the_rows_sorted_by_length():
+    """Against every split of the sorted rows into at most ``max_groups`` contiguous groups."""
+    import itertools
+
+    from jamba_core.train import trainer
+
+    rng = random.Random(0)
+    for _ in range(40):
+        lengths = [rng.randint(1, 600) for _ in range(rng.randint(1, 9))]
+        max_groups, pass_cost = rng.randint(1, 4), rng.choice((0, 64, 256))
+        groups = trainer.row_groups(lengths, max_groups, pass_cost)
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths))) and 1 <= len(groups) <= max_groups
+        cost = sum(len(g) * max(lengths[i] for i in g) + pass_cost for g in groups)
+        ordered = sorted(lengths, reverse=True)
+        best = min(sum((b - a) * ordered[a] + pass_cost for a, b in zip((0, *cuts), (*cuts, len(lengths))))
+                   for k in range(max_groups) for cuts in itertools.combinations(range(1, len(lengths)), k))
+        assert cost == best
+
+
+def test_the_batch_in_groups_of_rows_gives_one_passs_loss_and_gradients(tiny_engine, shared_dir):
+    """`trainer.backward` (passes cut to their longest row, the LM head on real targets only) against the
+    whole padded batch in one pass: weighted loss, assistant loss and every gradient, fp32 (relative
+    error of each gradient's norm < 1e-4)."""
+    from jamba_core import ops
+    from jamba_core.eval.ruler import Haystack
+    from jamba_core.train import trainer
+
+    model, tok = copy.deepcopy(tiny_engine.model).float().requires_grad_(True), tiny_engine.tokenizer
+    haystack, previous = Haystack(tok), ops.active()
+    ops.use("train")
+    try:
+        for step, progress in ((1, 0.7), (3, 0.1), (4, 0.9)):
+            ids, mask, real, _ = trainer.batch(step, progress, 0, tok, haystack)
+            ids, mask, real = ids.clone(), mask.clone(), real.clone()
+            real[0, -1] = False  # the rows of unequal lengths, however the batch came out
+            assert len(set(real.sum(1).tolist())) > 1
+            model.zero_grad(set_to_none=True)
+            logits = model(ids[:, :-1])
+            r, a = real[:, 1:], mask[:, 1:] & real[:, 1:]
+            nll = F.cross_entropy(logits[r].float(), ids[:, 1:][r], reduction="none")
+            w = torch.where(a[r], 1.0, trainer.PROMPT_LOSS_WEIGHT)
+            objective = (nll * w).sum() / w.sum()
+            objective.backward()
+            expected = [p.grad.clone() for p in model.parameters()]
+            model.zero_grad(set_to_none=True)
+            got, answer = trainer.backward(model, ids, mask, real)
+            assert got == pytest.approx(objective.item(), rel=1e-5)
+            assert answer == pytest.approx(nll[a[r]].mean().item(), rel=1e-5)
+            for (name, p), e in zip(model.named_parameters(), expected):
+                assert p.grad is not None, name
+                assert float((p.grad - e).norm()) <= 1e-4 * float(e.norm()) + 1e-12, name
+    finally:
+        ops.use(previous)

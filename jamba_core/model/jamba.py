@@ -155,8 +155,10 @@ class JambaModel(nn.Module):
 class JambaForCausalLM(nn.Module):
     """The Jamba causal LM with the Hub's weight names (``model.layers.{i}.mamba.in_proj.weight``, ...).
 
-    ``forward(input_ids (b, L) long, cache=None, attention_mask=None, logits_to_keep=None)``
-    -> logits ``(b, L, vocab)`` (or the last ``logits_to_keep`` positions; 0 gives ``(b, 0, vocab)``).
+    ``forward(input_ids (b, L) long, cache=None, attention_mask=None, logits_to_keep=None, logits_at=None)``
+    -> logits ``(b, L, vocab)`` (or the last ``logits_to_keep`` positions; 0 gives ``(b, 0, vocab)``;
+    or with ``logits_at``, a ``(b, L)`` bool mask, those positions' rows alone, ``(n, vocab)`` in row-major
+    order, as ``logits[logits_at]``: training's loss, the LM head never run on padding).
     With ``cache`` the forward continues it in place, with any number of tokens. ``attention_mask``
     (``(b, L)`` for the new tokens or ``(b, past + L)``, 1 = real token, 0 = left padding).
     """
@@ -177,7 +179,8 @@ class JambaForCausalLM(nn.Module):
         can hold int8 weights (`jamba_core.quant`). The residual stream is fp32 whatever this is."""
         return self.model.embed_tokens.weight.dtype
 
-    def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None, attention_mask: torch.Tensor | None = None, logits_to_keep: int | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None, attention_mask: torch.Tensor | None = None, logits_to_keep: int | None = None,
+                logits_at: torch.Tensor | None = None) -> torch.Tensor:
         b, L = input_ids.shape
         mask = None
         if attention_mask is not None:
@@ -200,4 +203,6 @@ class JambaForCausalLM(nn.Module):
             if logits_to_keep == 0:  # a prefill chunk before the last: no LM head on no rows (bitsandbytes'
                 # 4-bit CPU kernel divides by the row count: SIGFPE)
                 return x.new_empty(b, 0, self.config.vocab_size, dtype=self.compute_dtype)
+        if logits_at is not None:
+            x = x[logits_at]
         return self.lm_head(self.model.final_layernorm(x).to(self.compute_dtype))
