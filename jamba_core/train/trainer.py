@@ -259,6 +259,8 @@ def backward(model, ids, mask, real) -> tuple[float, float]:
     objective, answer_nll = 0.0, 0.0
     for rows in row_groups(lengths):
         rows_t, L = torch.tensor(rows), max(lengths[i] for i in rows)
+        if L < 2:  # rows of one token or none: nothing to predict
+            continue
         g_ids, g_targets, g_answer = ids[rows_t, :L], targets[rows_t, : L - 1], answer[rows_t, : L - 1]
         logits = model(g_ids[:, :-1], logits_at=g_targets)  # position t predicts token t+1
         nll = F.cross_entropy(logits.float(), g_ids[:, 1:][g_targets], reduction="none")
