@@ -796,7 +796,7 @@ def _kernel_has_bf16_flash() -> bool:
 
 @needs_cpu
 @pytest.mark.parametrize("b,kv,R,S,hd", [
-    (1, 2, 37, 100, 64),     # rows not a multiple of the 8-row tile, keys not of the 256-key block
+    (1, 2, 37, 100, 64),     # rows not a multiple of the tile (16 rows fp32, 8 bf16), keys not of the 256-key block
     (2, 1, 8, 256, 32),      # batch > 1, exact blocks
     (1, 3, 19, 1, 128),      # a single key
     (1, 2, 64, 2100, 48),    # past one 2048-key pass; head_dim 48: one block of 3 vectors

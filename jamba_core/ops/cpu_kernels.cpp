@@ -1027,9 +1027,14 @@ void attend_keys(const float* q, const T* k, const T* v, int64_t lo, int64_t hi,
 // GFLOP/s, fp32 155-163 -> 181-186. Reading each 64 keys' K and V once for all rows of a tile (L1 reuse
 // instead of L2) changed nothing.
 // The fp32 form (any AVX-512 CPU; plain FMAs, K packed as [group of 16 keys][dim][16 keys]): 165-169 GFLOP/s
-// against torch's 149-152 (fp32 matmul ~200); bench-small fp32 prefill at 128K 705 -> 779 tokens/s.
+// against torch's 149-152 (fp32 matmul ~200); bench-small fp32 prefill at 128K 705 -> 779 tokens/s. Session 35,
+// the Xeon with AMX (fp32 matmul ~320 GFLOP/s; 2 KV heads x 8,192 folded rows, hd 64, the two builds alternating
+// in one process): 16 rows per tile, K read per 64 keys for all rows and P.V swept per 128 keys for all rows,
+// so that each reads K and V from the L2 once per tile: 252 -> 273 GFLOP/s over 8K keys, 222 -> 251 over 32K.
 #if defined(__AVX512F__)
-constexpr int FQ = 8;   // query rows per tile, at most 16 (groups of 4 rows x 4 vectors = 16 accumulators)
+constexpr int FQ = 8;   // bf16: query rows per tile, at most 16 (groups of 4 rows x 4 vectors = 16 accumulators)
+constexpr int FQ32 = 16;  // fp32: query rows per tile (16 against 8: +4% on the Xeon with AMX, session 35)
+constexpr int PVK = 128;  // fp32: keys per P.V sweep of all the tile's rows (V's 32 KiB stays in the L1)
 constexpr int FK = 256;  // keys per softmax update (a multiple of 64: scores in blocks of 4 x 4 vectors)
 constexpr int64_t FLASH_MAX_HD = 512;
 constexpr int64_t FLASH_KEYS = 2048;  // keys per pass over all tiles: 512 KiB of packed K and V (hd 64), in the L2
@@ -1056,10 +1061,11 @@ inline __m512 exp2_neg(__m512 x) {
 // `valid` on are padding and set to -inf here) and `scale` (hd^-0.5 log2 e: log2 units) -> m (running max of
 // scale s), corr = 2^(m_old - m_new), l (running sum, fp32), and P = 2^(scale s - m), one FMA before the
 // exponent, handed to put(row, key, 16 values)
-template <typename Put>
+template <int NR, typename Put>
 inline void softmax_block(float (*s)[FK], int valid, float scale, float* m, float* l, float* corr, Put put) {
+    static_assert(NR <= 16, "one vector of running maxima");
     alignas(64) float mo[16] = {}, mn[16] = {};
-    for (int r = 0; r < FQ; ++r) {
+    for (int r = 0; r < NR; ++r) {
         for (int j = valid; j < FK; ++j) s[r][j] = -INFINITY;
         __m512 mx = _mm512_load_ps(&s[r][0]);
         for (int j = 16; j < FK; j += 16) mx = _mm512_max_ps(mx, _mm512_load_ps(&s[r][j]));
@@ -1067,7 +1073,7 @@ inline void softmax_block(float (*s)[FK], int valid, float scale, float* m, floa
         mn[r] = m[r] = std::max(m[r], scale * _mm512_reduce_max_ps(mx));  // scale > 0
     }
     _mm512_store_ps(mo, exp2_neg(_mm512_sub_ps(_mm512_load_ps(mo), _mm512_load_ps(mn))));  // corr, 0 at first
-    for (int r = 0; r < FQ; ++r) {
+    for (int r = 0; r < NR; ++r) {
         corr[r] = mo[r];
         const __m512 mr = _mm512_set1_ps(mn[r]), sc = _mm512_set1_ps(scale);
         __m512 sum = _mm512_setzero_ps();
@@ -1091,12 +1097,16 @@ void pack_kv_f32(const float* k, int64_t sk, const float* v, int64_t sv, int64_t
     }
 }
 
+// acc rows 0..3 (row stride hd), dims i0 .. i0 + 16 NV: acc (times corr, unless null) += P . V over keys t0 .. t1
 template <int NV>
-inline void pv_rows4_f32(const float* p, const float* vp, int64_t hd, int64_t i0, const float* corr, float* acc) {
+inline void pv_rows4_f32(const float* p, const float* vp, int64_t hd, int64_t i0, const float* corr, float* acc, int t0, int t1) {
     __m512 a[4][NV];
     for (int r = 0; r < 4; ++r)
-        for (int j = 0; j < NV; ++j) a[r][j] = _mm512_mul_ps(_mm512_loadu_ps(acc + r * hd + i0 + 16 * j), _mm512_set1_ps(corr[r]));
-    for (int t = 0; t < FK; ++t) {
+        for (int j = 0; j < NV; ++j) {
+            a[r][j] = _mm512_loadu_ps(acc + r * hd + i0 + 16 * j);
+            if (corr) a[r][j] = _mm512_mul_ps(a[r][j], _mm512_set1_ps(corr[r]));
+        }
+    for (int t = t0; t < t1; ++t) {
         const float* vt = vp + t * hd + i0;  // named registers, pinned (see pv_rows4)
         __m512 v0 = _mm512_loadu_ps(vt), v1 = NV > 1 ? _mm512_loadu_ps(vt + 16) : v0, v2 = NV > 2 ? _mm512_loadu_ps(vt + 32) : v0,
                v3 = NV > 3 ? _mm512_loadu_ps(vt + 48) : v0;
@@ -1115,14 +1125,15 @@ inline void pv_rows4_f32(const float* p, const float* vp, int64_t hd, int64_t i0
 
 void flash_tile_f32(const float* q, int nr, const float* kp, const float* vp, int64_t kb0, int64_t kb1, int64_t n,
                     int64_t hd, float scale, float* m, float* l, float* acc) {
-    alignas(64) float s[FQ][FK];
-    alignas(64) float p[FQ][FK];
-    float corr[FQ];
-    const float* qr[FQ];
-    for (int r = 0; r < FQ; ++r) qr[r] = q + std::min(r, nr - 1) * hd;
+    alignas(64) float s[FQ32][FK];
+    alignas(64) float p[FQ32][FK];
+    float corr[FQ32];
+    const float* qr[FQ32];
+    for (int r = 0; r < FQ32; ++r) qr[r] = q + std::min(r, nr - 1) * hd;
     for (int64_t kb = kb0; kb < kb1; kb += FK) {
-        for (int r0 = 0; r0 < FQ; r0 += 4)
-            for (int kc = 0; kc < FK; kc += 64) {
+        // each 64 keys' K (16 KiB at hd 64) read from the L2 once for all rows, then from the L1 (rows outer: +4%)
+        for (int kc = 0; kc < FK; kc += 64)
+            for (int r0 = 0; r0 < FQ32; r0 += 4) {
                 const float* kg = kp + (kb + kc) / 16 * hd * 16;
                 __m512 c[4][4];
                 for (int r = 0; r < 4; ++r)
@@ -1142,29 +1153,32 @@ void flash_tile_f32(const float* q, int nr, const float* kp, const float* vp, in
                 for (int r = 0; r < 4; ++r)
                     for (int j = 0; j < 4; ++j) _mm512_store_ps(&s[r0 + r][kc + 16 * j], c[r][j]);
             }
-        softmax_block(s, int(std::min<int64_t>(FK, n - kb)), scale, m, l, corr, [&](int r, int j, __m512 e) { _mm512_store_ps(&p[r][j], e); });
+        softmax_block<FQ32>(s, int(std::min<int64_t>(FK, n - kb)), scale, m, l, corr,
+                            [&](int r, int j, __m512 e) { _mm512_store_ps(&p[r][j], e); });
         const float* vb = vp + kb * hd;
-        for (int r0 = 0; r0 < FQ; r0 += 4)
-            for (int64_t i0 = 0; i0 < hd; i0 += 64) {
-                switch (std::min<int64_t>(4, (hd - i0) / 16)) {
-                    case 4: pv_rows4_f32<4>(&p[r0][0], vb, hd, i0, corr + r0, acc + r0 * hd); break;
-                    case 3: pv_rows4_f32<3>(&p[r0][0], vb, hd, i0, corr + r0, acc + r0 * hd); break;
-                    case 2: pv_rows4_f32<2>(&p[r0][0], vb, hd, i0, corr + r0, acc + r0 * hd); break;
-                    default: pv_rows4_f32<1>(&p[r0][0], vb, hd, i0, corr + r0, acc + r0 * hd); break;
+        for (int t0 = 0; t0 < FK; t0 += PVK)  // as for K: V read from the L2 once per tile (+6%)
+            for (int r0 = 0; r0 < FQ32; r0 += 4)
+                for (int64_t i0 = 0; i0 < hd; i0 += 64) {
+                    const float* cr = t0 ? nullptr : corr + r0;  // acc rescaled once, at the first sweep
+                    switch (std::min<int64_t>(4, (hd - i0) / 16)) {
+                        case 4: pv_rows4_f32<4>(&p[r0][0], vb, hd, i0, cr, acc + r0 * hd, t0, t0 + PVK); break;
+                        case 3: pv_rows4_f32<3>(&p[r0][0], vb, hd, i0, cr, acc + r0 * hd, t0, t0 + PVK); break;
+                        case 2: pv_rows4_f32<2>(&p[r0][0], vb, hd, i0, cr, acc + r0 * hd, t0, t0 + PVK); break;
+                        default: pv_rows4_f32<1>(&p[r0][0], vb, hd, i0, cr, acc + r0 * hd, t0, t0 + PVK); break;
+                    }
                 }
-            }
     }
 }
 
 // the flash kernels' driver: per (batch, KV head) pack K and V (`pack`, into E-typed buffers of `per_row`
-// elements per key) and copy the query rows (T, strides in elements), then every tile of FQ rows over the keys in passes of FLASH_KEYS (each
+// elements per key) and copy the query rows (T, strides in elements), then every tile of TR rows over the keys in passes of FLASH_KEYS (each
 // thread's tiles reuse one pass's K and V from its L2: one pass over all 32K keys per tile ran at 230
 // GFLOP/s against 264 at 8K keys, bf16 on the EPYC), then out = acc / l and lse = (m + log2 l) ln 2
-template <typename T, typename E, typename Pack, typename Tile>
+template <int TR, typename T, typename E, typename Pack, typename Tile>
 void flash_run(int64_t B, int64_t NKV, int64_t R, int64_t S, int64_t hd, int64_t per_row, const T* q, int64_t sqb,
                int64_t sqh, int64_t sqr, const T* k, int64_t skb, int64_t skh, int64_t sks, const T* v, int64_t svb,
                int64_t svh, int64_t svs, float scale, float* out, float* lse, int nthreads, Pack pack, Tile tile) {
-    const int64_t H = B * NKV, npad = (S + FK - 1) / FK * FK, tiles = (R + FQ - 1) / FQ, Rp = tiles * FQ;
+    const int64_t H = B * NKV, npad = (S + FK - 1) / FK * FK, tiles = (R + TR - 1) / TR, Rp = tiles * TR;
     std::vector<E> kp(H * npad * per_row), vp(H * npad * per_row), qp(H * Rp * per_row);
     std::vector<float> m(H * Rp, -INFINITY), l(H * Rp, 0.0f), acc(H * Rp * hd, 0.0f);
     const float scale2 = scale * 1.4426950408889634f;  // scores in log2 units: exp2_neg, no exp
@@ -1181,8 +1195,8 @@ void flash_run(int64_t B, int64_t NKV, int64_t R, int64_t S, int64_t hd, int64_t
         for (int64_t k0 = 0; k0 < npad; k0 += FLASH_KEYS) {
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < H * tiles; ++i) {
-                const int64_t h = i / tiles, r0 = i % tiles * FQ;
-                tile(qp.data() + (h * Rp + r0) * per_row, int(std::min<int64_t>(FQ, R - r0)), kp.data() + h * npad * per_row,
+                const int64_t h = i / tiles, r0 = i % tiles * TR;
+                tile(qp.data() + (h * Rp + r0) * per_row, int(std::min<int64_t>(TR, R - r0)), kp.data() + h * npad * per_row,
                      vp.data() + h * npad * per_row, k0, std::min(k0 + FLASH_KEYS, npad), S, hd, scale2, &m[h * Rp + r0],
                      &l[h * Rp + r0], &acc[(h * Rp + r0) * hd]);
             }
@@ -1278,7 +1292,7 @@ void flash_tile(const uint32_t* q32, int nr, const uint32_t* kp, const uint32_t*
                 for (int r = 0; r < 4; ++r)
                     for (int j = 0; j < 4; ++j) _mm512_store_ps(&s[r0 + r][kc + 16 * j], c[r][j]);
             }
-        softmax_block(s, int(std::min<int64_t>(FK, n - kb)), scale, m, l, corr, [&](int r, int j, __m512 e) {
+        softmax_block<FQ>(s, int(std::min<int64_t>(FK, n - kb)), scale, m, l, corr, [&](int r, int j, __m512 e) {
             _mm256_store_si256((__m256i*)&p[r][j], (__m256i)_mm512_cvtneps_pbh(e));
         });
         const uint32_t* vb = vp + kb / 2 * hd;
@@ -1686,13 +1700,13 @@ int jl_flash(int dtype, int64_t B, int64_t NKV, int64_t R, int64_t S, int64_t hd
 #define JL_FLASH_ARGS(T) q, sqb, sqh, sqr, (const T*)k, skb, skh, sks, (const T*)v, svb, svh, svs, scale, out, lse, nthreads
     if (dtype == 1) {
 #if defined(__AVX512BF16__)
-        flash_run<bf16, uint32_t>(B, NKV, R, S, hd, hd / 2, (const bf16*)JL_FLASH_ARGS(bf16), pack_kv, flash_tile);
+        flash_run<FQ, bf16, uint32_t>(B, NKV, R, S, hd, hd / 2, (const bf16*)JL_FLASH_ARGS(bf16), pack_kv, flash_tile);
         return 1;
 #else
         return 0;
 #endif
     }
-    flash_run<float, float>(B, NKV, R, S, hd, hd, (const float*)JL_FLASH_ARGS(float), pack_kv_f32, flash_tile_f32);
+    flash_run<FQ32, float, float>(B, NKV, R, S, hd, hd, (const float*)JL_FLASH_ARGS(float), pack_kv_f32, flash_tile_f32);
 #undef JL_FLASH_ARGS
     return 1;
 #else
