@@ -1030,12 +1030,16 @@ void attend_keys(const float* q, const T* k, const T* v, int64_t lo, int64_t hi,
 // against torch's 149-152 (fp32 matmul ~200); bench-small fp32 prefill at 128K 705 -> 779 tokens/s. Session 35,
 // the Xeon with AMX (fp32 matmul ~320 GFLOP/s; 2 KV heads x 8,192 folded rows, hd 64, the two builds alternating
 // in one process): 16 rows per tile, K read per 64 keys for all rows and P.V swept per 128 keys for all rows,
-// so that each reads K and V from the L2 once per tile: 252 -> 273 GFLOP/s over 8K keys, 222 -> 251 over 32K.
+// so that each reads K and V from the L2 once per tile: 252 -> 273 GFLOP/s over 8K keys, 222 -> 251 over 32K. Step
+// by step over 8K keys, each against the 8-row kernel in its own alternating run: K for all rows 256 -> 267, and
+// P.V swept per 128 keys too 254 -> 270 (per 64 keys: less); 16 rows is the rest. 512 or 128 keys per softmax
+// update, 1,024 or 4,096 keys per pass, and the row maxima kept from the QK^T registers: no better.
 #if defined(__AVX512F__)
 constexpr int FQ = 8;   // bf16: query rows per tile, at most 16 (groups of 4 rows x 4 vectors = 16 accumulators)
-constexpr int FQ32 = 16;  // fp32: query rows per tile (16 against 8: +4% on the Xeon with AMX, session 35)
-constexpr int PVK = 128;  // fp32: keys per P.V sweep of all the tile's rows (V's 32 KiB stays in the L1)
+constexpr int FQ32 = 16;  // fp32: query rows per tile
+constexpr int PVK = 128;  // fp32: keys per P.V sweep of all the tile's rows (V's 32 KiB at hd 64 stays in the L1)
 constexpr int FK = 256;  // keys per softmax update (a multiple of 64: scores in blocks of 4 x 4 vectors)
+static_assert(FK % 64 == 0 && FK % PVK == 0, "the key blocks of QK^T and of the P.V sweeps divide FK");
 constexpr int64_t FLASH_MAX_HD = 512;
 constexpr int64_t FLASH_KEYS = 2048;  // keys per pass over all tiles: 512 KiB of packed K and V (hd 64), in the L2
 
@@ -1131,7 +1135,7 @@ void flash_tile_f32(const float* q, int nr, const float* kp, const float* vp, in
     const float* qr[FQ32];
     for (int r = 0; r < FQ32; ++r) qr[r] = q + std::min(r, nr - 1) * hd;
     for (int64_t kb = kb0; kb < kb1; kb += FK) {
-        // each 64 keys' K (16 KiB at hd 64) read from the L2 once for all rows, then from the L1 (rows outer: +4%)
+        // each 64 keys' K (16 KiB at hd 64) read from the L2 once for all rows, then from the L1
         for (int kc = 0; kc < FK; kc += 64)
             for (int r0 = 0; r0 < FQ32; r0 += 4) {
                 const float* kg = kp + (kb + kc) / 16 * hd * 16;
@@ -1156,7 +1160,7 @@ void flash_tile_f32(const float* q, int nr, const float* kp, const float* vp, in
         softmax_block<FQ32>(s, int(std::min<int64_t>(FK, n - kb)), scale, m, l, corr,
                             [&](int r, int j, __m512 e) { _mm512_store_ps(&p[r][j], e); });
         const float* vb = vp + kb * hd;
-        for (int t0 = 0; t0 < FK; t0 += PVK)  // as for K: V read from the L2 once per tile (+6%)
+        for (int t0 = 0; t0 < FK; t0 += PVK)  // as for K: V read from the L2 once per tile
             for (int r0 = 0; r0 < FQ32; r0 += 4)
                 for (int64_t i0 = 0; i0 < hd; i0 += 64) {
                     const float* cr = t0 ? nullptr : corr + r0;  // acc rescaled once, at the first sweep
