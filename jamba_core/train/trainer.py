@@ -59,7 +59,7 @@ CONFIG = dict(vocab_size=4096, hidden_size=192, intermediate_size=384, num_hidde
 # against 3-4, within the noise, and 72% parsed against 96%; with tie_embeddings too, 0.35 / 0.25 / 0.15 gave 10 / 19 / 24
 # of 50 (78% / 86% / 96% parsed; 0.15 again on another machine, 9,073 steps: 27 of 50, 84% parsed, the needles past 4K
 # 1 of 3 against 3 of 3: one run to the next differs about as much; there again with `row_groups`' passes, 10,708
-# steps: 28 of 50, 96% parsed, the needles past 4K 1 of 3; seed 1: 36 of 50, 139 of 200 held-out, the needles past 4K 3 of 3;
+# steps: 28 of 50, 96% parsed, the needles past 4K 1 of 3; seed 1: 36 of 50, 139 of 200 held-out, the needles past 4K 3 of 3; seed 2: 44 of 50, 164 of 200, the needles past 4K 3 of 3;
 # batches filled to `tokens` real tokens, where the estimates below leave recall 2.5x over and the later phases'
 # repeat and JSON 1.5-2x: 13,233 steps, 85 of 200 against seed 0's 110, the needles past 4K 3 of 3: not kept): the sooner the move, the better, so far, but isolated from the start (0.0) gave 14 of
 # 50, the needles past 4K 1 of 3: the copying formed in 20 minutes on isolated spaces, the recall lost; a fifth of the repeated items joined by `_`, as tool
