@@ -619,6 +619,32 @@ def test_a_run_with_tied_embeddings_saves_and_serves_them_as_the_hub_does(tmp_pa
         trainer.train(tmp_path / "x", steps=1, init=out, tie_embeddings=True)
 
 
+def test_init_seed_sets_the_initial_weights_alone_and_seed_the_tokenizer_and_data(tmp_path, monkeypatch, shared_dir):
+    """``init_seed``: the initial weights are `random_weights`' for that seed; the tokenizer and every
+    batch still follow ``seed`` (so one run's data can be tried from another run's start). A continued run
+    has no initial weights to draw and refuses it."""
+    from jamba_core.testing import random_weights
+    from jamba_core.tokenizer import train_tokenizer
+    from jamba_core.train import trainer
+
+    tokenizer_seeds, batch_seeds, initial = [], [], {}
+    monkeypatch.setattr(trainer, "make_tokenizer", lambda seed, spaces: tokenizer_seeds.append(seed)
+                        or train_tokenizer(trainer.CONFIG["vocab_size"], spaces=spaces))
+    monkeypatch.setattr(trainer, "CONFIG", dict(trainer.CONFIG, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                                                 num_key_value_heads=1, num_hidden_layers=3))
+    batch = trainer.batch
+    monkeypatch.setattr(trainer, "batch", lambda step, progress, seed, *rest, **kw: batch_seeds.append(seed) or batch(step, progress, seed, *rest, **kw))
+    monkeypatch.setattr(trainer, "random_weights", lambda config, seed: initial.setdefault(seed, random_weights(config, seed)))
+    info = trainer.train(tmp_path / "out", steps=2, seed=3, init_seed=5, log_every=100, save_every=0)
+    assert info["seed"] == 3 and info["init_seed"] == 5 and list(initial) == [5]
+    assert set(tokenizer_seeds) == {3} and batch_seeds == [3, 3]
+    assert not torch.equal(random_weights(trainer.make_config("tiny", **trainer.CONFIG), 3)["model.embed_tokens.weight"],
+                           initial[5]["model.embed_tokens.weight"])
+    assert trainer.train(tmp_path / "plain", steps=1, seed=3, log_every=100, save_every=0)["init_seed"] == 3
+    with pytest.raises(ValueError, match="init_seed"):
+        trainer.train(tmp_path / "x", steps=1, init=tmp_path / "out", init_seed=5)
+
+
 def test_row_groups_pick_the_cheapest_split_of_the_rows_sorted_by_length():
     """Against every split of the sorted rows into at most ``max_groups`` contiguous groups."""
     import itertools

@@ -281,7 +281,7 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
           init: Path | None = None, curriculum_from: float = 0.0, spaces: str | None = None,
           curriculum_until: float = 1.0, mix: dict | None = None, save_every: int = 250, common_keys: float = data.COMMON_KEYS,
           needle_lengths: tuple[int, ...] | None = None, keyless: float = data.KEYLESS, overwrite: bool = False,
-          isolate_at: float | None = None, tie_embeddings: bool = False) -> dict:
+          isolate_at: float | None = None, tie_embeddings: bool = False, init_seed: int | None = None) -> dict:
     """Train and save to ``out``; ``init`` continues from a checkpoint folder this function wrote (its
     weights and tokenizer; the optimizer state starts fresh and the data continues at new seeds).
     ``curriculum_from`` in [0, 1): the `CURRICULUM` progress the data start at (a continued run can skip
@@ -297,6 +297,9 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
     the needle samples' lengths in tokens for every phase (longer than the curriculum's 2,048: needles
     over more text, at more seconds per step). ``keyless``: the probability that a one-argument tool request
     names no key (``Use the X tool on V.``: the key must be read from the schema). The weights
+    ``init_seed``: a run from scratch draws its initial weights with this seed instead of ``seed``, which then
+    sets the tokenizer and the data alone (the hour's spread over seeds comes from the initial weights: README).
+    The weights
     are saved to ``out`` every ``save_every`` steps too (a run cut short by the machine keeps its work;
     training.json and loss.png are written at the end). ``out`` may hold a checkpoint only when it is
     ``init`` (a run continued in place) or with ``overwrite``: the default folder is the committed one.
@@ -342,6 +345,8 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
         raise ValueError("isolate_at is for a run with spaces attached: spaces='isolated' already isolates them")
     if tie_embeddings and init is not None:
         raise ValueError("tie_embeddings is for a run from scratch: a continued run keeps its checkpoint's tie_word_embeddings")
+    if init is not None and init_seed is not None:
+        raise ValueError("init_seed is for a run from scratch: a continued run starts from its checkpoint's weights")
     out = Path(out)
     held = sorted(p.name for p in out.glob("*.safetensors")) if out.is_dir() else []
     same_as_init = init is not None and out.resolve() == Path(init).resolve()
@@ -371,11 +376,12 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
                              eos_token_id=[tokenizer.eos_token_id, eom], tie_word_embeddings=tie_embeddings)
         config.architectures = ["JambaForCausalLM"]
         model = JambaForCausalLM(config)
-        weights = random_weights(config, seed)
+        init_seed = seed if init_seed is None else init_seed
+        weights = random_weights(config, init_seed)
         if tie_embeddings:  # one tensor under both names: loading lm_head.weight must not overwrite the embedding
             weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
         else:
-            weights["lm_head.weight"] = torch.randn(config.vocab_size, config.hidden_size, generator=torch.Generator().manual_seed(seed)) * config.initializer_range
+            weights["lm_head.weight"] = torch.randn(config.vocab_size, config.hidden_size, generator=torch.Generator().manual_seed(init_seed)) * config.initializer_range
         model.load_state_dict(weights)
     if isolate_at is not None and tokenizer_spaces(tokenizer) == "isolated":
         raise ValueError("isolate_at is for a run with spaces attached: this run's tokenizer already isolates them")
@@ -438,7 +444,7 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
     if init is not None and (Path(init) / "training.json").exists():
         prior = json.loads((Path(init) / "training.json").read_text())
         earlier = prior.pop("earlier_runs", []) + [prior]
-    info = {"earlier_runs": earlier, "init": None if init is None else str(init), "curriculum_from": curriculum_from, "curriculum_until": curriculum_until, "seed": seed, "steps_planned": steps, "steps_run": len(history), "lr": lr, "spaces": tokenizer_spaces(tokenizer), "isolate_at": isolate_at, "parameters": n_params,
+    info = {"earlier_runs": earlier, "init": None if init is None else str(init), "curriculum_from": curriculum_from, "curriculum_until": curriculum_until, "seed": seed, "init_seed": init_seed, "steps_planned": steps, "steps_run": len(history), "lr": lr, "spaces": tokenizer_spaces(tokenizer), "isolate_at": isolate_at, "parameters": n_params,
             "tie_word_embeddings": bool(config.tie_word_embeddings),
             "curriculum": CURRICULUM, "mix": mix, "common_keys": common_keys, "keyless": keyless, "needle_lengths": needle_lengths, "prompt_loss_weight": PROMPT_LOSS_WEIGHT, "lr_hold": LR_HOLD,
             "config": {k: getattr(config, k) for k in CONFIG},  # the model trained (an --init's own sizes)
@@ -559,6 +565,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("checkpoints/jamba-tiny-chat"))
     parser.add_argument("--steps", type=_positive(int), default=2400)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init-seed", type=int, default=None,
+                        help="a run from scratch draws its initial weights with this seed (default: --seed, which sets the tokenizer and data)")
     parser.add_argument("--lr", type=_positive(float), default=3e-3)
     parser.add_argument("--init", type=Path, default=None, help="continue from this checkpoint folder (use another --seed)")
     parser.add_argument("--minutes", type=_positive(float), default=None,
@@ -593,7 +601,8 @@ def main(argv=None) -> int:
         info = train(args.out, args.steps, args.seed, args.lr, args.minutes, init=args.init, curriculum_from=args.curriculum_from,
                      spaces=args.spaces, curriculum_until=args.curriculum_until, mix=args.mix, save_every=args.save_every,
                      common_keys=args.common_keys, needle_lengths=args.needle_lengths, keyless=args.keyless,
-                     overwrite=args.overwrite, isolate_at=args.isolate_at, tie_embeddings=args.tie_embeddings)
+                     overwrite=args.overwrite, isolate_at=args.isolate_at, tie_embeddings=args.tie_embeddings,
+                     init_seed=args.init_seed)
     except FileExistsError as err:  # an --out holding a checkpoint: refused before anything is written
         parser.error(str(err))
     print(f"{info['parameters']:,} parameters, {info['steps_run']} steps, {info['train_seconds']:.0f} s -> {args.out}")
