@@ -296,11 +296,10 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
     (`data.PARAM_NAMES`) rather than a word (lower: more keys to copy from the schema). ``needle_lengths``:
     the needle samples' lengths in tokens for every phase (longer than the curriculum's 2,048: needles
     over more text, at more seconds per step). ``keyless``: the probability that a one-argument tool request
-    names no key (``Use the X tool on V.``: the key must be read from the schema). The weights
+    names no key (``Use the X tool on V.``: the key must be read from the schema).
     ``init_seed``: a run from scratch draws its initial weights with this seed instead of ``seed``, which then
     sets the tokenizer and the data alone (the hour's spread over seeds comes from the initial weights: README).
-    The weights
-    are saved to ``out`` every ``save_every`` steps too (a run cut short by the machine keeps its work;
+    The weights are saved to ``out`` every ``save_every`` steps too (a run cut short by the machine keeps its work;
     training.json and loss.png are written at the end). ``out`` may hold a checkpoint only when it is
     ``init`` (a run continued in place) or with ``overwrite``: the default folder is the committed one.
     ``isolate_at`` in (0, 1): the run progress at which a run on spaces attached moves onto a tokenizer
