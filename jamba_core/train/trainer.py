@@ -95,7 +95,30 @@ JSON_MODES = ("schema", "schema", "object")
 # a dense signal for copying (a tool name read again, a key asked again) that the sparse answers lack
 PROMPT_LOSS_WEIGHT = 0.1
 # the task families `batch` draws (a phase's mix, or ``--mix``)
+INIT_SCALES = ("hf", "fan-in")
 FAMILIES = frozenset({"repeat", "spell", "recall", "needle", "tool_call", "json"})
+
+
+def fan_in_init(weights: dict[str, torch.Tensor], config, seed: int) -> None:
+    """Rescale `random_weights`' N(0, ``initializer_range``) draws in place to a fan-in initialisation:
+    every linear weight (fp32, (out, in)) to std ``in ** -0.5`` (LeCun normal), the projections that add
+    into the residual stream (``o_proj``, ``out_proj``, ``down_proj``) further by ``1 / sqrt(2 * layers)``
+    (two residual additions per layer; GPT-2, Radford et al. 2019 section 2.3, and mamba_ssm's
+    ``_init_weights`` with ``rescale_prenorm_residual``), and ``dt_proj.weight`` redrawn uniform on
+    ``±dt_rank ** -0.5`` (Mamba, Gu & Dao 2023, reference ``dt_init="random"``, ``dt_scale=1``) with its
+    own generator (seeded ``1000 + seed``, apart from `random_weights`'). The embedding (and a tied ``lm_head``), the routers, norms, convolutions,
+    ``A_log``, ``D`` and biases keep `random_weights`' values. With N(0, 0.02) at hidden size 192 the
+    attention logits start ~13x smaller than here, and dt barely depends on the input."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    for name, t in weights.items():
+        if name.endswith("dt_proj.weight"):
+            bound = config.mamba_dt_rank ** -0.5
+            weights[name] = (torch.rand(t.shape, generator=g) * 2 - 1) * bound
+        elif t.dim() == 2 and name.endswith(".weight") and "embed" not in name and "router" not in name and name != "lm_head.weight":
+            std = t.shape[1] ** -0.5
+            if name.endswith(("o_proj.weight", "out_proj.weight", "down_proj.weight")):
+                std /= math.sqrt(2 * config.num_hidden_layers)
+            weights[name] = t * (std / config.initializer_range)
 
 
 def make_tokenizer(seed: int = 0, spaces: str = "attached"):
@@ -281,7 +304,8 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
           init: Path | None = None, curriculum_from: float = 0.0, spaces: str | None = None,
           curriculum_until: float = 1.0, mix: dict | None = None, save_every: int = 250, common_keys: float = data.COMMON_KEYS,
           needle_lengths: tuple[int, ...] | None = None, keyless: float = data.KEYLESS, overwrite: bool = False,
-          isolate_at: float | None = None, tie_embeddings: bool = False, init_seed: int | None = None) -> dict:
+          isolate_at: float | None = None, tie_embeddings: bool = False, init_seed: int | None = None,
+          init_scale: str = "hf") -> dict:
     """Train and save to ``out``; ``init`` continues from a checkpoint folder this function wrote (its
     weights and tokenizer; the optimizer state starts fresh and the data continues at new seeds).
     ``curriculum_from`` in [0, 1): the `CURRICULUM` progress the data start at (a continued run can skip
@@ -299,6 +323,8 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
     names no key (``Use the X tool on V.``: the key must be read from the schema).
     ``init_seed``: a run from scratch draws its initial weights with this seed instead of ``seed``, which then
     sets the tokenizer and the data alone (the hour's spread over seeds comes from the initial weights: README).
+    ``init_scale``: a run from scratch's initial linear weights: "hf", N(0, ``initializer_range``) as
+    transformers' Jamba initialises every linear layer; "fan-in", `fan_in_init` (the copying forms sooner: README).
     The weights are saved to ``out`` every ``save_every`` steps too (a run cut short by the machine keeps its work;
     training.json and loss.png are written at the end). ``out`` may hold a checkpoint only when it is
     ``init`` (a run continued in place) or with ``overwrite``: the default folder is the committed one.
@@ -344,6 +370,10 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
         raise ValueError("isolate_at is for a run with spaces attached: spaces='isolated' already isolates them")
     if tie_embeddings and init is not None:
         raise ValueError("tie_embeddings is for a run from scratch: a continued run keeps its checkpoint's tie_word_embeddings")
+    if init_scale not in INIT_SCALES:
+        raise ValueError(f"init_scale must be one of {INIT_SCALES}, got {init_scale!r}")
+    if init is not None and init_scale != "hf":
+        raise ValueError("init_scale is for a run from scratch: a continued run starts from its checkpoint's weights")
     if init is not None and init_seed is not None:
         raise ValueError("init_seed is for a run from scratch: a continued run starts from its checkpoint's weights")
     out = Path(out)
@@ -377,6 +407,8 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
         model = JambaForCausalLM(config)
         init_seed = seed if init_seed is None else init_seed
         weights = random_weights(config, init_seed)
+        if init_scale == "fan-in":
+            fan_in_init(weights, config, init_seed)
         if tie_embeddings:  # one tensor under both names: loading lm_head.weight must not overwrite the embedding
             weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
         else:
@@ -443,7 +475,7 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
     if init is not None and (Path(init) / "training.json").exists():
         prior = json.loads((Path(init) / "training.json").read_text())
         earlier = prior.pop("earlier_runs", []) + [prior]
-    info = {"earlier_runs": earlier, "init": None if init is None else str(init), "curriculum_from": curriculum_from, "curriculum_until": curriculum_until, "seed": seed, "init_seed": init_seed, "steps_planned": steps, "steps_run": len(history), "lr": lr, "spaces": tokenizer_spaces(tokenizer), "isolate_at": isolate_at, "parameters": n_params,
+    info = {"earlier_runs": earlier, "init": None if init is None else str(init), "curriculum_from": curriculum_from, "curriculum_until": curriculum_until, "seed": seed, "init_seed": init_seed, "init_scale": init_scale, "steps_planned": steps, "steps_run": len(history), "lr": lr, "spaces": tokenizer_spaces(tokenizer), "isolate_at": isolate_at, "parameters": n_params,
             "tie_word_embeddings": bool(config.tie_word_embeddings),
             "curriculum": CURRICULUM, "mix": mix, "common_keys": common_keys, "keyless": keyless, "needle_lengths": needle_lengths, "prompt_loss_weight": PROMPT_LOSS_WEIGHT, "lr_hold": LR_HOLD,
             "config": {k: getattr(config, k) for k in CONFIG},  # the model trained (an --init's own sizes)
@@ -566,6 +598,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--init-seed", type=int, default=None,
                         help="a run from scratch draws its initial weights with this seed (default: --seed, which sets the tokenizer and data)")
+    parser.add_argument("--init-scale", choices=INIT_SCALES, default="hf",
+                        help="a run from scratch's initial linear weights: 'hf', N(0, 0.02) as transformers does; 'fan-in', "
+                             "std 1/sqrt(fan_in), the residual outputs' over sqrt(2 x layers), dt_proj as Mamba's")
     parser.add_argument("--lr", type=_positive(float), default=3e-3)
     parser.add_argument("--init", type=Path, default=None, help="continue from this checkpoint folder (use another --seed)")
     parser.add_argument("--minutes", type=_positive(float), default=None,
@@ -601,7 +636,7 @@ def main(argv=None) -> int:
                      spaces=args.spaces, curriculum_until=args.curriculum_until, mix=args.mix, save_every=args.save_every,
                      common_keys=args.common_keys, needle_lengths=args.needle_lengths, keyless=args.keyless,
                      overwrite=args.overwrite, isolate_at=args.isolate_at, tie_embeddings=args.tie_embeddings,
-                     init_seed=args.init_seed)
+                     init_seed=args.init_seed, init_scale=args.init_scale)
     except FileExistsError as err:  # an --out holding a checkpoint: refused before anything is written
         parser.error(str(err))
     print(f"{info['parameters']:,} parameters, {info['steps_run']} steps, {info['train_seconds']:.0f} s -> {args.out}")
