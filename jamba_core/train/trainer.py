@@ -94,8 +94,9 @@ JSON_MODES = ("schema", "schema", "object")
 # weight of the other tokens' next-token loss (prompt, haystack, template) beside the assistant turns' 1:
 # a dense signal for copying (a tool name read again, a key asked again) that the sparse answers lack
 PROMPT_LOSS_WEIGHT = 0.1
-# the task families `batch` draws (a phase's mix, or ``--mix``)
+# a run from scratch's initial linear weights (`train`'s ``init_scale``)
 INIT_SCALES = ("hf", "fan-in")
+# the task families `batch` draws (a phase's mix, or ``--mix``)
 FAMILIES = frozenset({"repeat", "spell", "recall", "needle", "tool_call", "json"})
 
 
@@ -106,8 +107,8 @@ def fan_in_init(weights: dict[str, torch.Tensor], config, seed: int) -> None:
     (two residual additions per layer; GPT-2, Radford et al. 2019 section 2.3, and mamba_ssm's
     ``_init_weights`` with ``rescale_prenorm_residual``), and ``dt_proj.weight`` redrawn uniform on
     ``±dt_rank ** -0.5`` (Mamba, Gu & Dao 2023, reference ``dt_init="random"``, ``dt_scale=1``) with its
-    own generator (seeded ``1000 + seed``, apart from `random_weights`'). The embedding (and a tied ``lm_head``), the routers, norms, convolutions,
-    ``A_log``, ``D`` and biases keep `random_weights`' values. With N(0, 0.02) at hidden size 192 the
+    own generator (seeded ``1000 + seed``, apart from `random_weights`'). The embedding (and a tied
+    ``lm_head``), the routers, norms, convolutions, ``A_log``, ``D`` and biases keep `random_weights`' values. With N(0, 0.02) at hidden size 192 the
     attention logits start ~13x smaller than here, and dt barely depends on the input."""
     g = torch.Generator().manual_seed(1000 + seed)
     for name, t in weights.items():
