@@ -708,6 +708,7 @@ def test_fan_in_init_scales_each_linear_by_its_fan_in_and_keeps_the_rest(tmp_pat
     import math
 
     from jamba_core.testing import random_weights
+    from jamba_core.tokenizer import train_tokenizer
     from jamba_core.train import trainer
 
     config = trainer.make_config("tiny", **trainer.CONFIG)
@@ -732,8 +733,7 @@ def test_fan_in_init_scales_each_linear_by_its_fan_in_and_keeps_the_rest(tmp_pat
 
     monkeypatch.setattr(trainer, "CONFIG", dict(trainer.CONFIG, hidden_size=32, intermediate_size=64, num_attention_heads=2,
                                                  num_key_value_heads=1, num_hidden_layers=3))
-    monkeypatch.setattr(trainer, "make_tokenizer", lambda seed, spaces: __import__("jamba_core.tokenizer", fromlist=["x"])
-                        .train_tokenizer(trainer.CONFIG["vocab_size"], spaces=spaces))
+    monkeypatch.setattr(trainer, "make_tokenizer", lambda seed, spaces: train_tokenizer(trainer.CONFIG["vocab_size"], spaces=spaces))
     info = trainer.train(tmp_path / "out", steps=1, seed=3, init_scale="fan-in", log_every=100, save_every=0)
     assert info["init_scale"] == "fan-in" and math.isfinite(info["history"][0]["loss"])
     with pytest.raises(ValueError, match="init_scale"):

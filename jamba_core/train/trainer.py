@@ -108,8 +108,9 @@ def fan_in_init(weights: dict[str, torch.Tensor], config, seed: int) -> None:
     ``_init_weights`` with ``rescale_prenorm_residual``), and ``dt_proj.weight`` redrawn uniform on
     ``±dt_rank ** -0.5`` (Mamba, Gu & Dao 2023, reference ``dt_init="random"``, ``dt_scale=1``) with its
     own generator (seeded ``1000 + seed``, apart from `random_weights`'). The embedding (and a tied
-    ``lm_head``), the routers, norms, convolutions, ``A_log``, ``D`` and biases keep `random_weights`' values. With N(0, 0.02) at hidden size 192 the
-    attention logits start ~13x smaller than here, and dt barely depends on the input."""
+    ``lm_head``), the routers, norms, convolutions, ``A_log``, ``D`` and biases keep `random_weights`'
+    values. With N(0, 0.02) at hidden size 192 the attention logits start ~13x smaller than here, and dt
+    barely depends on the input."""
     g = torch.Generator().manual_seed(1000 + seed)
     for name, t in weights.items():
         if name.endswith("dt_proj.weight"):
