@@ -700,26 +700,16 @@ def test_the_batch_in_groups_of_rows_gives_one_passs_loss_and_gradients(tiny_eng
         ops.use(previous)
 
 
-def test_fan_in_init_scales_each_linear_by_its_fan_in_and_keeps_the_rest(tmp_path, monkeypatch, shared_dir):
-    """`fan_in_init` on the training model's `random_weights`: linear weights at std in^-0.5, the residual
-    outputs at in^-0.5 / sqrt(2 layers), dt_proj uniform within dt_rank^-0.5, everything else as drawn
-    (sample stds within 5%: >= 4,096 draws each). ``init_scale="fan-in"`` trains from them; with ``init``
-    it is refused."""
+def _check_fan_in(weights, drawn, config, mixers_only):
     import math
 
-    from jamba_core.testing import random_weights
-    from jamba_core.tokenizer import train_tokenizer
-    from jamba_core.train import trainer
-
-    config = trainer.make_config("tiny", **trainer.CONFIG)
-    drawn = random_weights(config, 7)
-    weights = dict(drawn)
-    trainer.fan_in_init(weights, config, 7)
     residual = 1 / math.sqrt(2 * config.num_hidden_layers)
     seen = set()
     for name, t in weights.items():
         kind = name.rsplit(".", 2)[-2]
-        if kind == "dt_proj" and name.endswith("weight"):
+        if mixers_only and ".self_attn." not in name and ".mamba." not in name:  # the MLPs and experts as drawn
+            assert torch.equal(t, drawn[name]), name
+        elif kind == "dt_proj" and name.endswith("weight"):
             bound = config.mamba_dt_rank ** -0.5
             assert t.abs().max() <= bound and t.abs().max() > 0.9 * bound and abs(t.std() / (bound / math.sqrt(3)) - 1) < 0.05
         elif t.dim() == 2 and name.endswith(".weight") and kind not in ("embed_tokens", "router", "lm_head"):
@@ -731,12 +721,32 @@ def test_fan_in_init_scales_each_linear_by_its_fan_in_and_keeps_the_rest(tmp_pat
         seen.add(name.rsplit(".", 1)[-1] if kind == "mamba" else kind)
     assert {"q_proj", "k_proj", "in_proj", "x_proj", "out_proj", "o_proj", "down_proj", "router", "dt_proj", "embed_tokens", "A_log"} <= seen
 
+
+def test_fan_in_init_scales_each_linear_by_its_fan_in_and_keeps_the_rest(tmp_path, monkeypatch, shared_dir):
+    """`fan_in_init` on the training model's `random_weights`: linear weights at std in^-0.5, the residual
+    outputs at in^-0.5 / sqrt(2 layers), dt_proj uniform within dt_rank^-0.5, everything else as drawn
+    (sample stds within 5%: >= 4,096 draws each); with ``mixers_only`` the MLPs' and experts' weights as
+    drawn too. ``init_scale`` "fan-in" and "fan-in-mixers" train from them; with ``init`` it is refused."""
+    import math
+
+    from jamba_core.testing import random_weights
+    from jamba_core.tokenizer import train_tokenizer
+    from jamba_core.train import trainer
+
+    config = trainer.make_config("tiny", **trainer.CONFIG)
+    drawn = random_weights(config, 7)
+    for mixers_only in (False, True):
+        weights = dict(drawn)
+        trainer.fan_in_init(weights, config, 7, mixers_only=mixers_only)
+        _check_fan_in(weights, drawn, config, mixers_only)
+
     monkeypatch.setattr(trainer, "CONFIG", dict(trainer.CONFIG, hidden_size=32, intermediate_size=64, num_attention_heads=2,
                                                  num_key_value_heads=1, num_hidden_layers=3))
     monkeypatch.setattr(trainer, "make_tokenizer", lambda seed, spaces: train_tokenizer(trainer.CONFIG["vocab_size"], spaces=spaces))
-    info = trainer.train(tmp_path / "out", steps=1, seed=3, init_scale="fan-in", log_every=100, save_every=0)
-    assert info["init_scale"] == "fan-in" and math.isfinite(info["history"][0]["loss"])
+    for scale in ("fan-in", "fan-in-mixers"):
+        info = trainer.train(tmp_path / scale, steps=1, seed=3, init_scale=scale, log_every=100, save_every=0)
+        assert info["init_scale"] == scale and math.isfinite(info["history"][0]["loss"])
     with pytest.raises(ValueError, match="init_scale"):
-        trainer.train(tmp_path / "x", steps=1, init=tmp_path / "out", init_scale="fan-in")
+        trainer.train(tmp_path / "x", steps=1, init=tmp_path / "fan-in", init_scale="fan-in")
     with pytest.raises(ValueError, match="init_scale"):
         trainer.train(tmp_path / "y", steps=1, init_scale="xavier")

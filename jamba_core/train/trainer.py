@@ -95,12 +95,12 @@ JSON_MODES = ("schema", "schema", "object")
 # a dense signal for copying (a tool name read again, a key asked again) that the sparse answers lack
 PROMPT_LOSS_WEIGHT = 0.1
 # a run from scratch's initial linear weights (`train`'s ``init_scale``)
-INIT_SCALES = ("hf", "fan-in")
+INIT_SCALES = ("hf", "fan-in", "fan-in-mixers")
 # the task families `batch` draws (a phase's mix, or ``--mix``)
 FAMILIES = frozenset({"repeat", "spell", "recall", "needle", "tool_call", "json"})
 
 
-def fan_in_init(weights: dict[str, torch.Tensor], config, seed: int) -> None:
+def fan_in_init(weights: dict[str, torch.Tensor], config, seed: int, mixers_only: bool = False) -> None:
     """Rescale `random_weights`' N(0, ``initializer_range``) draws in place to a fan-in initialisation:
     every linear weight (fp32, (out, in)) to std ``in ** -0.5`` (LeCun normal), the projections that add
     into the residual stream (``o_proj``, ``out_proj``, ``down_proj``) further by ``1 / sqrt(2 * layers)``
@@ -109,10 +109,13 @@ def fan_in_init(weights: dict[str, torch.Tensor], config, seed: int) -> None:
     ``±dt_rank ** -0.5`` (Mamba, Gu & Dao 2023, reference ``dt_init="random"``, ``dt_scale=1``) with its
     own generator (seeded ``1000 + seed``, apart from `random_weights`'). The embedding (and a tied
     ``lm_head``), the routers, norms, convolutions, ``A_log``, ``D`` and biases keep `random_weights`'
-    values. With N(0, 0.02) at hidden size 192 the attention logits start ~13x smaller than here, and dt
-    barely depends on the input."""
+    values; with ``mixers_only``, so do the MLPs' and experts' weights (only the attention and Mamba layers'
+    are rescaled). With N(0, 0.02) at hidden size 192 the attention logits start ~13x smaller than here,
+    and dt barely depends on the input."""
     g = torch.Generator().manual_seed(1000 + seed)
     for name, t in weights.items():
+        if mixers_only and ".self_attn." not in name and ".mamba." not in name:
+            continue
         if name.endswith("dt_proj.weight"):
             bound = config.mamba_dt_rank ** -0.5
             weights[name] = (torch.rand(t.shape, generator=g) * 2 - 1) * bound
@@ -326,7 +329,9 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
     ``init_seed``: a run from scratch draws its initial weights with this seed instead of ``seed``, which then
     sets the tokenizer and the data alone (the hour's spread over seeds comes from the initial weights: README).
     ``init_scale``: a run from scratch's initial linear weights: "hf", N(0, ``initializer_range``) as
-    transformers' Jamba initialises every linear layer; "fan-in", `fan_in_init` (the copying forms sooner: README).
+    transformers' Jamba initialises every linear layer; "fan-in", `fan_in_init` (the copying forms sooner, but seed
+    0's hour made far fewer tool calls right: README); "fan-in-mixers", `fan_in_init` of the attention and Mamba
+    layers alone (the copying as soon, the tool calls as with "hf").
     The weights are saved to ``out`` every ``save_every`` steps too (a run cut short by the machine keeps its work;
     training.json and loss.png are written at the end). ``out`` may hold a checkpoint only when it is
     ``init`` (a run continued in place) or with ``overwrite``: the default folder is the committed one.
@@ -409,8 +414,8 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
         model = JambaForCausalLM(config)
         init_seed = seed if init_seed is None else init_seed
         weights = random_weights(config, init_seed)
-        if init_scale == "fan-in":
-            fan_in_init(weights, config, init_seed)
+        if init_scale != "hf":
+            fan_in_init(weights, config, init_seed, mixers_only=init_scale == "fan-in-mixers")
         if tie_embeddings:  # one tensor under both names: loading lm_head.weight must not overwrite the embedding
             weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
         else:
@@ -602,7 +607,8 @@ def main(argv=None) -> int:
                         help="a run from scratch draws its initial weights with this seed (default: --seed, which sets the tokenizer and data)")
     parser.add_argument("--init-scale", choices=INIT_SCALES, default="hf",
                         help="a run from scratch's initial linear weights: 'hf', N(0, 0.02) as transformers does; 'fan-in', "
-                             "std 1/sqrt(fan_in), the residual outputs' over sqrt(2 x layers), dt_proj as Mamba's")
+                             "std 1/sqrt(fan_in), the residual outputs' over sqrt(2 x layers), dt_proj as Mamba's; "
+                             "'fan-in-mixers', that for the attention and Mamba layers alone")
     parser.add_argument("--lr", type=_positive(float), default=3e-3)
     parser.add_argument("--init", type=Path, default=None, help="continue from this checkpoint folder (use another --seed)")
     parser.add_argument("--minutes", type=_positive(float), default=None,
