@@ -701,8 +701,6 @@ def test_the_batch_in_groups_of_rows_gives_one_passs_loss_and_gradients(tiny_eng
 
 
 def _check_fan_in(weights, drawn, config, mixers_only):
-    import math
-
     residual = 1 / math.sqrt(2 * config.num_hidden_layers)
     seen = set()
     for name, t in weights.items():
@@ -727,8 +725,6 @@ def test_fan_in_init_scales_each_linear_by_its_fan_in_and_keeps_the_rest(tmp_pat
     outputs at in^-0.5 / sqrt(2 layers), dt_proj uniform within dt_rank^-0.5, everything else as drawn
     (sample stds within 5%: >= 4,096 draws each); with ``mixers_only`` the MLPs' and experts' weights as
     drawn too. ``init_scale`` "fan-in" and "fan-in-mixers" train from them; with ``init`` it is refused."""
-    import math
-
     from jamba_core.testing import random_weights
     from jamba_core.tokenizer import train_tokenizer
     from jamba_core.train import trainer
