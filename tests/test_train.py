@@ -746,3 +746,72 @@ def test_fan_in_init_scales_each_linear_by_its_fan_in_and_keeps_the_rest(tmp_pat
         trainer.train(tmp_path / "x", steps=1, init=tmp_path / "fan-in", init_scale="fan-in")
     with pytest.raises(ValueError, match="init_scale"):
         trainer.train(tmp_path / "y", steps=1, init_scale="xavier")
+
+
+def _greedy(model, ids: list[int], n: int) -> list[int]:
+    """``n`` tokens after ``ids`` by argmax, each from a whole forward pass over everything before it (no cache)."""
+    out = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            out.append(int(model(torch.tensor([out]), logits_to_keep=1)[0, -1].argmax()))
+    return out[len(ids):]
+
+
+def test_validation_counts_a_call_exact_when_greedy_decoding_writes_it():
+    """`validate`'s exact share is what greedy decoding writes, token for token: on the trained checkpoint,
+    each held-out call scores exact alone exactly when decoding its prompt greedily gives its tokens; a
+    random-weight model of the same shape gets none."""
+    from jamba_core.config import load_config
+    from jamba_core.loading import load_model
+    from jamba_core.model import JambaForCausalLM
+    from jamba_core.testing import trained_checkpoint
+    from jamba_core.tokenizer import load_tokenizer
+    from jamba_core.train import trainer
+
+    path = trained_checkpoint(missing_ok=True)
+    if path is None:
+        pytest.skip("no trained checkpoint in this tree")
+    tokenizer, config = load_tokenizer(path), load_config(path)
+    model = load_model(path, config, progress=False).eval()
+    convs = trainer.validation_calls(8)
+    assert len({json.dumps(c.messages) for c in convs}) == 8 and all(c.messages[-1]["tool_calls"] for c in convs)
+    per_call = []
+    for conv in convs:
+        ids, mask = data.encode(tokenizer, conv)
+        start = mask.index(1)
+        assert all(mask[start:]) and not any(mask[:start])  # the call is the last turn
+        alone = trainer.validate(model, tokenizer, [conv])
+        per_call.append(alone["tool_call_exact"])
+        assert alone["tool_call_exact"] == float(_greedy(model, ids[:start], len(ids) - start) == ids[start:])
+        assert math.isfinite(alone["tool_call_nll"]) and alone["tool_call_nll"] >= 0
+    assert 0 < sum(per_call)  # the trained checkpoint writes some of them (91% of 200 held-out calls)
+    assert trainer.validate(model, tokenizer, convs)["tool_call_exact"] == sum(per_call) / 8
+    model.train()
+    trainer.validate(model, tokenizer, convs[:1])
+    assert model.training  # the mode is restored
+    random_model = JambaForCausalLM(config).eval()
+    assert trainer.validate(random_model, tokenizer, convs)["tool_call_exact"] == 0.0
+
+
+def test_a_run_scores_held_out_tool_calls_as_it_trains(tmp_path, shared_dir, monkeypatch):
+    """validate_every: a check every that many steps and one on the weights the run ends with, in
+    training.json and the log; 0 or a run shorter than one interval: none."""
+    from jamba_core.testing import trained_checkpoint
+    from jamba_core.train import trainer
+
+    path = trained_checkpoint(missing_ok=True)
+    if path is None:
+        pytest.skip("no trained checkpoint in this tree")
+    monkeypatch.setattr(trainer, "VALIDATION_SAMPLES", 3)
+    info = trainer.train(tmp_path / "a", steps=5, seed=6, init=path, curriculum_from=0.8, log_every=100, validate_every=2)
+    assert [v["step"] for v in info["validation"]] == [2, 4, 5]
+    assert all(0.0 <= v["tool_call_exact"] <= 1.0 and v["tool_call_exact"] * 3 == round(v["tool_call_exact"] * 3)
+               for v in info["validation"])
+    assert json.loads((tmp_path / "a" / "training.json").read_text())["validation"] == info["validation"]
+    assert trainer.train(tmp_path / "b", steps=2, seed=6, init=path, curriculum_from=0.8, log_every=100,
+                         validate_every=0)["validation"] == []
+    assert trainer.train(tmp_path / "c", steps=2, seed=6, init=path, curriculum_from=0.8, log_every=100,
+                         validate_every=3)["validation"] == []
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="validate_every"):
+            trainer.train(tmp_path / "d", steps=1, validate_every=bad)
