@@ -299,9 +299,9 @@ def validate(model, tokenizer, convs: list[data.Conversation]) -> dict:
     - ``tool_call_exact``: the share whose every assistant token (the call through ``<|eom|>``) is the
       argmax given the true tokens before it, i.e. the call that greedy decoding would write, token for
       token. It stands in for `evaluate_tool_calls`' ``correct`` at a fraction of its cost: on that
-      function's 200 draws (seed 1), 40.0 / 54.0 / 91.0% for two one-hour checkpoints and the committed one,
-      against greedy decoding's 40.5 / 54.0 / 91.0% through `ChatJamba` (per sample, 599 of 600 alike: the
-      one apart a call that greedy decoding wrote right in other tokens);
+      function's 200 draws (seed 1), 40.0 / 54.0 / 51.0 / 65.0 / 91.0% for four one-hour checkpoints and the
+      committed one, against greedy decoding's 40.5 / 54.0 / 51.0 / 65.0 / 91.0% through `ChatJamba` (per
+      sample, 999 of 1,000 alike: the one apart a call that greedy decoding wrote right in other tokens);
     - ``tool_call_nll``: the mean next-token cross-entropy (nats) on those tokens, per conversation.
 
     The training loss on tool calls does not tell a run that gets 40% of held-out calls right from one that
