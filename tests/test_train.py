@@ -645,6 +645,63 @@ def test_init_seed_sets_the_initial_weights_alone_and_seed_the_tokenizer_and_dat
         trainer.train(tmp_path / "x", steps=1, init=tmp_path / "out", init_seed=5)
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_muon_takes_the_decoder_layers_projection_matrices_and_adamw_the_rest(tied):
+    """`optimizers`: every parameter in exactly one optimizer; "muon" holds the decoder layers' linear
+    weights (2-D), AdamW the embedding, the output layer, norms, ``A_log``, ``D``, the convolutions and
+    biases. One Muon step from a zero momentum moves a matrix by a near-orthogonal update whose RMS is
+    about 0.2 x the learning rate (AdamW's scale: the same learning rate carries over)."""
+    from jamba_core.model import JambaForCausalLM
+    from jamba_core.train import trainer
+
+    torch.manual_seed(0)
+    model = JambaForCausalLM(trainer.make_config("tiny", **trainer.CONFIG, tie_word_embeddings=tied))
+    params = dict(model.named_parameters())
+    adamw_only = trainer.optimizers(model, 1e-3, "adamw")
+    assert len(adamw_only) == 1 and isinstance(adamw_only[0], torch.optim.AdamW)
+    assert sorted(id(p) for g in adamw_only[0].param_groups for p in g["params"]) == sorted(id(p) for p in params.values())
+    adamw, muon = trainer.optimizers(model, 1e-3, "muon")
+    assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, torch.optim.Muon)
+    held = {id(p): type(o).__name__ for o in (adamw, muon) for g in o.param_groups for p in g["params"]}
+    assert len(held) == len(params) == sum(len(g["params"]) for o in (adamw, muon) for g in o.param_groups)
+    for name, p in params.items():
+        in_layers = name.startswith("model.layers.") and name.endswith(".weight") and p.dim() == 2 and "A_log" not in name
+        assert held[id(p)] == ("Muon" if in_layers else "AdamW"), name
+    assert held[id(model.lm_head.weight)] == held[id(model.model.embed_tokens.weight)] == "AdamW"
+    assert sum(h == "Muon" for h in held.values()) == 72  # per layer: Mamba 4 or attention 4, MLP 3 or router + 4 x 3 experts
+    w = model.model.layers[1].feed_forward.experts[0].gate_proj.weight  # (384, 192)
+    before = w.detach().clone()
+    for p in params.values():
+        p.grad = torch.randn_like(p)
+    lr = 1e-3
+    for group in muon.param_groups:
+        group["weight_decay"] = 0.0
+    muon.step()
+    step = (w.detach() - before) / lr
+    assert 0.12 < float(step.pow(2).mean().sqrt()) < 0.3
+    # torch's 5 quintic Newton-Schulz steps leave the singular values in about (0.5, 1.5), not at 1
+    singular = torch.linalg.svdvals(step / (0.2 * math.sqrt(max(w.shape))))
+    assert 0.3 < float(singular.min()) and float(singular.max()) < 1.6
+    with pytest.raises(ValueError, match="optimizer"):
+        trainer.optimizers(model, 1e-3, "sgd")
+
+
+def test_a_run_with_muon_trains_and_says_so(tmp_path, monkeypatch, shared_dir):
+    from jamba_core.tokenizer import train_tokenizer
+    from jamba_core.train import trainer
+
+    monkeypatch.setattr(trainer, "make_tokenizer", lambda seed, spaces: train_tokenizer(trainer.CONFIG["vocab_size"], spaces=spaces))
+    monkeypatch.setattr(trainer, "CONFIG", dict(trainer.CONFIG, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                                                 num_key_value_heads=1, num_hidden_layers=3))
+    info = trainer.train(tmp_path / "out", steps=3, seed=1, log_every=100, save_every=0, optimizer="muon", isolate_at=0.5,
+                         tie_embeddings=True)
+    assert info["optimizer"] == "muon" and len(info["history"]) == 3
+    assert all(math.isfinite(h["loss"]) for h in info["history"])
+    assert json.loads((tmp_path / "out" / "training.json").read_text())["optimizer"] == "muon"
+    with pytest.raises(ValueError, match="optimizer"):
+        trainer.train(tmp_path / "x", steps=1, optimizer="sgd")
+
+
 def test_row_groups_pick_the_cheapest_split_of_the_rows_sorted_by_length():
     """Against every split of the sorted rows into at most ``max_groups`` contiguous groups."""
     import itertools
