@@ -236,6 +236,32 @@ def test_keyless_sets_how_many_one_argument_requests_leave_the_key_to_the_schema
     check_the_trainer_passes_on("keyless", 0.8, -0.1, tiny_engine.tokenizer, monkeypatch)
 
 
+def test_shuffled_keys_lets_the_request_set_the_order_of_the_calls_keys(shared_dir, tiny_engine, monkeypatch):
+    """``shuffled_keys`` (``--shuffled-keys``): the share of requests with two or more arguments that name
+    them in a shuffled order, which the call keeps; the arguments stay the schema's; 0 (the default) draws
+    nothing, so the evaluation's samples stay as drawn; the trainer passes it on and refuses one outside [0, 1]."""
+
+    def calls(p, seeds=range(300)):
+        for s in seeds:
+            conv = data.tool_call(random.Random(s), "test", shuffled_keys=p)
+            call, request = conv.messages[-3]["tool_calls"][0]["function"], conv.messages[-4]["content"]
+            schema = next(t["function"] for t in conv.tools if t["function"]["name"] == call["name"])["parameters"]["properties"]
+            if len(call["arguments"]) > 1:
+                yield list(call["arguments"]), list(schema), request, call["arguments"]
+
+    def named_in_order(request, args):  # one of `data._request`'s listings, in the call's order
+        pairs = [(k, data._say(v)) for k, v in args.items()]
+        return any(listing in request for listing in (", ".join(f"{k}={v}" for k, v in pairs), " and ".join(f"{k} {v}" for k, v in pairs),
+                                                      ", ".join(f"{k} is {v}" for k, v in pairs), ", ".join(f"{k}: {v}" for k, v in pairs)))
+
+    shuffled = list(calls(1.0))
+    assert len(shuffled) > 100 and all(sorted(keys) == sorted(schema) and named_in_order(request, args) for keys, schema, request, args in shuffled)
+    assert 0.4 < sum(keys != schema for keys, schema, _, _ in shuffled) / len(shuffled) < 0.85  # 2 keys: 1/2, 3 keys: 5/6
+    assert all(keys == schema and named_in_order(request, args) for keys, schema, request, args in calls(0.0))
+    assert data.tool_call(random.Random(11), "test").messages == data.tool_call(random.Random(11), "test", shuffled_keys=0.0).messages
+    check_the_trainer_passes_on("shuffled_keys", 0.5, 1.5, tiny_engine.tokenizer, monkeypatch)
+
+
 def test_needle_lengths_replace_the_curriculums_and_are_checked(tiny_engine, shared_dir):
     """``needle_lengths`` (``--needle-lengths 2048,4096,8192``): needle batches take one of them in every
     phase; none under 256 tokens (RULER's fixed text would not fit)."""

@@ -39,6 +39,9 @@ PARAM_NAMES = ("input", "query", "city", "location", "name", "id", "amount", "un
 COMMON_KEYS = 0.6
 # the share of one-argument requests that name no key (`_request`): the held-out evaluation draws with it
 KEYLESS = 0.3
+# the share of requests with two or more arguments that name them in another order than the schema's (the
+# call follows the request's order): 0 draws nothing, so the held-out evaluation's samples stay as drawn
+SHUFFLED_KEYS = 0.0
 # Tools as applications name them (``get_weather``, ``multiply``, ``greeting_generator``): common English
 # verbs, nouns and adjectives, for `tool_call`'s ``style="common"``, so the checkpoint meets tool names and
 # requests worded the way LangChain's and LlamaIndex's suites and users word them, not only book words.
@@ -190,14 +193,16 @@ def _request(name: str, args: dict, rng: random.Random, keyless: float = KEYLESS
 
 
 def tool_call(rng: random.Random, split: str = "train", rounds: int = 1, style: str = "book", common_keys: float = COMMON_KEYS,
-              keyless: float = KEYLESS) -> Conversation:
+              keyless: float = KEYLESS, shuffled_keys: float = SHUFFLED_KEYS) -> Conversation:
     """1-3 random tools, then ``rounds`` exchanges of: a request naming one tool and its arguments, the
     call, the tool's result, an answer quoting it (more rounds: more call tokens per sample). The first
     round draws from ``rng`` the same way whatever ``rounds`` is, so evaluation samples stay fixed.
     ``style``: "book" (tool names and values from the split's book words: the held-out evaluation) or
     "common" (`common_tool`'s names, `_common_value`'s arguments, half the one-argument requests worded
     naturally; enum values still from the split's words). ``common_keys``: `random_tool`'s, for "book".
-    ``keyless``: `_request`'s (the evaluation's samples are drawn at the default)."""
+    ``keyless``: `_request`'s (the evaluation's samples are drawn at the default). ``shuffled_keys``: the
+    probability that a request with two or more arguments names them in a random order, which the call then
+    keeps (so the call's first key is the one the request names first, not always the schema's first)."""
     vocab = words(split)
     if style not in ("book", "common"):
         raise ValueError(f"style must be 'book' or 'common', got {style!r}")
@@ -208,6 +213,8 @@ def tool_call(rng: random.Random, split: str = "train", rounds: int = 1, style: 
         chosen = rng.choice(tools)["function"]
         args = {k: make_value("enum" if "enum" in spec else spec["type"], rng, vocab, spec.get("enum"))
                 for k, spec in chosen["parameters"]["properties"].items()}
+        if shuffled_keys and len(args) > 1 and rng.random() < shuffled_keys:
+            args = {k: args[k] for k in rng.sample(list(args), len(args))}
         result = rng.choice((str(rng.randint(0, 99999)), f"{rng.choice(vocab)} {rng.randint(1, 999)}", rng.choice(vocab)))
         if style == "common" and rng.random() < 0.3:
             result = rng.choice(("It's sunny.", "Done.", f"{rng.choice(vocab).capitalize()} is {rng.randint(1, 99)}.",

@@ -237,11 +237,11 @@ def phase(progress: float) -> dict:
 
 
 def batch(step: int, progress: float, seed: int, tokenizer, haystack, mix: dict | None = None, common_keys: float = data.COMMON_KEYS,
-          needle_lengths: tuple[int, ...] | None = None, keyless: float = data.KEYLESS):
+          needle_lengths: tuple[int, ...] | None = None, keyless: float = data.KEYLESS, shuffled_keys: float = data.SHUFFLED_KEYS):
     """(ids (b, L) long, assistant-token mask (b, L) bool, real-token mask (b, L) bool, family) for one
     step, deterministic in its arguments; ``mix`` (task family -> weight) replaces the
     phase's; ``common_keys``: `data.random_tool`'s, for the book-word tools; ``needle_lengths`` (tokens)
-    replace the phase's needle lengths; ``keyless``: `data.tool_call`'s."""
+    replace the phase's needle lengths; ``keyless``, ``shuffled_keys``: `data.tool_call`'s."""
     rng = random.Random(seed * 1_000_003 + step)
     p = phase(progress)
     tokens, mix = p["tokens"], p["mix"] if mix is None else mix
@@ -268,7 +268,8 @@ def batch(step: int, progress: float, seed: int, tokenizer, haystack, mix: dict 
         while total < tokens // 2:
             if family == "tool_call":  # several rounds per conversation: more call tokens per sample
                 style, rounds = rng.choice(TOOL_STYLES), rng.choice((1, 2, 3))
-                convs.append(data.arithmetic_call(rng, rounds) if style == "arithmetic" else data.tool_call(rng, rounds=rounds, style=style, common_keys=common_keys, keyless=keyless))
+                convs.append(data.arithmetic_call(rng, rounds) if style == "arithmetic" else data.tool_call(
+                    rng, rounds=rounds, style=style, common_keys=common_keys, keyless=keyless, shuffled_keys=shuffled_keys))
             else:
                 convs.append(data.json_extraction(rng, mode=rng.choice(JSON_MODES)))
             total += sum(len(m["content"]) for m in convs[-1].messages) // 3 + 150 * len(convs[-1].messages) // 4
@@ -393,7 +394,8 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
           curriculum_until: float = 1.0, mix: dict | None = None, save_every: int = 250, common_keys: float = data.COMMON_KEYS,
           needle_lengths: tuple[int, ...] | None = None, keyless: float = data.KEYLESS, overwrite: bool = False,
           isolate_at: float | None = None, tie_embeddings: bool = False, init_seed: int | None = None,
-          init_scale: str = "hf", validate_every: int = 500, optimizer: str = "adamw") -> dict:
+          init_scale: str = "hf", validate_every: int = 500, optimizer: str = "adamw",
+          shuffled_keys: float = data.SHUFFLED_KEYS) -> dict:
     """Train and save to ``out``; ``init`` continues from a checkpoint folder this function wrote (its
     weights and tokenizer; the optimizer state starts fresh and the data continues at new seeds).
     ``curriculum_from`` in [0, 1): the `CURRICULUM` progress the data start at (a continued run can skip
@@ -408,7 +410,10 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
     (`data.PARAM_NAMES`) rather than a word (lower: more keys to copy from the schema). ``needle_lengths``:
     the needle samples' lengths in tokens for every phase (longer than the curriculum's 2,048: needles
     over more text, at more seconds per step). ``keyless``: the probability that a one-argument tool request
-    names no key (``Use the X tool on V.``: the key must be read from the schema).
+    names no key (``Use the X tool on V.``: the key must be read from the schema). ``shuffled_keys``: the
+    probability that a request with two or more arguments names them in a shuffled order (the schema's as
+    likely as any), the call following the request: its first key is then the one the request names first,
+    not always the first property of the schema.
     ``init_seed``: a run from scratch draws its initial weights with this seed instead of ``seed``, which then
     sets the tokenizer and the data alone (the hour's spread over seeds comes from the initial weights: README).
     ``init_scale``: a run from scratch's initial linear weights: "hf", N(0, ``initializer_range``) as
@@ -433,7 +438,7 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
 
     Raises:
         ValueError: ``steps`` below 1, ``minutes`` or ``lr`` not positive and finite, ``save_every`` or ``validate_every`` negative, a
-            progress bound, ``common_keys`` or ``keyless`` outside its range, a needle length under 256 tokens,
+            progress bound, ``common_keys``, ``keyless`` or ``shuffled_keys`` outside its range, a needle length under 256 tokens,
             a ``mix`` family `batch` does not know or a weight that is negative or not finite, an ``init``
             saved quantized (its int8 layers would not train), ``isolate_at`` outside (0, 1) or for a run
             whose tokenizer already isolates spaces, ``tie_embeddings`` with ``init`` (the checkpoint's config decides),
@@ -457,6 +462,8 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
         raise ValueError(f"common_keys must be within [0, 1], got {common_keys}")
     if not 0.0 <= keyless <= 1.0:
         raise ValueError(f"keyless must be within [0, 1], got {keyless}")
+    if not 0.0 <= shuffled_keys <= 1.0:
+        raise ValueError(f"shuffled_keys must be within [0, 1], got {shuffled_keys}")
     if not 0.0 <= curriculum_from < 1.0:
         raise ValueError(f"curriculum_from must be within [0, 1), got {curriculum_from}")
     if not curriculum_from < curriculum_until <= 1.0:
@@ -552,7 +559,7 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
             for group in (g for opt in opts for g in opt.param_groups):
                 group["lr"] = lr * scale
             ids, mask, real, family = batch(step, curriculum_from + (curriculum_until - curriculum_from) * progress, seed, tokenizer,
-                                            haystack, mix, common_keys, needle_lengths, keyless)
+                                            haystack, mix, common_keys, needle_lengths, keyless, shuffled_keys)
             for opt in opts:
                 opt.zero_grad(set_to_none=True)
             _, loss = backward(model, ids, mask, real)
@@ -588,7 +595,7 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
         earlier = prior.pop("earlier_runs", []) + [prior]
     info = {"earlier_runs": earlier, "init": None if init is None else str(init), "curriculum_from": curriculum_from, "curriculum_until": curriculum_until, "seed": seed, "init_seed": init_seed, "init_scale": init_scale, "optimizer": optimizer, "steps_planned": steps, "steps_run": len(history), "lr": lr, "spaces": tokenizer_spaces(tokenizer), "isolate_at": isolate_at, "parameters": n_params,
             "tie_word_embeddings": bool(config.tie_word_embeddings),
-            "curriculum": CURRICULUM, "mix": mix, "common_keys": common_keys, "keyless": keyless, "needle_lengths": needle_lengths, "prompt_loss_weight": PROMPT_LOSS_WEIGHT, "lr_hold": LR_HOLD,
+            "curriculum": CURRICULUM, "mix": mix, "common_keys": common_keys, "keyless": keyless, "shuffled_keys": shuffled_keys, "needle_lengths": needle_lengths, "prompt_loss_weight": PROMPT_LOSS_WEIGHT, "lr_hold": LR_HOLD,
             "config": {k: getattr(config, k) for k in CONFIG},  # the model trained (an --init's own sizes)
             "train_seconds": round(time.time() - t0, 1),
             "torch_threads": torch.get_num_threads(), "history": history,
@@ -749,6 +756,9 @@ def main(argv=None) -> int:
     parser.add_argument("--keyless", type=float, default=data.KEYLESS,
                         help="probability that a one-argument tool request names no key ('Use the X tool on V.'), "
                              "so the key must be read from the tool's schema")
+    parser.add_argument("--shuffled-keys", type=float, default=data.SHUFFLED_KEYS,
+                        help="probability that a tool request with two or more arguments names them in a shuffled order "
+                             "(the call follows the request), so the call's first key is read from the request")
     parser.add_argument("--needle-lengths", type=lambda text: tuple(_token_list(text)), default=None,
                         help="needle lengths in tokens for every phase, e.g. 2048,4096,8192 (default: the curriculum's)")
     parser.add_argument("--save-every", type=_positive(int, zero=True), default=250, help="also save the weights every this many steps (0: only at the end)")
@@ -766,7 +776,7 @@ def main(argv=None) -> int:
                      common_keys=args.common_keys, needle_lengths=args.needle_lengths, keyless=args.keyless,
                      overwrite=args.overwrite, isolate_at=args.isolate_at, tie_embeddings=args.tie_embeddings,
                      init_seed=args.init_seed, init_scale=args.init_scale, validate_every=args.validate_every,
-                     optimizer=args.optimizer)
+                     optimizer=args.optimizer, shuffled_keys=args.shuffled_keys)
     except FileExistsError as err:  # an --out holding a checkpoint: refused before anything is written
         parser.error(str(err))
     print(f"{info['parameters']:,} parameters, {info['steps_run']} steps, {info['train_seconds']:.0f} s -> {args.out}")
