@@ -100,9 +100,9 @@ JSON_MODES = ("schema", "schema", "object")
 PROMPT_LOSS_WEIGHT = 0.1
 # a run from scratch's initial linear weights (`train`'s ``init_scale``)
 INIT_SCALES = ("hf", "fan-in", "fan-in-mixers")
-# the optimizers a run can take (`train`'s ``optimizer``; `optimizers`). Muon over the hour (session 46, seeds
-# 0 / 2): the copying formed 2-3x sooner with a quarter fewer steps, the held-out calls' loss ended at 0.55x /
-# 0.39x AdamW's, exact calls 54.0% / 73.5% of 200 against 60.5% / 69.0%: level, so AdamW stays the default (README)
+# the optimizers a run can take (`train`'s ``optimizer``; `optimizers`). Muon over the hour (sessions 46-47): the
+# copying formed 2-3x sooner with a quarter fewer steps, exact calls 54.0 / 87.5 / 73.5% of 200 on seeds 0 / 1 / 2
+# against AdamW's 60.5% / - / 69.0%; AdamW stays the default until more seeds run (README, "Muon")
 OPTIMIZERS = ("adamw", "muon")
 # the task families `batch` draws (a phase's mix, or ``--mix``)
 FAMILIES = frozenset({"repeat", "spell", "recall", "needle", "tool_call", "json"})
