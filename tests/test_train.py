@@ -712,20 +712,29 @@ def test_muon_takes_the_decoder_layers_projection_matrices_and_adamw_the_rest(ti
         trainer.optimizers(model, 1e-3, "sgd")
 
 
-def test_a_run_with_muon_trains_and_says_so(tmp_path, monkeypatch, shared_dir):
+def test_a_run_trains_with_muon_and_shuffled_keys_by_default_and_says_so(tmp_path, monkeypatch, shared_dir):
+    """The defaults of `train` and of the command line are the hour's recipe: Muon and half the multi-argument
+    requests in a shuffled key order (README, "Muon"); training.json records both."""
     from jamba_core.tokenizer import train_tokenizer
     from jamba_core.train import trainer
 
     monkeypatch.setattr(trainer, "make_tokenizer", lambda seed, spaces: train_tokenizer(trainer.CONFIG["vocab_size"], spaces=spaces))
     monkeypatch.setattr(trainer, "CONFIG", dict(trainer.CONFIG, hidden_size=32, intermediate_size=64, num_attention_heads=2,
                                                  num_key_value_heads=1, num_hidden_layers=3))
-    info = trainer.train(tmp_path / "out", steps=3, seed=1, log_every=100, save_every=0, optimizer="muon", isolate_at=0.5,
-                         tie_embeddings=True)
-    assert info["optimizer"] == "muon" and len(info["history"]) == 3
+    info = trainer.train(tmp_path / "out", steps=3, seed=1, log_every=100, save_every=0, isolate_at=0.5, tie_embeddings=True)
+    assert info["optimizer"] == "muon" and info["shuffled_keys"] == trainer.SHUFFLED_KEYS == 0.5 and len(info["history"]) == 3
     assert all(math.isfinite(h["loss"]) for h in info["history"])
-    assert json.loads((tmp_path / "out" / "training.json").read_text())["optimizer"] == "muon"
+    saved = json.loads((tmp_path / "out" / "training.json").read_text())
+    assert saved["optimizer"] == "muon" and saved["shuffled_keys"] == 0.5
     with pytest.raises(ValueError, match="optimizer"):
         trainer.train(tmp_path / "x", steps=1, optimizer="sgd")
+    passed = {}
+    monkeypatch.setattr(trainer, "_stop_on_signals", lambda: None)
+    monkeypatch.setattr(trainer, "train", lambda *a, **kw: passed.update(kw) or {"parameters": 1, "steps_run": 1, "train_seconds": 1.0})
+    assert trainer.main(["--out", str(tmp_path / "cli"), "--steps", "1"]) == 0
+    assert passed["optimizer"] == "muon" and passed["shuffled_keys"] == 0.5
+    assert trainer.main(["--out", str(tmp_path / "cli"), "--steps", "1", "--optimizer", "adamw", "--shuffled-keys", "0"]) == 0
+    assert passed["optimizer"] == "adamw" and passed["shuffled_keys"] == 0.0
 
 
 def test_row_groups_pick_the_cheapest_split_of_the_rows_sorted_by_length():

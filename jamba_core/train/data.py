@@ -40,7 +40,8 @@ COMMON_KEYS = 0.6
 # the share of one-argument requests that name no key (`_request`): the held-out evaluation draws with it
 KEYLESS = 0.3
 # the share of requests with two or more arguments that name them in a shuffled order (the schema's as likely
-# as any; the call follows the request's order): 0 draws nothing, so the held-out evaluation's samples stay as drawn
+# as any; the call follows the request's order): 0 draws nothing, so the held-out evaluation's samples stay as drawn;
+# training draws with `trainer.SHUFFLED_KEYS`
 SHUFFLED_KEYS = 0.0
 # Tools as applications name them (``get_weather``, ``multiply``, ``greeting_generator``): common English
 # verbs, nouns and adjectives, for `tool_call`'s ``style="common"``, so the checkpoint meets tool names and
