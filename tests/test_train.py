@@ -262,6 +262,27 @@ def test_shuffled_keys_lets_the_request_set_the_order_of_the_calls_keys(shared_d
     check_the_trainer_passes_on("shuffled_keys", 0.5, 1.5, tiny_engine.tokenizer, monkeypatch)
 
 
+def test_integers_sets_how_many_book_tool_parameters_are_integers(shared_dir, tiny_engine, monkeypatch):
+    """``integers`` (``--integers``): the share of book-word tools' parameters made integers before the usual
+    draw of a type (a sixth of which is integer); 0 (the default) draws nothing, so the evaluation's samples
+    stay as drawn; the trainer passes it on and refuses one outside [0, 1]."""
+
+    def share(p, seeds=range(300)):
+        kinds = [spec["type"] for s in seeds for t in data.tool_call(random.Random(s), "test", integers=p).tools
+                 for spec in t["function"]["parameters"]["properties"].values()]
+        return sum(kind == "integer" for kind in kinds) / len(kinds)
+
+    assert share(1.0) == 1.0 and 0.1 < share(0.0) < 0.23 and 0.25 < share(0.2) < 0.42
+    for s in range(20):  # integer arguments are whole numbers the request states
+        conv = data.tool_call(random.Random(s), "test", integers=1.0)
+        for call in conv.messages[-3]["tool_calls"]:
+            assert all(isinstance(v, int) and not isinstance(v, bool) and str(v) in conv.messages[-4]["content"]
+                       for v in call["function"]["arguments"].values())
+    assert data.tool_call(random.Random(11), "test").messages == data.tool_call(random.Random(11), "test", integers=0.0).messages
+    assert data.tool_call(random.Random(11), "test").tools == data.tool_call(random.Random(11), "test", integers=0.0).tools
+    check_the_trainer_passes_on("integers", 0.2, -0.5, tiny_engine.tokenizer, monkeypatch)
+
+
 def test_needle_lengths_replace_the_curriculums_and_are_checked(tiny_engine, shared_dir):
     """``needle_lengths`` (``--needle-lengths 2048,4096,8192``): needle batches take one of them in every
     phase; none under 256 tokens (RULER's fixed text would not fit)."""

@@ -43,6 +43,10 @@ KEYLESS = 0.3
 # as any; the call follows the request's order): 0 draws nothing, so the held-out evaluation's samples stay as drawn;
 # training draws with `trainer.SHUFFLED_KEYS`
 SHUFFLED_KEYS = 0.0
+# the share of book-word tool parameters made integers before `random_tool`'s usual draw of a type (a sixth of
+# which is integer already): 0 draws nothing, so the held-out evaluation's samples stay as drawn; training draws
+# with `trainer.INTEGERS`
+INTEGERS = 0.0
 # Tools as applications name them (``get_weather``, ``multiply``, ``greeting_generator``): common English
 # verbs, nouns and adjectives, for `tool_call`'s ``style="common"``, so the checkpoint meets tool names and
 # requests worded the way LangChain's and LlamaIndex's suites and users word them, not only book words.
@@ -108,15 +112,17 @@ def _say(value) -> str:
     return ("true" if value else "false") if isinstance(value, bool) else str(value)
 
 
-def random_tool(rng: random.Random, vocab, common_keys: float = COMMON_KEYS) -> dict:
+def random_tool(rng: random.Random, vocab, common_keys: float = COMMON_KEYS, integers: float = INTEGERS) -> dict:
     """An OpenAI-style function tool with 1-3 typed parameters, all required; each parameter's name is one
-    of `PARAM_NAMES` with probability ``common_keys``, else a word of ``vocab``."""
+    of `PARAM_NAMES` with probability ``common_keys``, else a word of ``vocab``; each parameter is an
+    integer with probability ``integers``, else of a type drawn from string (twice as likely as the
+    others), integer, number, boolean and enum (0 draws nothing for it, so the samples stay as drawn)."""
     noun = rng.choice(vocab)
     name = rng.choice((f"{rng.choice(VERBS)}_{noun}", noun, f"{noun}_{rng.choice(vocab)}"))
     props, n = {}, rng.choice((1, 1, 2, 2, 3))
     while len(props) < n:
         pname = rng.choice(PARAM_NAMES) if rng.random() < common_keys else rng.choice(vocab)
-        kind = rng.choice(("string", "string", "integer", "number", "boolean", "enum"))
+        kind = "integer" if integers and rng.random() < integers else rng.choice(("string", "string", "integer", "number", "boolean", "enum"))
         spec = {"type": "string" if kind == "enum" else kind, "description": f"The {pname}."}
         if kind == "enum":
             spec["enum"] = rng.sample(vocab, 3)
@@ -194,7 +200,7 @@ def _request(name: str, args: dict, rng: random.Random, keyless: float = KEYLESS
 
 
 def tool_call(rng: random.Random, split: str = "train", rounds: int = 1, style: str = "book", common_keys: float = COMMON_KEYS,
-              keyless: float = KEYLESS, shuffled_keys: float = SHUFFLED_KEYS) -> Conversation:
+              keyless: float = KEYLESS, shuffled_keys: float = SHUFFLED_KEYS, integers: float = INTEGERS) -> Conversation:
     """1-3 random tools, then ``rounds`` exchanges of: a request naming one tool and its arguments, the
     call, the tool's result, an answer quoting it (more rounds: more call tokens per sample). The first
     round draws from ``rng`` the same way whatever ``rounds`` is, so evaluation samples stay fixed.
@@ -203,12 +209,13 @@ def tool_call(rng: random.Random, split: str = "train", rounds: int = 1, style: 
     naturally; enum values still from the split's words). ``common_keys``: `random_tool`'s, for "book".
     ``keyless``: `_request`'s (the evaluation's samples are drawn at the default). ``shuffled_keys``: the
     probability that a request with two or more arguments names them in a random order, which the call then
-    keeps (so the call's first key is the one the request names first, not always the schema's first)."""
+    keeps (so the call's first key is the one the request names first, not always the schema's first).
+    ``integers``: `random_tool`'s, for "book"."""
     vocab = words(split)
     if style not in ("book", "common"):
         raise ValueError(f"style must be 'book' or 'common', got {style!r}")
     make_value = _value if style == "book" else _common_value
-    tools = [random_tool(rng, vocab, common_keys) if style == "book" else common_tool(rng, vocab) for _ in range(rng.choice((1, 2, 3)))]
+    tools = [random_tool(rng, vocab, common_keys, integers) if style == "book" else common_tool(rng, vocab) for _ in range(rng.choice((1, 2, 3)))]
     messages = []
     for r in range(rounds):
         chosen = rng.choice(tools)["function"]

@@ -110,6 +110,10 @@ OPTIMIZERS = ("adamw", "muon")
 # property, and an hour can learn to copy it from whichever tool is bound. `data.SHUFFLED_KEYS` (0) stays the
 # held-out evaluation's, so its samples are drawn as before (README, "Muon")
 SHUFFLED_KEYS = 0.5
+# the share of book-word tool parameters made integers in training before the usual draw of a type (`train`'s
+# ``integers``, `data.random_tool`'s): integers are then about a third of the parameters, not a sixth.
+# `data.INTEGERS` (0) stays the held-out evaluation's, so its samples are drawn as before (README, the session-52 and -53 paragraphs)
+INTEGERS = 0.0
 # the task families `batch` draws (a phase's mix, or ``--mix``)
 FAMILIES = frozenset({"repeat", "spell", "recall", "needle", "tool_call", "json"})
 # held-out tool calls scored while a run trains (`validate`, every ``validate_every`` steps): 100 gives the
@@ -243,11 +247,12 @@ def phase(progress: float) -> dict:
 
 
 def batch(step: int, progress: float, seed: int, tokenizer, haystack, mix: dict | None = None, common_keys: float = data.COMMON_KEYS,
-          needle_lengths: tuple[int, ...] | None = None, keyless: float = data.KEYLESS, shuffled_keys: float = SHUFFLED_KEYS):
+          needle_lengths: tuple[int, ...] | None = None, keyless: float = data.KEYLESS, shuffled_keys: float = SHUFFLED_KEYS,
+          integers: float = INTEGERS):
     """(ids (b, L) long, assistant-token mask (b, L) bool, real-token mask (b, L) bool, family) for one
     step, deterministic in its arguments; ``mix`` (task family -> weight) replaces the
     phase's; ``common_keys``: `data.random_tool`'s, for the book-word tools; ``needle_lengths`` (tokens)
-    replace the phase's needle lengths; ``keyless``, ``shuffled_keys``: `data.tool_call`'s."""
+    replace the phase's needle lengths; ``keyless``, ``shuffled_keys``, ``integers``: `data.tool_call`'s."""
     rng = random.Random(seed * 1_000_003 + step)
     p = phase(progress)
     tokens, mix = p["tokens"], p["mix"] if mix is None else mix
@@ -275,7 +280,8 @@ def batch(step: int, progress: float, seed: int, tokenizer, haystack, mix: dict 
             if family == "tool_call":  # several rounds per conversation: more call tokens per sample
                 style, rounds = rng.choice(TOOL_STYLES), rng.choice((1, 2, 3))
                 convs.append(data.arithmetic_call(rng, rounds) if style == "arithmetic" else data.tool_call(
-                    rng, rounds=rounds, style=style, common_keys=common_keys, keyless=keyless, shuffled_keys=shuffled_keys))
+                    rng, rounds=rounds, style=style, common_keys=common_keys, keyless=keyless, shuffled_keys=shuffled_keys,
+                    integers=integers))
             else:
                 convs.append(data.json_extraction(rng, mode=rng.choice(JSON_MODES)))
             total += sum(len(m["content"]) for m in convs[-1].messages) // 3 + 150 * len(convs[-1].messages) // 4
@@ -401,7 +407,7 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
           needle_lengths: tuple[int, ...] | None = None, keyless: float = data.KEYLESS, overwrite: bool = False,
           isolate_at: float | None = None, tie_embeddings: bool = False, init_seed: int | None = None,
           init_scale: str = "hf", validate_every: int = 500, optimizer: str = "muon",
-          shuffled_keys: float = SHUFFLED_KEYS) -> dict:
+          shuffled_keys: float = SHUFFLED_KEYS, integers: float = INTEGERS) -> dict:
     """Train and save to ``out``; ``init`` continues from a checkpoint folder this function wrote (its
     weights and tokenizer; the optimizer state starts fresh and the data continues at new seeds).
     ``curriculum_from`` in [0, 1): the `CURRICULUM` progress the data start at (a continued run can skip
@@ -419,7 +425,8 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
     names no key (``Use the X tool on V.``: the key must be read from the schema). ``shuffled_keys``: the
     probability that a request with two or more arguments names them in a shuffled order (the schema's as
     likely as any), the call following the request: its first key is then the one the request names first,
-    not always the first property of the schema (default `SHUFFLED_KEYS`).
+    not always the first property of the schema (default `SHUFFLED_KEYS`). ``integers``: the probability that
+    a book-word tool's parameter is an integer before the usual draw of its type (default `INTEGERS`).
     ``init_seed``: a run from scratch draws its initial weights with this seed instead of ``seed``, which then
     sets the tokenizer and the data alone (the hour's spread over seeds comes from the initial weights: README).
     ``init_scale``: a run from scratch's initial linear weights: "hf", N(0, ``initializer_range``) as
@@ -444,7 +451,7 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
 
     Raises:
         ValueError: ``steps`` below 1, ``minutes`` or ``lr`` not positive and finite, ``save_every`` or ``validate_every`` negative, a
-            progress bound, ``common_keys``, ``keyless`` or ``shuffled_keys`` outside its range, a needle length under 256 tokens,
+            progress bound, ``common_keys``, ``keyless``, ``shuffled_keys`` or ``integers`` outside its range, a needle length under 256 tokens,
             a ``mix`` family `batch` does not know or a weight that is negative or not finite, an ``init``
             saved quantized (its int8 layers would not train), ``isolate_at`` outside (0, 1) or for a run
             whose tokenizer already isolates spaces, ``tie_embeddings`` with ``init`` (the checkpoint's config decides),
@@ -470,6 +477,8 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
         raise ValueError(f"keyless must be within [0, 1], got {keyless}")
     if not 0.0 <= shuffled_keys <= 1.0:
         raise ValueError(f"shuffled_keys must be within [0, 1], got {shuffled_keys}")
+    if not 0.0 <= integers <= 1.0:
+        raise ValueError(f"integers must be within [0, 1], got {integers}")
     if not 0.0 <= curriculum_from < 1.0:
         raise ValueError(f"curriculum_from must be within [0, 1), got {curriculum_from}")
     if not curriculum_from < curriculum_until <= 1.0:
@@ -565,7 +574,7 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
             for group in (g for opt in opts for g in opt.param_groups):
                 group["lr"] = lr * scale
             ids, mask, real, family = batch(step, curriculum_from + (curriculum_until - curriculum_from) * progress, seed, tokenizer,
-                                            haystack, mix, common_keys, needle_lengths, keyless, shuffled_keys)
+                                            haystack, mix, common_keys, needle_lengths, keyless, shuffled_keys, integers)
             for opt in opts:
                 opt.zero_grad(set_to_none=True)
             _, loss = backward(model, ids, mask, real)
@@ -601,7 +610,7 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
         earlier = prior.pop("earlier_runs", []) + [prior]
     info = {"earlier_runs": earlier, "init": None if init is None else str(init), "curriculum_from": curriculum_from, "curriculum_until": curriculum_until, "seed": seed, "init_seed": init_seed, "init_scale": init_scale, "optimizer": optimizer, "steps_planned": steps, "steps_run": len(history), "lr": lr, "spaces": tokenizer_spaces(tokenizer), "isolate_at": isolate_at, "parameters": n_params,
             "tie_word_embeddings": bool(config.tie_word_embeddings),
-            "curriculum": CURRICULUM, "mix": mix, "common_keys": common_keys, "keyless": keyless, "shuffled_keys": shuffled_keys, "needle_lengths": needle_lengths, "prompt_loss_weight": PROMPT_LOSS_WEIGHT, "lr_hold": LR_HOLD,
+            "curriculum": CURRICULUM, "mix": mix, "common_keys": common_keys, "keyless": keyless, "shuffled_keys": shuffled_keys, "integers": integers, "needle_lengths": needle_lengths, "prompt_loss_weight": PROMPT_LOSS_WEIGHT, "lr_hold": LR_HOLD,
             "config": {k: getattr(config, k) for k in CONFIG},  # the model trained (an --init's own sizes)
             "train_seconds": round(time.time() - t0, 1),
             "torch_threads": torch.get_num_threads(), "history": history,
@@ -765,6 +774,9 @@ def main(argv=None) -> int:
     parser.add_argument("--shuffled-keys", type=float, default=SHUFFLED_KEYS,
                         help="probability that a tool request with two or more arguments names them in a shuffled order "
                              "(the call follows the request), so the call's first key is read from the request")
+    parser.add_argument("--integers", type=float, default=INTEGERS,
+                        help="probability that a book-word tool's parameter is an integer before the usual draw of its type "
+                             "(the held-out evaluation's tools are drawn without it)")
     parser.add_argument("--needle-lengths", type=lambda text: tuple(_token_list(text)), default=None,
                         help="needle lengths in tokens for every phase, e.g. 2048,4096,8192 (default: the curriculum's)")
     parser.add_argument("--save-every", type=_positive(int, zero=True), default=250, help="also save the weights every this many steps (0: only at the end)")
@@ -782,7 +794,8 @@ def main(argv=None) -> int:
                      common_keys=args.common_keys, needle_lengths=args.needle_lengths, keyless=args.keyless,
                      overwrite=args.overwrite, isolate_at=args.isolate_at, tie_embeddings=args.tie_embeddings,
                      init_seed=args.init_seed, init_scale=args.init_scale, validate_every=args.validate_every,
-                     optimizer=args.optimizer, shuffled_keys=args.shuffled_keys)
+                     optimizer=args.optimizer, shuffled_keys=args.shuffled_keys,
+                     integers=args.integers)
     except FileExistsError as err:  # an --out holding a checkpoint: refused before anything is written
         parser.error(str(err))
     print(f"{info['parameters']:,} parameters, {info['steps_run']} steps, {info['train_seconds']:.0f} s -> {args.out}")
