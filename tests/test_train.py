@@ -756,6 +756,8 @@ def test_a_run_trains_with_muon_and_shuffled_keys_by_default_and_says_so(tmp_pat
     assert passed["optimizer"] == "muon" and passed["shuffled_keys"] == 0.5
     assert trainer.main(["--out", str(tmp_path / "cli"), "--steps", "1", "--optimizer", "adamw", "--shuffled-keys", "0"]) == 0
     assert passed["optimizer"] == "adamw" and passed["shuffled_keys"] == 0.0
+    assert passed["integers"] == trainer.INTEGERS == 0.0
+    assert trainer.main(["--out", str(tmp_path / "cli"), "--steps", "1", "--integers", "0.2"]) == 0 and passed["integers"] == 0.2
 
 
 def test_row_groups_pick_the_cheapest_split_of_the_rows_sorted_by_length():
