@@ -283,6 +283,40 @@ def test_integers_sets_how_many_book_tool_parameters_are_integers(shared_dir, ti
     check_the_trainer_passes_on("integers", 0.2, -0.5, tiny_engine.tokenizer, monkeypatch)
 
 
+def test_lookup_drills_read_every_key_from_the_schema_of_the_tool_named(shared_dir, tiny_engine, monkeypatch):
+    """`data.lookup_call`: 2-4 one-parameter book-word tools; every request names a bound tool and its value
+    but no key, and the call's one key is that tool's property. ``lookup`` (``--lookup``): the share of
+    tool-call conversations `trainer.batch` draws as such drills; 0 (the default) draws nothing, so batches
+    are as before; `train` refuses one outside [0, 1]."""
+    from jamba_core.eval.ruler import Haystack
+    from jamba_core.train import trainer
+
+    for s in range(40):
+        conv = data.lookup_call(random.Random(s), "test", rounds=3)
+        tools = {t["function"]["name"]: t["function"]["parameters"] for t in conv.tools}
+        assert 2 <= len(conv.tools) <= 4 and all(len(p["properties"]) == 1 == len(p["required"]) for p in tools.values())
+        users = [m["content"] for m in conv.messages if m["role"] == "user"]
+        calls = [m["tool_calls"][0]["function"] for m in conv.messages if m.get("tool_calls")]
+        assert len(users) == len(calls) == 3
+        for user, call in zip(users, calls):
+            (key, value), = call["arguments"].items()
+            assert key == next(iter(tools[call["name"]]["properties"]))
+            assert call["name"] in user and data._say(value) in user
+            assert user.startswith(("What is the value of", "Use the ")) and " with " not in user
+    haystack = Haystack(tiny_engine.tokenizer)
+    for step in range(4):  # 0 draws nothing: the batches are the default's
+        same = trainer.batch(step, 0.9, 1, tiny_engine.tokenizer, haystack, {"tool_call": 1.0})
+        assert all(torch.equal(a, b) for a, b in zip(same[:3], trainer.batch(step, 0.9, 1, tiny_engine.tokenizer, haystack,
+                                                                               {"tool_call": 1.0}, lookup=0.0)[:3]))
+    drills, lookup_call = [], data.lookup_call
+    monkeypatch.setattr(data, "lookup_call", lambda *a, **kw: drills.append(1) or lookup_call(*a, **kw))
+    monkeypatch.setattr(data, "tool_call", lambda *a, **kw: pytest.fail("lookup=1 draws only drills"))
+    trainer.batch(0, 0.9, 1, tiny_engine.tokenizer, haystack, {"tool_call": 1.0}, lookup=1.0)
+    assert drills
+    with pytest.raises(ValueError, match="lookup"):
+        trainer.train(Path("unused"), steps=1, lookup=1.5)
+
+
 def test_needle_lengths_replace_the_curriculums_and_are_checked(tiny_engine, shared_dir):
     """``needle_lengths`` (``--needle-lengths 2048,4096,8192``): needle batches take one of them in every
     phase; none under 256 tokens (RULER's fixed text would not fit)."""
@@ -746,7 +780,7 @@ def test_a_run_trains_with_muon_and_shuffled_keys_by_default_and_says_so(tmp_pat
     assert info["optimizer"] == "muon" and info["shuffled_keys"] == trainer.SHUFFLED_KEYS == 0.5 and len(info["history"]) == 3
     assert all(math.isfinite(h["loss"]) for h in info["history"])
     saved = json.loads((tmp_path / "out" / "training.json").read_text())
-    assert saved["optimizer"] == "muon" and saved["shuffled_keys"] == 0.5
+    assert saved["optimizer"] == "muon" and saved["shuffled_keys"] == 0.5 and saved["lookup"] == trainer.LOOKUP
     with pytest.raises(ValueError, match="optimizer"):
         trainer.train(tmp_path / "x", steps=1, optimizer="sgd")
     passed = {}
@@ -758,6 +792,8 @@ def test_a_run_trains_with_muon_and_shuffled_keys_by_default_and_says_so(tmp_pat
     assert passed["optimizer"] == "adamw" and passed["shuffled_keys"] == 0.0
     assert passed["integers"] == trainer.INTEGERS == 0.0
     assert trainer.main(["--out", str(tmp_path / "cli"), "--steps", "1", "--integers", "0.2"]) == 0 and passed["integers"] == 0.2
+    assert passed["lookup"] == trainer.LOOKUP == 0.0
+    assert trainer.main(["--out", str(tmp_path / "cli"), "--steps", "1", "--lookup", "0.3"]) == 0 and passed["lookup"] == 0.3
 
 
 def test_row_groups_pick_the_cheapest_split_of_the_rows_sorted_by_length():

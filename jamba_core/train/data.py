@@ -112,14 +112,15 @@ def _say(value) -> str:
     return ("true" if value else "false") if isinstance(value, bool) else str(value)
 
 
-def random_tool(rng: random.Random, vocab, common_keys: float = COMMON_KEYS, integers: float = INTEGERS) -> dict:
-    """An OpenAI-style function tool with 1-3 typed parameters, all required; each parameter's name is one
+def random_tool(rng: random.Random, vocab, common_keys: float = COMMON_KEYS, integers: float = INTEGERS,
+                params: int | None = None) -> dict:
+    """An OpenAI-style function tool with 1-3 typed parameters (``params`` of them when given), all required; each parameter's name is one
     of `PARAM_NAMES` with probability ``common_keys``, else a word of ``vocab``; each parameter is an
     integer with probability ``integers``, else of a type drawn from string (twice as likely as the
     others), integer, number, boolean and enum (0 draws nothing for it, so the samples stay as drawn)."""
     noun = rng.choice(vocab)
     name = rng.choice((f"{rng.choice(VERBS)}_{noun}", noun, f"{noun}_{rng.choice(vocab)}"))
-    props, n = {}, rng.choice((1, 1, 2, 2, 3))
+    props, n = {}, params or rng.choice((1, 1, 2, 2, 3))
     while len(props) < n:
         pname = rng.choice(PARAM_NAMES) if rng.random() < common_keys else rng.choice(vocab)
         kind = "integer" if integers and rng.random() < integers else rng.choice(("string", "string", "integer", "number", "boolean", "enum"))
@@ -214,8 +215,24 @@ def tool_call(rng: random.Random, split: str = "train", rounds: int = 1, style: 
     vocab = words(split)
     if style not in ("book", "common"):
         raise ValueError(f"style must be 'book' or 'common', got {style!r}")
-    make_value = _value if style == "book" else _common_value
     tools = [random_tool(rng, vocab, common_keys, integers) if style == "book" else common_tool(rng, vocab) for _ in range(rng.choice((1, 2, 3)))]
+    return _rounds(rng, tools, vocab, rounds, style, keyless, shuffled_keys)
+
+
+def lookup_call(rng: random.Random, split: str = "train", rounds: int = 2) -> Conversation:
+    """A drill in reading a key from the schema: 2-4 book-word tools of one parameter each, then ``rounds``
+    exchanges (as `tool_call`'s) whose requests name the tool and the value but no key (``Use the X tool on
+    V.``), so each call's key is the one property of the tool named, found among the others in the system
+    message. In `tool_call`'s samples such requests are 30% of the one-argument ones (`KEYLESS`), and an hour
+    of training leaves them near chance when two or more tools are bound (README, session 54)."""
+    vocab = words(split)
+    tools = [random_tool(rng, vocab, params=1) for _ in range(rng.choice((2, 3, 4)))]
+    return _rounds(rng, tools, vocab, rounds, "book", 1.0, 0.0)
+
+
+def _rounds(rng: random.Random, tools: list[dict], vocab, rounds: int, style: str, keyless: float, shuffled_keys: float) -> Conversation:
+    """`tool_call`'s exchanges over ``tools``: request, call, result, answer, ``rounds`` times."""
+    make_value = _value if style == "book" else _common_value
     messages = []
     for r in range(rounds):
         chosen = rng.choice(tools)["function"]

@@ -116,6 +116,11 @@ SHUFFLED_KEYS = 0.5
 # misses. `data.INTEGERS` (0) stays the held-out evaluation's, so its samples are drawn as before (README, the
 # session-52 and -53 paragraphs)
 INTEGERS = 0.0
+# the share of tool-call conversations in training drawn as `data.lookup_call` drills (`train`'s ``lookup``): 2-4
+# one-parameter tools, every request naming no key, so each call's key is read from the schema of the tool named.
+# An hour leaves such requests near chance when two or more tools are bound (seed 1, 7,500 steps: 11 of 34 right over
+# two runs; the committed checkpoint 11 of 17), the largest class of misses. 0 draws nothing (README, session 54)
+LOOKUP = 0.0
 # the task families `batch` draws (a phase's mix, or ``--mix``)
 FAMILIES = frozenset({"repeat", "spell", "recall", "needle", "tool_call", "json"})
 # held-out tool calls scored while a run trains (`validate`, every ``validate_every`` steps): 100 gives the
@@ -250,11 +255,12 @@ def phase(progress: float) -> dict:
 
 def batch(step: int, progress: float, seed: int, tokenizer, haystack, mix: dict | None = None, common_keys: float = data.COMMON_KEYS,
           needle_lengths: tuple[int, ...] | None = None, keyless: float = data.KEYLESS, shuffled_keys: float = SHUFFLED_KEYS,
-          integers: float = INTEGERS):
+          integers: float = INTEGERS, lookup: float = LOOKUP):
     """(ids (b, L) long, assistant-token mask (b, L) bool, real-token mask (b, L) bool, family) for one
     step, deterministic in its arguments; ``mix`` (task family -> weight) replaces the
     phase's; ``common_keys``: `data.random_tool`'s, for the book-word tools; ``needle_lengths`` (tokens)
-    replace the phase's needle lengths; ``keyless``, ``shuffled_keys``, ``integers``: `data.tool_call`'s."""
+    replace the phase's needle lengths; ``keyless``, ``shuffled_keys``, ``integers``: `data.tool_call`'s; ``lookup``:
+    the probability that a tool-call conversation is a `data.lookup_call` drill (0 draws nothing)."""
     rng = random.Random(seed * 1_000_003 + step)
     p = phase(progress)
     tokens, mix = p["tokens"], p["mix"] if mix is None else mix
@@ -279,7 +285,9 @@ def batch(step: int, progress: float, seed: int, tokenizer, haystack, mix: dict 
     else:
         total = 0
         while total < tokens // 2:
-            if family == "tool_call":  # several rounds per conversation: more call tokens per sample
+            if family == "tool_call" and lookup and rng.random() < lookup:
+                convs.append(data.lookup_call(rng, rounds=rng.choice((2, 3))))
+            elif family == "tool_call":  # several rounds per conversation: more call tokens per sample
                 style, rounds = rng.choice(TOOL_STYLES), rng.choice((1, 2, 3))
                 convs.append(data.arithmetic_call(rng, rounds) if style == "arithmetic" else data.tool_call(
                     rng, rounds=rounds, style=style, common_keys=common_keys, keyless=keyless, shuffled_keys=shuffled_keys,
@@ -409,7 +417,7 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
           needle_lengths: tuple[int, ...] | None = None, keyless: float = data.KEYLESS, overwrite: bool = False,
           isolate_at: float | None = None, tie_embeddings: bool = False, init_seed: int | None = None,
           init_scale: str = "hf", validate_every: int = 500, optimizer: str = "muon",
-          shuffled_keys: float = SHUFFLED_KEYS, integers: float = INTEGERS) -> dict:
+          shuffled_keys: float = SHUFFLED_KEYS, integers: float = INTEGERS, lookup: float = LOOKUP) -> dict:
     """Train and save to ``out``; ``init`` continues from a checkpoint folder this function wrote (its
     weights and tokenizer; the optimizer state starts fresh and the data continues at new seeds).
     ``curriculum_from`` in [0, 1): the `CURRICULUM` progress the data start at (a continued run can skip
@@ -428,7 +436,9 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
     probability that a request with two or more arguments names them in a shuffled order (the schema's as
     likely as any), the call following the request: its first key is then the one the request names first,
     not always the first property of the schema (default `SHUFFLED_KEYS`). ``integers``: the probability that
-    a book-word tool's parameter is an integer before the usual draw of its type (default `INTEGERS`).
+    a book-word tool's parameter is an integer before the usual draw of its type (default `INTEGERS`). ``lookup``:
+    the probability that a tool-call conversation is a `data.lookup_call` drill, whose keys are read from the
+    schema alone (default `LOOKUP`).
     ``init_seed``: a run from scratch draws its initial weights with this seed instead of ``seed``, which then
     sets the tokenizer and the data alone (the hour's spread over seeds comes from the initial weights: README).
     ``init_scale``: a run from scratch's initial linear weights: "hf", N(0, ``initializer_range``) as
@@ -453,7 +463,7 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
 
     Raises:
         ValueError: ``steps`` below 1, ``minutes`` or ``lr`` not positive and finite, ``save_every`` or ``validate_every`` negative, a
-            progress bound, ``common_keys``, ``keyless``, ``shuffled_keys`` or ``integers`` outside its range, a needle length under 256 tokens,
+            progress bound, ``common_keys``, ``keyless``, ``shuffled_keys``, ``integers`` or ``lookup`` outside its range, a needle length under 256 tokens,
             a ``mix`` family `batch` does not know or a weight that is negative or not finite, an ``init``
             saved quantized (its int8 layers would not train), ``isolate_at`` outside (0, 1) or for a run
             whose tokenizer already isolates spaces, ``tie_embeddings`` with ``init`` (the checkpoint's config decides),
@@ -481,6 +491,8 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
         raise ValueError(f"shuffled_keys must be within [0, 1], got {shuffled_keys}")
     if not 0.0 <= integers <= 1.0:
         raise ValueError(f"integers must be within [0, 1], got {integers}")
+    if not 0.0 <= lookup <= 1.0:
+        raise ValueError(f"lookup must be within [0, 1], got {lookup}")
     if not 0.0 <= curriculum_from < 1.0:
         raise ValueError(f"curriculum_from must be within [0, 1), got {curriculum_from}")
     if not curriculum_from < curriculum_until <= 1.0:
@@ -576,7 +588,7 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
             for group in (g for opt in opts for g in opt.param_groups):
                 group["lr"] = lr * scale
             ids, mask, real, family = batch(step, curriculum_from + (curriculum_until - curriculum_from) * progress, seed, tokenizer,
-                                            haystack, mix, common_keys, needle_lengths, keyless, shuffled_keys, integers)
+                                            haystack, mix, common_keys, needle_lengths, keyless, shuffled_keys, integers, lookup)
             for opt in opts:
                 opt.zero_grad(set_to_none=True)
             _, loss = backward(model, ids, mask, real)
@@ -612,7 +624,7 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
         earlier = prior.pop("earlier_runs", []) + [prior]
     info = {"earlier_runs": earlier, "init": None if init is None else str(init), "curriculum_from": curriculum_from, "curriculum_until": curriculum_until, "seed": seed, "init_seed": init_seed, "init_scale": init_scale, "optimizer": optimizer, "steps_planned": steps, "steps_run": len(history), "lr": lr, "spaces": tokenizer_spaces(tokenizer), "isolate_at": isolate_at, "parameters": n_params,
             "tie_word_embeddings": bool(config.tie_word_embeddings),
-            "curriculum": CURRICULUM, "mix": mix, "common_keys": common_keys, "keyless": keyless, "shuffled_keys": shuffled_keys, "integers": integers, "needle_lengths": needle_lengths, "prompt_loss_weight": PROMPT_LOSS_WEIGHT, "lr_hold": LR_HOLD,
+            "curriculum": CURRICULUM, "mix": mix, "common_keys": common_keys, "keyless": keyless, "shuffled_keys": shuffled_keys, "integers": integers, "lookup": lookup, "needle_lengths": needle_lengths, "prompt_loss_weight": PROMPT_LOSS_WEIGHT, "lr_hold": LR_HOLD,
             "config": {k: getattr(config, k) for k in CONFIG},  # the model trained (an --init's own sizes)
             "train_seconds": round(time.time() - t0, 1),
             "torch_threads": torch.get_num_threads(), "history": history,
@@ -779,6 +791,9 @@ def main(argv=None) -> int:
     parser.add_argument("--integers", type=float, default=INTEGERS,
                         help="probability that a book-word tool's parameter is an integer before the usual draw of its type "
                              "(the held-out evaluation's tools are drawn without it)")
+    parser.add_argument("--lookup", type=float, default=LOOKUP,
+                        help="probability that a tool-call conversation is a drill of 2-4 one-parameter tools whose "
+                             "requests name no key, so each key is read from the schema")
     parser.add_argument("--needle-lengths", type=lambda text: tuple(_token_list(text)), default=None,
                         help="needle lengths in tokens for every phase, e.g. 2048,4096,8192 (default: the curriculum's)")
     parser.add_argument("--save-every", type=_positive(int, zero=True), default=250, help="also save the weights every this many steps (0: only at the end)")
@@ -797,7 +812,7 @@ def main(argv=None) -> int:
                      overwrite=args.overwrite, isolate_at=args.isolate_at, tie_embeddings=args.tie_embeddings,
                      init_seed=args.init_seed, init_scale=args.init_scale, validate_every=args.validate_every,
                      optimizer=args.optimizer, shuffled_keys=args.shuffled_keys,
-                     integers=args.integers)
+                     integers=args.integers, lookup=args.lookup)
     except FileExistsError as err:  # an --out holding a checkpoint: refused before anything is written
         parser.error(str(err))
     print(f"{info['parameters']:,} parameters, {info['steps_run']} steps, {info['train_seconds']:.0f} s -> {args.out}")
