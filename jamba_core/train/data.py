@@ -114,10 +114,11 @@ def _say(value) -> str:
 
 def random_tool(rng: random.Random, vocab, common_keys: float = COMMON_KEYS, integers: float = INTEGERS,
                 params: int | None = None) -> dict:
-    """An OpenAI-style function tool with 1-3 typed parameters (``params`` of them when given), all required; each parameter's name is one
-    of `PARAM_NAMES` with probability ``common_keys``, else a word of ``vocab``; each parameter is an
-    integer with probability ``integers``, else of a type drawn from string (twice as likely as the
-    others), integer, number, boolean and enum (0 draws nothing for it, so the samples stay as drawn)."""
+    """An OpenAI-style function tool with 1-3 typed parameters (``params`` of them when given), all
+    required; each parameter's name is one of `PARAM_NAMES` with probability ``common_keys``, else a word
+    of ``vocab``; each parameter is an integer with probability ``integers``, else of a type drawn from
+    string (twice as likely as the others), integer, number, boolean and enum (0 draws nothing for it, so
+    the samples stay as drawn)."""
     noun = rng.choice(vocab)
     name = rng.choice((f"{rng.choice(VERBS)}_{noun}", noun, f"{noun}_{rng.choice(vocab)}"))
     props, n = {}, params or rng.choice((1, 1, 2, 2, 3))
@@ -228,10 +229,11 @@ def lookup_call(rng: random.Random, split: str = "train", rounds: int = 2) -> Co
     conversations drawn as drills did not change that measurably (`trainer.LOOKUP`; README, session 54)."""
     vocab = words(split)
     tools = [random_tool(rng, vocab, params=1) for _ in range(rng.choice((2, 3, 4)))]
-    return _rounds(rng, tools, vocab, rounds, "book", 1.0, 0.0)
+    return _rounds(rng, tools, vocab, rounds, style="book", keyless=1.0, shuffled_keys=0.0)
 
 
-def _rounds(rng: random.Random, tools: list[dict], vocab, rounds: int, style: str, keyless: float, shuffled_keys: float) -> Conversation:
+def _rounds(rng: random.Random, tools: list[dict], vocab, rounds: int, style: str, keyless: float,
+            shuffled_keys: float) -> Conversation:
     """`tool_call`'s exchanges over ``tools``: request, call, result, answer, ``rounds`` times."""
     make_value = _value if style == "book" else _common_value
     messages = []
