@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.optim import _muon
 from safetensors.torch import save_file
 
 from .. import ops
@@ -130,9 +131,60 @@ FAMILIES = frozenset({"repeat", "spell", "recall", "needle", "tool_call", "json"
 VALIDATION_SAMPLES = 100
 
 
+class BatchedMuon(torch.optim.Muon):
+    """`torch.optim.Muon` (the same arguments, state and update) with its Newton-Schulz steps batched: the
+    matrices of one shape (up to a transpose) are orthogonalised together by ``torch.baddbmm`` on a
+    ``(matrices, rows, cols)`` bf16 stack, and the momentum buffers are updated by ``torch._foreach_lerp_``.
+    torch's step runs per matrix, about 25 small ops each; on this CPU its 72 matrices took 80 ms of a
+    340 ms training step at 512 tokens (2 threads). Update per matrix G of shape (A, B), as torch's
+    ``_single_tensor_muon`` and ``_zeropower_via_newtonschulz``: M <- lerp(M, G, 1 - momentum), U = lerp(G,
+    M, momentum) (Nesterov) or M, X = U / |U|_F (transposed so that rows <= cols), ``ns_steps`` times X <-
+    a X + (b X X^T + c (X X^T)^2) X (Jordan et al. 2024, "Muon: an optimizer for hidden layers"), then
+    W <- W (1 - lr weight_decay) - lr' X with torch's ``adjust_lr_fn`` scaling lr'. bf16 products summed in
+    another order than torch's, so updates agree to bf16 rounding (tests/test_train.py states the bound).
+
+    Raises:
+        ValueError: as `torch.optim.Muon`: a parameter that is not a matrix, or a negative lr, momentum or
+            weight decay.
+        RuntimeError: a complex parameter or a sparse gradient."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One update of every parameter that has a gradient; returns ``closure()``'s loss (or None)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, bufs = [], [], []
+            self._init_group(group, params, grads, bufs)
+            if not params:
+                continue
+            momentum, a, b, c = group["momentum"], *group["ns_coefficients"]
+            torch._foreach_lerp_(bufs, grads, 1 - momentum)
+            updates = torch._foreach_lerp(grads, bufs, momentum) if group["nesterov"] else bufs
+            shapes: dict[tuple[int, int], list[int]] = {}
+            for i, g in enumerate(updates):
+                shapes.setdefault((min(g.shape), max(g.shape)), []).append(i)
+            lr = float(group["lr"])
+            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+            for members in shapes.values():
+                x = torch.stack([updates[i] if updates[i].shape[0] <= updates[i].shape[1] else updates[i].T
+                                 for i in members]).bfloat16()
+                x.div_(torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True).clamp(min=group["eps"]))
+                for _ in range(group["ns_steps"]):
+                    gram = torch.bmm(x, x.mT)
+                    x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+                for k, i in enumerate(members):
+                    p = params[i]
+                    p.add_(x[k] if p.shape[0] <= p.shape[1] else x[k].T,
+                           alpha=-_muon._adjust_lr(lr, group["adjust_lr_fn"], p.shape))
+        return loss
+
+
 def optimizers(model: torch.nn.Module, lr: float, name: str = "adamw") -> list[torch.optim.Optimizer]:
     """The optimizers of a run (each parameter in exactly one): "adamw", AdamW (betas 0.9 / 0.95) on every
-    parameter, weight decay 0.1 on the matrices other than the embedding; "muon", `torch.optim.Muon` on the
+    parameter, weight decay 0.1 on the matrices other than the embedding; "muon", `BatchedMuon` (`torch.optim.Muon`, batched) on the
     weight matrices of the decoder layers' linear projections (attention, Mamba, MLP, experts, router;
     Jordan et al. 2024, "Muon: an optimizer for hidden layers"): each update made near-orthogonal by 5
     Newton-Schulz steps (in bf16) and scaled by ``0.2 sqrt(max(rows, cols))``, so that AdamW's learning rate
@@ -152,7 +204,7 @@ def optimizers(model: torch.nn.Module, lr: float, name: str = "adamw") -> list[t
     rest = [p for n, p in params if id(p) not in hidden and not (p.dim() >= 2 and "embed" not in n)]
     opts = [torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))]
     if hidden:
-        opts.append(torch.optim.Muon([p for _, p in params if id(p) in hidden], lr=lr, weight_decay=0.1,
+        opts.append(BatchedMuon([p for _, p in params if id(p) in hidden], lr=lr, weight_decay=0.1,
                                      adjust_lr_fn="match_rms_adamw"))
     return opts
 
