@@ -731,9 +731,11 @@ def test_init_seed_sets_the_initial_weights_alone_and_seed_the_tokenizer_and_dat
 def test_batched_muon_makes_torchs_muon_updates(nesterov, adjust_lr_fn):
     """`trainer.BatchedMuon` (Newton-Schulz batched over matrices of one shape, transposes grouped with
     them) moves every matrix as `torch.optim.Muon` does, over several steps on fresh random gradients, with
-    momentum and weight decay; a matrix without a gradient stays put and has no state. Bound: each step's
-    change within 1e-2 relative (Frobenius) of torch's, the NS iterations being bf16 (eps 2^-8) in both;
-    on the Intel Xeon the two were bitwise equal."""
+    momentum and a weight decay as large as the update; a matrix without a gradient stays put and has no
+    state. Bound: each step's change within 6e-2 relative (Frobenius) of torch's. The NS iterations run in
+    bf16 in both, where rounding alone moves torch's own result 1.2-1.8% (3.3% for a 4 x 192 matrix) when
+    its gradient is perturbed by 2^-9 relative; batched products may round otherwise on another CPU (on the
+    Intel Xeon with AMX the two were bitwise equal)."""
     from jamba_core.train import trainer
 
     gen = torch.Generator().manual_seed(7)
@@ -741,7 +743,7 @@ def test_batched_muon_makes_torchs_muon_updates(nesterov, adjust_lr_fn):
     ours = [torch.randn(s, generator=gen) * 0.05 for s in shapes]
     theirs = [p.clone() for p in ours]
     idle = torch.randn(8, 8, generator=gen)
-    kwargs = dict(lr=3e-3, weight_decay=0.1, nesterov=nesterov, adjust_lr_fn=adjust_lr_fn)
+    kwargs = dict(lr=3e-3, weight_decay=5.0, nesterov=nesterov, adjust_lr_fn=adjust_lr_fn)
     batched, plain = trainer.BatchedMuon(ours + [idle], **kwargs), torch.optim.Muon(theirs, **kwargs)
     idle_before = idle.clone()
     for _ in range(3):
@@ -752,7 +754,7 @@ def test_batched_muon_makes_torchs_muon_updates(nesterov, adjust_lr_fn):
         assert batched.step(closure=lambda: 1.5) == 1.5
         plain.step()
         for a, b, p0 in zip(ours, theirs, before):
-            assert torch.linalg.norm((a - p0) - (b - p0)) <= 1e-2 * torch.linalg.norm(b - p0)
+            assert torch.linalg.norm((a - p0) - (b - p0)) <= 6e-2 * torch.linalg.norm(b - p0)
         for a, b in zip(ours, theirs):  # the next step starts from the same weights and momentum
             a.data.copy_(b)
             batched.state[a]["momentum_buffer"].copy_(plain.state[b]["momentum_buffer"])
