@@ -135,13 +135,16 @@ class BatchedMuon(torch.optim.Muon):
     """`torch.optim.Muon` (the same arguments, state and update) with its Newton-Schulz steps batched: the
     matrices of one shape (up to a transpose) are orthogonalised together by ``torch.baddbmm`` on a
     ``(matrices, rows, cols)`` bf16 stack, and the momentum buffers are updated by ``torch._foreach_lerp_``.
-    torch's step runs per matrix, about 25 small ops each; on this CPU its 72 matrices took 80 ms of a
-    340 ms training step at 512 tokens (2 threads). Update per matrix G of shape (A, B), as torch's
-    ``_single_tensor_muon`` and ``_zeropower_via_newtonschulz``: M <- lerp(M, G, 1 - momentum), U = lerp(G,
-    M, momentum) (Nesterov) or M, X = U / |U|_F (transposed so that rows <= cols), ``ns_steps`` times X <-
-    a X + (b X X^T + c (X X^T)^2) X (Jordan et al. 2024, "Muon: an optimizer for hidden layers"), then
-    W <- W (1 - lr weight_decay) - lr' X with torch's ``adjust_lr_fn`` scaling lr'. bf16 products summed in
-    another order than torch's, so updates agree to bf16 rounding (tests/test_train.py states the bound).
+    torch's step runs per matrix, about 25 small ops each: on the Intel Xeon (2 threads, the two alternating
+    on the same batches) its 72 matrices took 78 ms a step against 39 batched, and whole training steps ran
+    1.20x as fast at 512 tokens and 1.08x at 2,048 (README, session 55). Update per matrix G of shape
+    (A, B), as torch's ``_single_tensor_muon`` and ``_zeropower_via_newtonschulz``: M <- lerp(M, G,
+    1 - momentum), U = lerp(G, M, momentum) (Nesterov) or M, X = U / |U|_F (transposed so that rows <= cols),
+    ``ns_steps`` times X <- a X + (b X X^T + c (X X^T)^2) X (Jordan et al. 2024, "Muon: an optimizer for
+    hidden layers"), then
+    W <- W (1 - lr weight_decay) - lr' X with torch's ``adjust_lr_fn`` scaling lr'. The updates were bitwise
+    equal to torch's there; batched bf16 products may round otherwise on another CPU (tests/test_train.py
+    states the bound).
 
     Raises:
         ValueError: as `torch.optim.Muon`: a parameter that is not a matrix, or a negative lr, momentum or
@@ -184,8 +187,8 @@ class BatchedMuon(torch.optim.Muon):
 
 def optimizers(model: torch.nn.Module, lr: float, name: str = "adamw") -> list[torch.optim.Optimizer]:
     """The optimizers of a run (each parameter in exactly one): "adamw", AdamW (betas 0.9 / 0.95) on every
-    parameter, weight decay 0.1 on the matrices other than the embedding; "muon", `BatchedMuon` (`torch.optim.Muon`, batched) on the
-    weight matrices of the decoder layers' linear projections (attention, Mamba, MLP, experts, router;
+    parameter, weight decay 0.1 on the matrices other than the embedding; "muon", `BatchedMuon` (torch's Muon,
+    batched) on the weight matrices of the decoder layers' linear projections (attention, Mamba, MLP, experts, router;
     Jordan et al. 2024, "Muon: an optimizer for hidden layers"): each update made near-orthogonal by 5
     Newton-Schulz steps (in bf16) and scaled by ``0.2 sqrt(max(rows, cols))``, so that AdamW's learning rate
     and weight decay carry over (Liu et al. 2025, "Muon is Scalable for LLM Training": the update RMS matched
