@@ -141,10 +141,9 @@ class BatchedMuon(torch.optim.Muon):
     (A, B), as torch's ``_single_tensor_muon`` and ``_zeropower_via_newtonschulz``: M <- lerp(M, G,
     1 - momentum), U = lerp(G, M, momentum) (Nesterov) or M, X = U / |U|_F (transposed so that rows <= cols),
     ``ns_steps`` times X <- a X + (b X X^T + c (X X^T)^2) X (Jordan et al. 2024, "Muon: an optimizer for
-    hidden layers"), then
-    W <- W (1 - lr weight_decay) - lr' X with torch's ``adjust_lr_fn`` scaling lr'. The updates were bitwise
-    equal to torch's there; batched bf16 products may round otherwise on another CPU (tests/test_train.py
-    states the bound).
+    hidden layers"), then W <- W (1 - lr weight_decay) - lr' X with torch's ``adjust_lr_fn`` scaling lr'.
+    The updates were bitwise equal to torch's there; batched bf16 products may round otherwise on another
+    CPU (tests/test_train.py states the bound).
 
     Raises:
         ValueError: as `torch.optim.Muon`: a parameter that is not a matrix, or a negative lr, momentum or
