@@ -165,21 +165,21 @@ class BatchedMuon(torch.optim.Muon):
             momentum, a, b, c = group["momentum"], *group["ns_coefficients"]
             torch._foreach_lerp_(bufs, grads, 1 - momentum)
             updates = torch._foreach_lerp(grads, bufs, momentum) if group["nesterov"] else bufs
+            wide = [g if g.shape[0] <= g.shape[1] else g.T for g in updates]  # rows <= cols
             shapes: dict[tuple[int, int], list[int]] = {}
-            for i, g in enumerate(updates):
-                shapes.setdefault((min(g.shape), max(g.shape)), []).append(i)
+            for i, g in enumerate(wide):
+                shapes.setdefault(tuple(g.shape), []).append(i)
             lr = float(group["lr"])
             torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
             for members in shapes.values():
-                x = torch.stack([updates[i] if updates[i].shape[0] <= updates[i].shape[1] else updates[i].T
-                                 for i in members]).bfloat16()
+                x = torch.stack([wide[i] for i in members]).bfloat16()
                 x.div_(torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True).clamp(min=group["eps"]))
                 for _ in range(group["ns_steps"]):
                     gram = torch.bmm(x, x.mT)
                     x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
                 for k, i in enumerate(members):
                     p = params[i]
-                    p.add_(x[k] if p.shape[0] <= p.shape[1] else x[k].T,
+                    p.add_(x[k] if wide[i] is updates[i] else x[k].T,
                            alpha=-_muon._adjust_lr(lr, group["adjust_lr_fn"], p.shape))
         return loss
 
@@ -187,12 +187,12 @@ class BatchedMuon(torch.optim.Muon):
 def optimizers(model: torch.nn.Module, lr: float, name: str = "adamw") -> list[torch.optim.Optimizer]:
     """The optimizers of a run (each parameter in exactly one): "adamw", AdamW (betas 0.9 / 0.95) on every
     parameter, weight decay 0.1 on the matrices other than the embedding; "muon", `BatchedMuon` (torch's Muon,
-    batched) on the weight matrices of the decoder layers' linear projections (attention, Mamba, MLP, experts, router;
-    Jordan et al. 2024, "Muon: an optimizer for hidden layers"): each update made near-orthogonal by 5
-    Newton-Schulz steps (in bf16) and scaled by ``0.2 sqrt(max(rows, cols))``, so that AdamW's learning rate
-    and weight decay carry over (Liu et al. 2025, "Muon is Scalable for LLM Training": the update RMS matched
-    to AdamW's; torch's ``adjust_lr_fn="match_rms_adamw"``); AdamW as above on the rest (embedding and
-    output layer, norms, ``A_log``, ``D``, convolution, biases), as both papers keep them.
+    batched) on the weight matrices of the decoder layers' linear projections (attention, Mamba, MLP,
+    experts, router; Jordan et al. 2024, "Muon: an optimizer for hidden layers"): each update made
+    near-orthogonal by 5 Newton-Schulz steps (in bf16) and scaled by ``0.2 sqrt(max(rows, cols))``, so that
+    AdamW's learning rate and weight decay carry over (Liu et al. 2025, "Muon is Scalable for LLM Training":
+    the update RMS matched to AdamW's; torch's ``adjust_lr_fn="match_rms_adamw"``); AdamW as above on the
+    rest (embedding and output layer, norms, ``A_log``, ``D``, convolution, biases), as both papers keep them.
 
     Raises:
         ValueError: ``name`` not in `OPTIMIZERS`."""
@@ -207,7 +207,7 @@ def optimizers(model: torch.nn.Module, lr: float, name: str = "adamw") -> list[t
     opts = [torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))]
     if hidden:
         opts.append(BatchedMuon([p for _, p in params if id(p) in hidden], lr=lr, weight_decay=0.1,
-                                     adjust_lr_fn="match_rms_adamw"))
+                                adjust_lr_fn="match_rms_adamw"))
     return opts
 
 
