@@ -74,6 +74,8 @@ CONFIG = dict(vocab_size=4096, hidden_size=192, intermediate_size=384, num_hidde
 # longer recall and RULER needles up to 2K tokens; tool calls and JSON throughout. The repeat loss jumps where
 # recall enters (seed 0: 0.55 -> 1.3); 40 repeat items from the start (the circuit formed far later), or 40 from
 # 0.25 with recall entering there beside 55% repeats, left seed 0's hour where it was (README).
+# Phase 2 ending sooner, so that the 2,048-token phases get more of the hour, left it level too: at 0.45
+# (session 43) and at 0.50 (session 56, where the faster 512-token steps still gave phase 2 session 51's step count).
 CURRICULUM = (
     dict(until=0.35, tokens=512, mix={"repeat": 0.85, "tool_call": 0.1, "json": 0.05}, repeat_items=16,
          recall_contexts=(0,), needle_lengths=()),
