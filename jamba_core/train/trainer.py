@@ -76,14 +76,19 @@ CONFIG = dict(vocab_size=4096, hidden_size=192, intermediate_size=384, num_hidde
 # 0.25 with recall entering there beside 55% repeats, left seed 0's hour where it was (README).
 # Phase 2 ending sooner, so that the 2,048-token phases get more of the hour, left it level too: at 0.45
 # (session 43) and at 0.50 (session 56, where the faster 512-token steps still gave phase 2 session 51's step count).
+# The tool calls become exact only in the 2,048-token phases, so these give them half their batches or more, the
+# share taken from repeats, recall and needles (needles stay 1.00 at 1K-32K); the one-hour runs of seeds 0 / 1 / 2
+# made 86.0 / 89.5 / 84.5% of 200 held-out calls exact against the earlier mix's 82.5-85.0 / 84.0 (`--keyless 0.7`) / 84.5% (README,
+# sessions 56-57; before, phase 3 had repeat 0.1, recall 0.25, needle 0.2, tool_call 0.35, json 0.1 and phase 4
+# repeat 0.05, spell 0.1, recall 0.08, needle 0.2, tool_call 0.45, json 0.12).
 CURRICULUM = (
     dict(until=0.35, tokens=512, mix={"repeat": 0.85, "tool_call": 0.1, "json": 0.05}, repeat_items=16,
          recall_contexts=(0,), needle_lengths=()),
     dict(until=0.55, tokens=512, mix={"repeat": 0.3, "recall": 0.45, "tool_call": 0.15, "json": 0.1}, repeat_items=40,
          recall_contexts=(0, 0, 16, 32, 64), needle_lengths=()),
-    dict(until=0.8, tokens=2048, mix={"repeat": 0.1, "recall": 0.25, "needle": 0.2, "tool_call": 0.35, "json": 0.1}, repeat_items=40,
+    dict(until=0.8, tokens=2048, mix={"repeat": 0.05, "recall": 0.15, "needle": 0.15, "tool_call": 0.5, "json": 0.15}, repeat_items=40,
          recall_contexts=(32, 64, 128, 256, 512), needle_lengths=(256, 512, 1024)),
-    dict(until=1.00, tokens=2048, mix={"repeat": 0.05, "spell": 0.1, "recall": 0.08, "needle": 0.2, "tool_call": 0.45, "json": 0.12},
+    dict(until=1.00, tokens=2048, mix={"repeat": 0.05, "spell": 0.08, "recall": 0.05, "needle": 0.15, "tool_call": 0.55, "json": 0.12},
          repeat_items=40,
          recall_contexts=(128, 256, 512, 1024), needle_lengths=(512, 1024, 2048)),
 )
