@@ -81,10 +81,13 @@ CONFIG = dict(vocab_size=4096, hidden_size=192, intermediate_size=384, num_hidde
 # made 86.0 / 89.5 / 84.5% of 200 held-out calls exact against the earlier mix's 82.5-85.0 / 84.0 (`--keyless 0.7`) / 84.5% (README,
 # sessions 56-57; before, phase 3 had repeat 0.1, recall 0.25, needle 0.2, tool_call 0.35, json 0.1 and phase 4
 # repeat 0.05, spell 0.1, recall 0.08, needle 0.2, tool_call 0.45, json 0.12).
+# Phase 2 (512 tokens) gives tool calls twice its earlier share, 0.3 (from repeat 0.3, recall 0.45, tool_call 0.15):
+# the hour's seeds 0 / 2 then made 89.5 / 89.5% of the 200 against 86.0 / 84.5% (session 58; the calls still become
+# exact only in the 2,048-token phases, but from a lower NLL there), needles 1.00 at 1K-32K.
 CURRICULUM = (
     dict(until=0.35, tokens=512, mix={"repeat": 0.85, "tool_call": 0.1, "json": 0.05}, repeat_items=16,
          recall_contexts=(0,), needle_lengths=()),
-    dict(until=0.55, tokens=512, mix={"repeat": 0.3, "recall": 0.45, "tool_call": 0.15, "json": 0.1}, repeat_items=40,
+    dict(until=0.55, tokens=512, mix={"repeat": 0.25, "recall": 0.35, "tool_call": 0.3, "json": 0.1}, repeat_items=40,
          recall_contexts=(0, 0, 16, 32, 64), needle_lengths=()),
     dict(until=0.8, tokens=2048, mix={"repeat": 0.05, "recall": 0.15, "needle": 0.15, "tool_call": 0.5, "json": 0.15}, repeat_items=40,
          recall_contexts=(32, 64, 128, 256, 512), needle_lengths=(256, 512, 1024)),
