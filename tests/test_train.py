@@ -802,6 +802,23 @@ def test_muon_takes_the_decoder_layers_projection_matrices_and_adamw_the_rest(ti
     assert 0.3 < float(singular.min()) and float(singular.max()) < 1.6
     with pytest.raises(ValueError, match="optimizer"):
         trainer.optimizers(model, 1e-3, "sgd")
+    # ns_steps reaches every Muon group; one step leaves the update far from orthogonal (its singular values
+    # spread as the gradient's), five bring them into the band above
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="ns_steps"):
+            trainer.optimizers(model, 1e-3, "muon", ns_steps=bad)
+    spreads = {}
+    for ns in (1, 5):
+        _, muon = trainer.optimizers(model, 1e-3, "muon", ns_steps=ns)
+        assert all(g["ns_steps"] == ns for g in muon.param_groups)
+        for group in muon.param_groups:
+            group["weight_decay"] = 0.0
+        w.grad = torch.randn(w.shape, generator=torch.Generator().manual_seed(1)) * torch.logspace(0, -2, w.shape[1])
+        before = w.detach().clone()
+        muon.step()
+        singular = torch.linalg.svdvals(w.detach() - before)
+        spreads[ns] = float(singular.max() / singular.min())
+    assert spreads[5] < 3 < 10 < spreads[1]
 
 
 def test_a_run_trains_with_muon_and_shuffled_keys_by_default_and_says_so(tmp_path, monkeypatch, shared_dir):
@@ -818,8 +835,12 @@ def test_a_run_trains_with_muon_and_shuffled_keys_by_default_and_says_so(tmp_pat
     assert all(math.isfinite(h["loss"]) for h in info["history"])
     saved = json.loads((tmp_path / "out" / "training.json").read_text())
     assert saved["optimizer"] == "muon" and saved["shuffled_keys"] == 0.5 and saved["lookup"] == trainer.LOOKUP
+    assert saved["ns_steps"] == trainer.NS_STEPS == 5
     with pytest.raises(ValueError, match="optimizer"):
         trainer.train(tmp_path / "x", steps=1, optimizer="sgd")
+    with pytest.raises(ValueError, match="ns_steps"):
+        trainer.train(tmp_path / "x", steps=1, ns_steps=0)
+    assert not (tmp_path / "x").exists()
     passed = {}
     monkeypatch.setattr(trainer, "_stop_on_signals", lambda: None)
     monkeypatch.setattr(trainer, "train", lambda *a, **kw: passed.update(kw) or {"parameters": 1, "steps_run": 1, "train_seconds": 1.0})
@@ -831,6 +852,8 @@ def test_a_run_trains_with_muon_and_shuffled_keys_by_default_and_says_so(tmp_pat
     assert trainer.main(["--out", str(tmp_path / "cli"), "--steps", "1", "--integers", "0.2"]) == 0 and passed["integers"] == 0.2
     assert passed["lookup"] == trainer.LOOKUP == 0.0
     assert trainer.main(["--out", str(tmp_path / "cli"), "--steps", "1", "--lookup", "0.3"]) == 0 and passed["lookup"] == 0.3
+    assert passed["ns_steps"] == trainer.NS_STEPS
+    assert trainer.main(["--out", str(tmp_path / "cli"), "--steps", "1", "--ns-steps", "3"]) == 0 and passed["ns_steps"] == 3
 
 
 def test_row_groups_pick_the_cheapest_split_of_the_rows_sorted_by_length():

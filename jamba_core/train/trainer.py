@@ -116,6 +116,9 @@ INIT_SCALES = ("hf", "fan-in", "fan-in-mixers")
 # against AdamW's 60.5% / - / 69.0%, and with `SHUFFLED_KEYS` 86.5 / 82.5 / 76.5%; the default since session 48
 # (README, "Muon")
 OPTIMIZERS = ("adamw", "muon")
+# Muon's Newton-Schulz steps per update (`train`'s ``ns_steps``; torch's default 5). In the 512-token phases they
+# are about a quarter of a step's time (72 matrices; 49 of them 192 x 384, ~17 GFLOP a step in bf16)
+NS_STEPS = 5
 # the share of tool requests with two or more arguments that name them in a shuffled order in training (`train`'s
 # ``shuffled_keys``, `data.tool_call`'s): in the schema's order the call's first key is always a schema's first
 # property, and an hour can learn to copy it from whichever tool is bound. `data.SHUFFLED_KEYS` (0) stays the
@@ -194,20 +197,22 @@ class BatchedMuon(torch.optim.Muon):
         return loss
 
 
-def optimizers(model: torch.nn.Module, lr: float, name: str = "adamw") -> list[torch.optim.Optimizer]:
+def optimizers(model: torch.nn.Module, lr: float, name: str = "adamw", ns_steps: int = NS_STEPS) -> list[torch.optim.Optimizer]:
     """The optimizers of a run (each parameter in exactly one): "adamw", AdamW (betas 0.9 / 0.95) on every
     parameter, weight decay 0.1 on the matrices other than the embedding; "muon", `BatchedMuon` (torch's Muon,
     batched) on the weight matrices of the decoder layers' linear projections (attention, Mamba, MLP,
     experts, router; Jordan et al. 2024, "Muon: an optimizer for hidden layers"): each update made
-    near-orthogonal by 5 Newton-Schulz steps (in bf16) and scaled by ``0.2 sqrt(max(rows, cols))``, so that
+    near-orthogonal by ``ns_steps`` Newton-Schulz steps (in bf16) and scaled by ``0.2 sqrt(max(rows, cols))``, so that
     AdamW's learning rate and weight decay carry over (Liu et al. 2025, "Muon is Scalable for LLM Training":
     the update RMS matched to AdamW's; torch's ``adjust_lr_fn="match_rms_adamw"``); AdamW as above on the
     rest (embedding and output layer, norms, ``A_log``, ``D``, convolution, biases), as both papers keep them.
 
     Raises:
-        ValueError: ``name`` not in `OPTIMIZERS`."""
+        ValueError: ``name`` not in `OPTIMIZERS`, ``ns_steps`` not an integer >= 1."""
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+    if isinstance(ns_steps, bool) or not isinstance(ns_steps, int) or ns_steps < 1:
+        raise ValueError(f"ns_steps must be an integer >= 1, got {ns_steps!r}")
     hidden = set()
     if name == "muon":
         hidden = {id(m.weight) for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)}
@@ -217,7 +222,7 @@ def optimizers(model: torch.nn.Module, lr: float, name: str = "adamw") -> list[t
     opts = [torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))]
     if hidden:
         opts.append(BatchedMuon([p for _, p in params if id(p) in hidden], lr=lr, weight_decay=0.1,
-                                adjust_lr_fn="match_rms_adamw"))
+                                adjust_lr_fn="match_rms_adamw", ns_steps=ns_steps))
     return opts
 
 
@@ -483,7 +488,7 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
           needle_lengths: tuple[int, ...] | None = None, keyless: float = data.KEYLESS, overwrite: bool = False,
           isolate_at: float | None = None, tie_embeddings: bool = False, init_seed: int | None = None,
           init_scale: str = "hf", validate_every: int = 500, optimizer: str = "muon",
-          shuffled_keys: float = SHUFFLED_KEYS, integers: float = INTEGERS, lookup: float = LOOKUP) -> dict:
+          shuffled_keys: float = SHUFFLED_KEYS, integers: float = INTEGERS, lookup: float = LOOKUP, ns_steps: int = NS_STEPS) -> dict:
     """Train and save to ``out``; ``init`` continues from a checkpoint folder this function wrote (its
     weights and tokenizer; the optimizer state starts fresh and the data continues at new seeds).
     ``curriculum_from`` in [0, 1): the `CURRICULUM` progress the data start at (a continued run can skip
@@ -514,7 +519,7 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
     ``validate_every``: every this many steps, and at the end of a run that reached that many, `validate` on
     `validation_calls` (held-out tool calls) is logged and kept in training.json's ``validation`` (0: never);
     its time counts in ``minutes``. ``optimizer``: "muon" (the default) or "adamw" (`optimizers`; the optimizer
-    state starts fresh in a continued run either way).
+    state starts fresh in a continued run either way); ``ns_steps``: Muon's Newton-Schulz steps per update (`optimizers`).
     The weights are saved to ``out`` every ``save_every`` steps too (a run cut short by the machine keeps its work;
     training.json and loss.png are written at the end). ``out`` may hold a checkpoint only when it is
     ``init`` (a run continued in place) or with ``overwrite``: the default folder is the committed one.
@@ -533,7 +538,7 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
             a ``mix`` family `batch` does not know or a weight that is negative or not finite, an ``init``
             saved quantized (its int8 layers would not train), ``isolate_at`` outside (0, 1) or for a run
             whose tokenizer already isolates spaces, ``tie_embeddings`` with ``init`` (the checkpoint's config decides),
-            ``optimizer`` not in `OPTIMIZERS`.
+            ``optimizer`` not in `OPTIMIZERS`, ``ns_steps`` not an integer >= 1.
         FileExistsError: ``out`` holds a checkpoint that is not ``init`` and ``overwrite`` is not set (checked
             before anything is written)."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -573,6 +578,8 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
         raise ValueError(f"init_scale must be one of {INIT_SCALES}, got {init_scale!r}")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    if isinstance(ns_steps, bool) or not isinstance(ns_steps, int) or ns_steps < 1:
+        raise ValueError(f"ns_steps must be an integer >= 1, got {ns_steps!r}")
     if init is not None and init_scale != "hf":
         raise ValueError("init_scale is for a run from scratch: a continued run starts from its checkpoint's weights")
     if init is not None and init_seed is not None:
@@ -620,7 +627,7 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
     isolated = None if isolate_at is None else make_tokenizer(seed, "isolated")  # made before the clock starts
     n_params = sum(p.numel() for p in model.parameters())
     haystack = haystacks(tokenizer)
-    opts = optimizers(model, lr, optimizer)
+    opts = optimizers(model, lr, optimizer, ns_steps)
     warmup = max(1, steps // 50)
     history, validation = [], []
     held_out = validation_calls(VALIDATION_SAMPLES) if validate_every else []
@@ -688,7 +695,7 @@ def train(out: Path, steps: int, seed: int = 0, lr: float = 3e-3, minutes: float
     if init is not None and (Path(init) / "training.json").exists():
         prior = json.loads((Path(init) / "training.json").read_text())
         earlier = prior.pop("earlier_runs", []) + [prior]
-    info = {"earlier_runs": earlier, "init": None if init is None else str(init), "curriculum_from": curriculum_from, "curriculum_until": curriculum_until, "seed": seed, "init_seed": init_seed, "init_scale": init_scale, "optimizer": optimizer, "steps_planned": steps, "steps_run": len(history), "lr": lr, "spaces": tokenizer_spaces(tokenizer), "isolate_at": isolate_at, "parameters": n_params,
+    info = {"earlier_runs": earlier, "init": None if init is None else str(init), "curriculum_from": curriculum_from, "curriculum_until": curriculum_until, "seed": seed, "init_seed": init_seed, "init_scale": init_scale, "optimizer": optimizer, "ns_steps": ns_steps, "steps_planned": steps, "steps_run": len(history), "lr": lr, "spaces": tokenizer_spaces(tokenizer), "isolate_at": isolate_at, "parameters": n_params,
             "tie_word_embeddings": bool(config.tie_word_embeddings),
             "curriculum": CURRICULUM, "mix": mix, "common_keys": common_keys, "keyless": keyless, "shuffled_keys": shuffled_keys, "integers": integers, "lookup": lookup, "needle_lengths": needle_lengths, "prompt_loss_weight": PROMPT_LOSS_WEIGHT, "lr_hold": LR_HOLD,
             "config": {k: getattr(config, k) for k in CONFIG},  # the model trained (an --init's own sizes)
@@ -830,6 +837,8 @@ def main(argv=None) -> int:
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="muon",
                         help="'muon' on the decoder layers' projection matrices (AdamW on the rest, the same --lr), or 'adamw' "
                              "on every weight (the committed checkpoint's runs)")
+    parser.add_argument("--ns-steps", type=_positive(int), default=NS_STEPS,
+                        help="Muon's Newton-Schulz steps per update (fewer: faster steps, updates less orthogonal)")
     parser.add_argument("--init", type=Path, default=None, help="continue from this checkpoint folder (use another --seed)")
     parser.add_argument("--minutes", type=_positive(float), default=None,
                         help="time budget for the training loop: the schedule then runs on whichever of steps or time ends first")
@@ -878,7 +887,7 @@ def main(argv=None) -> int:
                      overwrite=args.overwrite, isolate_at=args.isolate_at, tie_embeddings=args.tie_embeddings,
                      init_seed=args.init_seed, init_scale=args.init_scale, validate_every=args.validate_every,
                      optimizer=args.optimizer, shuffled_keys=args.shuffled_keys,
-                     integers=args.integers, lookup=args.lookup)
+                     integers=args.integers, lookup=args.lookup, ns_steps=args.ns_steps)
     except FileExistsError as err:  # an --out holding a checkpoint: refused before anything is written
         parser.error(str(err))
     print(f"{info['parameters']:,} parameters, {info['steps_run']} steps, {info['train_seconds']:.0f} s -> {args.out}")
