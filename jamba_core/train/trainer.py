@@ -117,7 +117,9 @@ INIT_SCALES = ("hf", "fan-in", "fan-in-mixers")
 # (README, "Muon")
 OPTIMIZERS = ("adamw", "muon")
 # Muon's Newton-Schulz steps per update (`train`'s ``ns_steps``; torch's default 5). In the 512-token phases they
-# are about a quarter of a step's time (72 matrices; 49 of them 192 x 384, ~17 GFLOP a step in bf16)
+# are about a quarter of a step's time (72 matrices; 49 of them 192 x 384, ~17 GFLOP a step in bf16). With 3 a
+# 512-token step ran 1.12x as fast and a 2,048-token step 1.04x, but the copying formed hundreds of steps later on
+# the same batches (README, session 61), so 5
 NS_STEPS = 5
 # the share of tool requests with two or more arguments that name them in a shuffled order in training (`train`'s
 # ``shuffled_keys``, `data.tool_call`'s): in the schema's order the call's first key is always a schema's first
