@@ -87,7 +87,8 @@ CONFIG = dict(vocab_size=4096, hidden_size=192, intermediate_size=384, num_hidde
 # The 512-token phases end at 0.2 and 0.35 (from 0.35 and 0.55) and phase 3 at 0.7 (from 0.8), so the 2,048-token
 # phases, where the calls become exact, get 65% of the run: with Muon the copying forms within ~1,000 steps, a few
 # minutes. Seed 2's hour on the AMD EPYC then made 87.5% of the 200 (greedy 89.0%) in 6,116 steps, against 50.5%
-# (49.0%) in 7,136 steps with the earlier ends there the session before (README, session 61; one seed so far).
+# (49.0%) in 7,136 steps with the earlier ends there the session before (README, session 61); seeds 0 and 1 then
+# made 86.0% and 90.5% (greedy 87.5% and 85.5%) in 5,774 and 6,176 steps (README, session 62).
 CURRICULUM = (
     dict(until=0.2, tokens=512, mix={"repeat": 0.85, "tool_call": 0.1, "json": 0.05}, repeat_items=16,
          recall_contexts=(0,), needle_lengths=()),
