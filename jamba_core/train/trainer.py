@@ -857,7 +857,7 @@ def main(argv=None) -> int:
                         help="the tokenizer's word split (default: attached, or --init's): 'isolated' gives each word one "
                              "spelling in prose and in JSON; with --init of the other split, its weights move to a new tokenizer")
     parser.add_argument("--isolate-at", type=_fraction, default=None,
-                        help="run progress (0..1) at which a run on spaces attached moves onto isolated spaces, e.g. 0.35: "
+                        help="run progress (0..1) at which a run on spaces attached moves onto isolated spaces, e.g. 0.15 (the hour's): "
                              "copying forms on attached spaces, tool calls learn on isolated ones")
     parser.add_argument("--mix", type=_parse_mix, default=None,
                         help="task mix for every phase, e.g. 'tool_call=0.45,spell=0.3,json=0.1,needle=0.1,recall=0.05'")
