@@ -392,8 +392,9 @@ def test_a_run_can_stay_within_one_phase_of_the_curriculum(tmp_path, shared_dir,
     positions = []  # the curriculum progress each step's batch is drawn at
     batch = trainer.batch
     monkeypatch.setattr(trainer, "batch", lambda step, progress, *rest: positions.append(progress) or batch(step, progress, *rest))
-    info = trainer.train(tmp_path / "out", steps=4, seed=3, init=TRAINED_CHECKPOINT, curriculum_until=0.2, log_every=100)
-    assert info["curriculum_until"] == 0.2 and positions == pytest.approx([0.0, 0.05, 0.1, 0.15])
+    first = trainer.CURRICULUM[0]["until"]  # the copying phase alone
+    info = trainer.train(tmp_path / "out", steps=4, seed=3, init=TRAINED_CHECKPOINT, curriculum_until=first, log_every=100)
+    assert info["curriculum_until"] == first and positions == pytest.approx([0.0, first / 4, first / 2, 3 * first / 4])
     assert all(h["family"] in trainer.CURRICULUM[0]["mix"] for h in info["history"])
 
 
